@@ -1,0 +1,1 @@
+"""Data: HH-RLHF pairs, the synthetic preference world, tokenisation and batching."""
