@@ -1,0 +1,380 @@
+"""Hugging Face interchange: LLaMA `config.json` + safetensors in and out, through one key table.
+
+Reading accepts a local directory (single `model.safetensors` or sharded with
+`model.safetensors.index.json`) or a hub id (fetched with `huggingface_hub`). Only safetensors
+are read: pickled `.bin` checkpoints are refused, never unpickled.
+
+Writing produces what `transformers` loads with no missing or unexpected keys:
+`LlamaForCausalLM` for a policy (params without `score`) and
+`LlamaForSequenceClassification(num_labels=1)` for a reward model (params with `score`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from apo_jax.models import LlamaConfig
+
+WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+CONFIG_NAME = "config.json"
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+    "generation_config.json", "chat_template.jinja",
+)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read as a LLaMA model (message names the file/key)."""
+
+
+# --------------------------------------------------------------------------------------------
+# The key table: HF key pattern ({i} = layer), our param path, and the tensor layout kind.
+
+_LAYER = "model.layers.{i}."
+KEY_TABLE: tuple[tuple[str, tuple[str, ...], str], ...] = (
+    ("model.embed_tokens.weight", ("model", "embed", "embedding"), "same"),
+    (_LAYER + "input_layernorm.weight", ("model", "layers", "attn_norm", "scale"), "same"),
+    (_LAYER + "self_attn.q_proj.weight", ("model", "layers", "attn", "q_proj", "kernel"), "q"),
+    (_LAYER + "self_attn.k_proj.weight", ("model", "layers", "attn", "k_proj", "kernel"), "kv"),
+    (_LAYER + "self_attn.v_proj.weight", ("model", "layers", "attn", "v_proj", "kernel"), "kv"),
+    (_LAYER + "self_attn.o_proj.weight", ("model", "layers", "attn", "o_proj", "kernel"), "o"),
+    (_LAYER + "post_attention_layernorm.weight", ("model", "layers", "mlp_norm", "scale"), "same"),
+    (_LAYER + "mlp.gate_proj.weight", ("model", "layers", "mlp", "gate_proj", "kernel"), "linear"),
+    (_LAYER + "mlp.up_proj.weight", ("model", "layers", "mlp", "up_proj", "kernel"), "linear"),
+    (_LAYER + "mlp.down_proj.weight", ("model", "layers", "mlp", "down_proj", "kernel"), "linear"),
+    ("model.norm.weight", ("model", "final_norm", "scale"), "same"),
+    ("lm_head.weight", ("lm_head", "kernel"), "linear"),
+    ("score.weight", ("score", "kernel"), "linear"),
+)
+
+# Keys some checkpoints carry that hold no parameters (recomputed buffers).
+_IGNORED_KEYS = re.compile(r"rotary_emb\.inv_freq$")
+
+
+def _hf_shape(kind: str, key: str, c: LlamaConfig) -> tuple[int, ...]:
+    """The tensor shape transformers stores under `key` (one layer)."""
+    d, f, v = c.hidden_size, c.intermediate_size, c.vocab_size
+    n, k, h = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+    if key.endswith("embed_tokens.weight"):
+        return (v, d)
+    if kind == "same":
+        return (d,)
+    if kind == "q":
+        return (n * h, d)
+    if kind == "kv":
+        return (k * h, d)
+    if kind == "o":
+        return (d, n * h)
+    if "gate_proj" in key or "up_proj" in key:
+        return (f, d)
+    if "down_proj" in key:
+        return (d, f)
+    if key == "lm_head.weight":
+        return (v, d)
+    if key == "score.weight":
+        return (1, d)
+    raise KeyError(key)
+
+
+def _to_ours(kind: str, w: np.ndarray, c: LlamaConfig) -> np.ndarray:
+    d, n, k, h = c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim
+    if kind == "same":
+        return w
+    if kind == "q":
+        return w.T.reshape(d, n, h)
+    if kind == "kv":
+        return w.T.reshape(d, k, h)
+    if kind == "o":
+        return w.T.reshape(n, h, d)
+    return w.T  # "linear": torch stores [out, in]
+
+
+def _to_hf(kind: str, w: np.ndarray, c: LlamaConfig) -> np.ndarray:
+    if kind == "same":
+        return w
+    if kind in ("q", "kv"):
+        return w.reshape(w.shape[0], -1).T
+    if kind == "o":
+        return w.reshape(-1, w.shape[-1]).T
+    return w.T
+
+
+def _wanted_entries(config: LlamaConfig, keys: set[str]):
+    """Table rows that this checkpoint must (or may) provide."""
+    for hf_key, path, kind in KEY_TABLE:
+        if hf_key == "lm_head.weight":
+            if config.tie_word_embeddings or "lm_head.weight" not in keys and "score.weight" in keys:
+                continue  # tied, or a reward model saved without an LM head
+        if hf_key == "score.weight" and "score.weight" not in keys:
+            continue
+        yield hf_key, path, kind
+
+
+# --------------------------------------------------------------------------------------------
+# Reading.
+
+
+def resolve_checkpoint_dir(path_or_hub_id: str) -> str:
+    """A local directory for a path or hub id; hub ids go through `huggingface_hub`."""
+    if os.path.isdir(path_or_hub_id):
+        return path_or_hub_id
+    if os.path.exists(path_or_hub_id):
+        raise CheckpointError(f"{path_or_hub_id}: expected a checkpoint directory, found a file")
+    if not re.fullmatch(r"[\w.\-]+(/[\w.\-]+)?", path_or_hub_id):
+        raise CheckpointError(f"{path_or_hub_id}: no such directory, and not a valid hub id")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(
+            repo_id=path_or_hub_id,
+            allow_patterns=[CONFIG_NAME, "*.safetensors", INDEX_NAME, *TOKENIZER_FILES],
+        )
+    except Exception as e:  # Offline mode, no network, gated repo, typo...
+        offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
+        hint = (
+            "HF_HUB_OFFLINE is set, so nothing can be downloaded; "
+            if offline
+            else "the hub could not be reached or the repo is not available; "
+        )
+        raise CheckpointError(
+            f"{path_or_hub_id}: not a local directory and could not be fetched from the Hugging Face hub "
+            f"({type(e).__name__}). {hint}download it where you have network access and pass the local "
+            f"directory instead (e.g. --config.policy.checkpoint=/path/to/model)."
+        ) from None
+
+
+def read_config(ckpt_dir: str) -> dict[str, Any]:
+    path = os.path.join(ckpt_dir, CONFIG_NAME)
+    if not os.path.exists(path):
+        raise CheckpointError(f"{path}: missing (every HF checkpoint directory has a config.json)")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: line {e.lineno}: not valid JSON ({e.msg})") from None
+
+
+def _safetensors_files(ckpt_dir: str) -> dict[str, str]:
+    """Map tensor name -> file holding it."""
+    index = os.path.join(ckpt_dir, INDEX_NAME)
+    if os.path.exists(index):
+        with open(index) as f:
+            weight_map = json.load(f).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index}: has no 'weight_map' object")
+        return {k: os.path.join(ckpt_dir, v) for k, v in weight_map.items()}
+    single = os.path.join(ckpt_dir, WEIGHTS_NAME)
+    if os.path.exists(single):
+        with safe_open(single, framework="numpy") as f:
+            return {k: single for k in f.keys()}
+    pickled = [n for n in os.listdir(ckpt_dir) if n.endswith((".bin", ".pt", ".pth"))]
+    if pickled:
+        raise CheckpointError(
+            f"{ckpt_dir}: holds only pickled weights ({', '.join(sorted(pickled)[:3])}); apo_jax never unpickles "
+            "files. Convert them once with transformers: "
+            "`AutoModelForCausalLM.from_pretrained(dir).save_pretrained(dir, safe_serialization=True)`."
+        )
+    raise CheckpointError(f"{ckpt_dir}: no {WEIGHTS_NAME} or {INDEX_NAME}")
+
+
+def load_pretrained(
+    path_or_hub_id: str,
+    *,
+    mesh: jax.sharding.Mesh | None = None,
+    **runtime: Any,
+) -> tuple[LlamaConfig, dict[str, Any]]:
+    """Reads a HF LLaMA checkpoint into (config, params).
+
+    `runtime` sets LlamaConfig's run fields (param_dtype, dtype, remat_policy, ...); weights are
+    cast to `param_dtype`. With a `mesh`, each parameter is placed on it by the rules table as
+    soon as it is read, so the host holds at most one (layer-stacked) tensor at a time.
+    The params hold `score` (the reward head) when the checkpoint has `score.weight`.
+    """
+    from apo_jax import sharding  # local: sharding imports nothing from here
+
+    ckpt_dir = resolve_checkpoint_dir(path_or_hub_id)
+    hf_config = read_config(ckpt_dir)
+    try:
+        config = LlamaConfig.from_hf(hf_config, **runtime)
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{os.path.join(ckpt_dir, CONFIG_NAME)}: {e}") from None
+    files = _safetensors_files(ckpt_dir)
+    keys = set(files)
+    handles: dict[str, Any] = {}
+
+    def get(key: str) -> np.ndarray:
+        fname = files[key]
+        if fname not in handles:
+            if not os.path.exists(fname):
+                raise CheckpointError(f"{fname}: listed in {INDEX_NAME} for {key} but missing")
+            handles[fname] = safe_open(fname, framework="numpy")
+        return handles[fname].get_tensor(key)
+
+    params: dict[str, Any] = {}
+    used: set[str] = set()
+    try:
+        for hf_key, path, kind in _wanted_entries(config, keys):
+            per_layer = "{i}" in hf_key
+            layer_keys = [hf_key.format(i=i) for i in range(config.num_hidden_layers)] if per_layer else [hf_key]
+            tensors = []
+            for key in layer_keys:
+                expected = _hf_shape(kind, key, config)
+                if key not in keys:
+                    raise CheckpointError(f"{ckpt_dir}: missing tensor {key} (expected shape {list(expected)})")
+                w = get(key)
+                if tuple(w.shape) != expected:
+                    raise CheckpointError(
+                        f"{files[key]}: tensor {key} has shape {list(w.shape)}, expected {list(expected)} "
+                        "from config.json"
+                    )
+                tensors.append(_to_ours(kind, w, config).astype(config.weight_dtype))
+                used.add(key)
+            value = np.stack(tensors) if per_layer else tensors[0]
+            if mesh is not None:
+                axes = sharding.logical_axes_for("/".join(path), value.ndim)
+                spec = sharding.logical_to_spec(axes, mesh, value.shape)
+                value = jax.device_put(value, jax.sharding.NamedSharding(mesh, spec))
+            _set_path(params, path, value)
+    finally:
+        for h in handles.values():
+            if hasattr(h, "__exit__"):
+                h.__exit__(None, None, None)
+    unexpected = sorted(k for k in keys - used if not _IGNORED_KEYS.search(k) and k != "lm_head.weight")
+    if unexpected:
+        raise CheckpointError(
+            f"{ckpt_dir}: unexpected tensors for a LLaMA model: {', '.join(unexpected[:5])}"
+            + (f" and {len(unexpected) - 5} more" if len(unexpected) > 5 else "")
+        )
+    return config, params
+
+
+def _set_path(tree: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
+    for key in path[:-1]:
+        tree = tree.setdefault(key, {})
+    tree[path[-1]] = value
+
+
+def _get_path(tree: Mapping[str, Any], path: tuple[str, ...]) -> Any:
+    for key in path:
+        if not isinstance(tree, Mapping) or key not in tree:
+            return None
+        tree = tree[key]
+    return tree
+
+
+# --------------------------------------------------------------------------------------------
+# Writing.
+
+
+def _to_host(x: Any) -> np.ndarray:
+    """A full host copy of a (possibly multi-process sharded) array."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))
+
+
+def save_pretrained(
+    path: str,
+    config: LlamaConfig,
+    params: Mapping[str, Any],
+    *,
+    tokenizer: Any = None,
+    max_shard_bytes: int = 5 * 1024**3,
+) -> str:
+    """Writes `config.json` + safetensors (sharded above `max_shard_bytes`) that transformers loads.
+
+    Params with a `score` head are written as `LlamaForSequenceClassification(num_labels=1)`
+    (the LM head, if any, is left out); otherwise as `LlamaForCausalLM`. Tensors keep the dtype
+    of `config.param_dtype`. The directory is written under a temporary name and renamed into
+    place, so an interrupted save never leaves a half-written checkpoint at `path`. In a
+    multi-process run every process must call this (arrays are gathered) and only process 0 writes.
+    """
+    is_rm = _get_path(params, ("score", "kernel")) is not None
+    tensors: dict[str, np.ndarray] = {}
+    for hf_key, tree_path, kind in KEY_TABLE:
+        if hf_key == "lm_head.weight" and (is_rm or config.tie_word_embeddings):
+            continue
+        if hf_key == "score.weight" and not is_rm:
+            continue
+        value = _get_path(params, tree_path)
+        if value is None:
+            raise CheckpointError(f"params lack {'/'.join(tree_path)} needed for {hf_key}")
+        value = _to_host(value).astype(config.weight_dtype)
+        if "{i}" in hf_key:
+            for i in range(config.num_hidden_layers):
+                tensors[hf_key.format(i=i)] = np.ascontiguousarray(_to_hf(kind, value[i], config))
+        else:
+            tensors[hf_key] = np.ascontiguousarray(_to_hf(kind, value, config))
+    if jax.process_index() != 0:
+        return path
+
+    hf_config = config.to_hf()
+    if is_rm:
+        hf_config.update(
+            architectures=["LlamaForSequenceClassification"],
+            num_labels=1,
+            id2label={"0": "LABEL_0"},
+            label2id={"LABEL_0": 0},
+            problem_type="regression",
+        )
+        if config.pad_token_id is None:
+            logging.warning("%s: reward model exported without pad_token_id; HF pools the last token", path)
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=parent)
+    try:
+        with open(os.path.join(tmp, CONFIG_NAME), "w") as f:
+            json.dump(hf_config, f, indent=2, sort_keys=True)
+        _write_shards(tmp, tensors, max_shard_bytes)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if os.path.exists(path):
+            backup = path.rstrip("/") + ".old"
+            shutil.rmtree(backup, ignore_errors=True)
+            os.replace(path, backup)
+            os.replace(tmp, path)
+            shutil.rmtree(backup, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def _write_shards(out_dir: str, tensors: Mapping[str, np.ndarray], max_shard_bytes: int) -> None:
+    shards: list[dict[str, np.ndarray]] = [{}]
+    size = 0
+    for key, value in tensors.items():
+        if shards[-1] and size + value.nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][key] = value
+        size += value.nbytes
+    metadata = {"format": "pt"}  # transformers expects this marker
+    if len(shards) == 1:
+        save_file(shards[0], os.path.join(out_dir, WEIGHTS_NAME), metadata=metadata)
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, os.path.join(out_dir, name), metadata=metadata)
+        weight_map.update({k: name for k in shard})
+    total = sum(v.nbytes for v in tensors.values())
+    with open(os.path.join(out_dir, INDEX_NAME), "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+
+

@@ -1,0 +1,583 @@
+"""A functional Flax (linen) LLaMA with two heads: the LM head (policy) and a scalar reward head (RM).
+
+Numerics follow `transformers`' `modeling_llama` so Hugging Face weights load without any
+permutation: RMSNorm in float32, rotate-half RoPE (with the `linear`, `dynamic` and `llama3`
+scalings), grouped-query attention by reshape + einsum (K/V heads are never copied), SwiGLU MLP.
+
+Parameters are an explicit pytree; the layer stack is always stored stacked along a leading
+`layers` axis (so one HF key table maps every checkpoint) and run with `nn.scan`:
+
+    {"model": {"embed": {"embedding": [V, D]},
+               "layers": {"attn_norm": {"scale": [L, D]},
+                          "attn": {"q_proj": {"kernel": [L, D, H, Dh]},
+                                   "k_proj": {"kernel": [L, D, K, Dh]},
+                                   "v_proj": {"kernel": [L, D, K, Dh]},
+                                   "o_proj": {"kernel": [L, H, Dh, D]}},
+                          "mlp_norm": {"scale": [L, D]},
+                          "mlp": {"gate_proj": {"kernel": [L, D, F]},
+                                  "up_proj": {"kernel": [L, D, F]},
+                                  "down_proj": {"kernel": [L, F, D]}}},
+               "final_norm": {"scale": [D]}},
+     "lm_head": {"kernel": [D, V]},     # absent when embeddings are tied
+     "score": {"kernel": [D, 1]}}       # the reward head; absent for a policy
+
+Shape suffixes: b batch, t query length, s key length (cache slots), d model width, n query heads,
+k key/value heads, g query heads per K/V head, h head dim, f MLP width, v vocabulary, l layers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from apo_jax import sharding
+
+Params = Mapping[str, Any]
+Cache = dict[str, jax.Array]
+
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+ATTENTION_IMPLS = ("xla", "cudnn")
+ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    """Architecture (the HF `config.json` fields) plus how to run it (dtypes, scan, remat)."""
+
+    vocab_size: int = 32000
+    """Number of token embeddings."""
+    hidden_size: int = 4096
+    """Model width D."""
+    intermediate_size: int = 11008
+    """SwiGLU width F."""
+    num_hidden_layers: int = 32
+    """Number of decoder blocks L."""
+    num_attention_heads: int = 32
+    """Query heads H."""
+    num_key_value_heads: int = 32
+    """Key/value heads K (H % K == 0; K < H is grouped-query attention)."""
+    head_dim: int = 0
+    """Per-head width; 0 means hidden_size // num_attention_heads."""
+    max_position_embeddings: int = 2048
+    """Context length the model was trained for (used by dynamic RoPE scaling)."""
+    rms_norm_eps: float = 1e-6
+    """RMSNorm epsilon."""
+    rope_theta: float = 10000.0
+    """RoPE base."""
+    rope_scaling: tuple[tuple[str, Any], ...] | None = None
+    """HF `rope_scaling` as sorted (key, value) pairs (hashable); None for plain RoPE."""
+    tie_word_embeddings: bool = False
+    """Whether the LM head reuses the embedding matrix."""
+    bos_token_id: int | None = 1
+    """Beginning-of-sequence id."""
+    eos_token_id: int | tuple[int, ...] | None = 2
+    """End-of-sequence id (or ids, as LLaMA-3 configs have)."""
+    pad_token_id: int | None = None
+    """Padding id (written to exported RM configs so HF pools the right token)."""
+    # How to run it; not part of the checkpoint.
+    param_dtype: str = "float32"
+    """Storage dtype of parameters: float32 (master weights) or bfloat16."""
+    dtype: str = "float32"
+    """Compute dtype of activations and matmuls: float32 or bfloat16."""
+    scan_layers: bool = True
+    """Run the layer stack as a rolled `scan` (fast compiles); False unrolls it."""
+    remat_policy: str = "none"
+    """Rematerialisation per layer: none, full, dots, dots_no_batch."""
+    attention_impl: str = "xla"
+    """xla (portable einsum attention) or cudnn (`jax.nn.dot_product_attention`, GPU only)."""
+
+    def __post_init__(self) -> None:
+        if self.head_dim == 0:
+            object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
+        if isinstance(self.eos_token_id, list):
+            object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
+        if isinstance(self.rope_scaling, Mapping):
+            object.__setattr__(self, "rope_scaling", _freeze(self.rope_scaling))
+        problems = []
+        if self.num_attention_heads % self.num_key_value_heads:
+            problems.append(
+                f"num_attention_heads={self.num_attention_heads} is not a multiple of "
+                f"num_key_value_heads={self.num_key_value_heads}"
+            )
+        if self.head_dim % 2:
+            problems.append(f"head_dim={self.head_dim} must be even for rotary embeddings")
+        if self.remat_policy not in REMAT_POLICIES:
+            problems.append(f"remat_policy={self.remat_policy!r}; expected one of {REMAT_POLICIES}")
+        if self.attention_impl not in ATTENTION_IMPLS:
+            problems.append(
+                f"attention_impl={self.attention_impl!r}; expected one of {ATTENTION_IMPLS}"
+            )
+        for name in ("param_dtype", "dtype"):
+            if getattr(self, name) not in _DTYPES:
+                problems.append(f"{name}={getattr(self, name)!r}; expected one of {tuple(_DTYPES)}")
+        rope_type = self.rope_scaling_dict.get("rope_type", "default")
+        if rope_type not in ROPE_TYPES:
+            problems.append(f"rope_scaling type {rope_type!r} is not supported; expected {ROPE_TYPES}")
+        if problems:
+            raise ValueError("Invalid LlamaConfig: " + "; ".join(problems))
+
+    @property
+    def rope_scaling_dict(self) -> dict[str, Any]:
+        return dict(self.rope_scaling or ())
+
+    @property
+    def compute_dtype(self) -> jnp.dtype:
+        return _DTYPES[self.dtype]
+
+    @property
+    def weight_dtype(self) -> jnp.dtype:
+        return _DTYPES[self.param_dtype]
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        if self.eos_token_id is None:
+            return ()
+        if isinstance(self.eos_token_id, int):
+            return (self.eos_token_id,)
+        return tuple(self.eos_token_id)
+
+    def replace(self, **changes: Any) -> "LlamaConfig":
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_hf(cls, hf: Mapping[str, Any], **runtime: Any) -> "LlamaConfig":
+        """Builds a config from a HF LLaMA `config.json` dict (transformers 4.x or 5.x layout)."""
+        model_type = hf.get("model_type")
+        if model_type not in ("llama", None):
+            raise ValueError(f"config.json has model_type={model_type!r}; apo_jax reads 'llama' models")
+        if hf.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"config.json has hidden_act={hf['hidden_act']!r}; LLaMA uses 'silu'")
+        for flag in ("attention_bias", "mlp_bias"):
+            if hf.get(flag):
+                raise ValueError(f"config.json sets {flag}=true; biases are not supported")
+        missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size",
+                               "num_hidden_layers", "num_attention_heads") if k not in hf]
+        if missing:
+            raise ValueError(f"config.json lacks required LLaMA fields: {', '.join(missing)}")
+        # transformers>=5 folds rope_theta and rope_scaling into `rope_parameters`.
+        rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+        theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
+        if "type" in rope and "rope_type" not in rope:
+            rope["rope_type"] = rope.pop("type")
+        rope.pop("type", None)
+        scaling = None if rope.get("rope_type", "default") == "default" else _freeze(rope)
+        return cls(
+            vocab_size=hf["vocab_size"],
+            hidden_size=hf["hidden_size"],
+            intermediate_size=hf["intermediate_size"],
+            num_hidden_layers=hf["num_hidden_layers"],
+            num_attention_heads=hf["num_attention_heads"],
+            num_key_value_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
+            head_dim=hf.get("head_dim") or 0,
+            max_position_embeddings=hf.get("max_position_embeddings", 2048),
+            rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+            rope_theta=float(theta),
+            rope_scaling=scaling,
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            bos_token_id=hf.get("bos_token_id"),
+            eos_token_id=hf.get("eos_token_id"),
+            pad_token_id=hf.get("pad_token_id"),
+            **runtime,
+        )
+
+    def to_hf(self) -> dict[str, Any]:
+        """The HF `config.json` dict (readable by transformers 4.x and 5.x)."""
+        rope = self.rope_scaling_dict
+        eos = self.eos_token_id if not isinstance(self.eos_token_id, tuple) else list(self.eos_token_id)
+        out = {
+            "model_type": "llama",
+            "architectures": ["LlamaForCausalLM"],
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "hidden_act": "silu",
+            "max_position_embeddings": self.max_position_embeddings,
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "rope_scaling": rope or None,
+            "rope_parameters": {"rope_type": "default", **rope, "rope_theta": self.rope_theta},
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "attention_bias": False,
+            "mlp_bias": False,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": eos,
+            "pad_token_id": self.pad_token_id,
+            "torch_dtype": self.param_dtype,
+        }
+        return out
+
+
+def _freeze(d: Mapping[str, Any]) -> tuple[tuple[str, Any], ...]:
+    return tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in d.items()))
+
+
+# --------------------------------------------------------------------------------------------
+# Rotary embeddings (transformers' `_compute_*_parameters` + `rotate_half`).
+
+
+def rope_inv_freq(config: LlamaConfig, seq_len: jax.Array | None = None) -> jax.Array:
+    """Inverse frequencies [h/2] in float32 for the configured RoPE scaling.
+
+    `seq_len` (a traced scalar: max position + 1 in the batch) only matters for `dynamic`
+    scaling, which grows the base once sequences exceed the trained context.
+    """
+    dim = config.head_dim
+    base = config.rope_theta
+    exponents = jnp.arange(0, dim, 2, dtype=jnp.float32) / dim
+    scaling = config.rope_scaling_dict
+    rope_type = scaling.get("rope_type", "default")
+    if rope_type == "linear":
+        return 1.0 / (base**exponents) / scaling["factor"]
+    if rope_type == "dynamic":
+        factor = scaling["factor"]
+        max_pos = config.max_position_embeddings  # as transformers does, not the "original" length
+        seq_len = jnp.asarray(max_pos if seq_len is None else seq_len, jnp.float32)
+        seq_len = jnp.maximum(seq_len, max_pos)
+        dyn_base = base * ((factor * seq_len / max_pos) - (factor - 1)) ** (dim / (dim - 2))
+        return 1.0 / (dyn_base**exponents)
+    inv_freq = 1.0 / (base**exponents)
+    if rope_type == "llama3":
+        factor = scaling["factor"]
+        low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_len = scaling["original_max_position_embeddings"]
+        low_wavelen, high_wavelen = old_len / low, old_len / high
+        wavelen = 2 * math.pi / inv_freq
+        scaled = jnp.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        is_medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        return jnp.where(is_medium, smoothed, scaled)
+    return inv_freq
+
+
+def rope_cos_sin(config: LlamaConfig, positions_bt: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """cos, sin [B, T, h] in float32, each frequency repeated twice as in HF (rotate-half)."""
+    seq_len = jnp.max(positions_bt) + 1 if config.rope_scaling_dict.get("rope_type") == "dynamic" else None
+    inv_freq = rope_inv_freq(config, seq_len)
+    angles = positions_bt.astype(jnp.float32)[..., None] * inv_freq
+    angles = jnp.concatenate([angles, angles], axis=-1)
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x_btnh: jax.Array, cos_bth: jax.Array, sin_bth: jax.Array) -> jax.Array:
+    half = x_btnh.shape[-1] // 2
+    rotated = jnp.concatenate([-x_btnh[..., half:], x_btnh[..., :half]], axis=-1)
+    cos, sin = cos_bth[:, :, None, :], sin_bth[:, :, None, :]
+    return (x_btnh.astype(jnp.float32) * cos + rotated.astype(jnp.float32) * sin).astype(x_btnh.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Layers.
+
+
+class RMSNorm(nn.Module):
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x_btd: jax.Array) -> jax.Array:
+        scale = self.param("scale", nn.initializers.ones, (x_btd.shape[-1],), self.config.weight_dtype)
+        x = x_btd.astype(jnp.float32)
+        x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.config.rms_norm_eps)
+        # As HF: normalise in float32, cast back, then scale in the parameter dtype.
+        return scale.astype(self.config.compute_dtype) * x.astype(self.config.compute_dtype)
+
+
+class _Proj(nn.Module):
+    """One projection matrix under its HF module name, so param paths read `attn/q_proj/kernel`."""
+
+    config: LlamaConfig
+    shape: tuple[int, ...]
+
+    @nn.compact
+    def __call__(self) -> jax.Array:
+        w = self.param("kernel", nn.initializers.normal(stddev=0.02), self.shape, self.config.weight_dtype)
+        return w.astype(self.config.compute_dtype)
+
+
+class Attention(nn.Module):
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(
+        self,
+        x_btd: jax.Array,
+        cos_bth: jax.Array,
+        sin_bth: jax.Array,
+        mask_bts: jax.Array,
+        cache: Cache | None,
+        cache_index: jax.Array | int,
+    ) -> tuple[jax.Array, Cache | None]:
+        cfg = self.config
+        d, n, k, h = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        q_btnh = jnp.einsum("btd,dnh->btnh", x_btd, _Proj(cfg, (d, n, h), name="q_proj")())
+        k_btkh = jnp.einsum("btd,dkh->btkh", x_btd, _Proj(cfg, (d, k, h), name="k_proj")())
+        v_btkh = jnp.einsum("btd,dkh->btkh", x_btd, _Proj(cfg, (d, k, h), name="v_proj")())
+        q_btnh = sharding.constrain(apply_rope(q_btnh, cos_bth, sin_bth), sharding.ACT_HEADS)
+        k_btkh = sharding.constrain(apply_rope(k_btkh, cos_bth, sin_bth), sharding.ACT_KV_HEADS)
+        v_btkh = sharding.constrain(v_btkh, sharding.ACT_KV_HEADS)
+
+        if cache is not None:
+            # The cache holds every slot [0, S); this call writes slots [cache_index, cache_index+T).
+            start = (0, cache_index, 0, 0)
+            k_bskh = jax.lax.dynamic_update_slice(cache["k"], k_btkh.astype(cache["k"].dtype), start)
+            v_bskh = jax.lax.dynamic_update_slice(cache["v"], v_btkh.astype(cache["v"].dtype), start)
+            cache = {"k": k_bskh, "v": v_bskh}
+        else:
+            k_bskh, v_bskh = k_btkh, v_btkh
+        k_bskh = k_bskh.astype(cfg.compute_dtype)
+        v_bskh = v_bskh.astype(cfg.compute_dtype)
+
+        if cfg.attention_impl == "cudnn":
+            out_btnh = jax.nn.dot_product_attention(
+                q_btnh, k_bskh, v_bskh, mask=mask_bts[:, None], implementation="cudnn"
+            )
+        else:
+            out_btnh = _xla_attention(q_btnh, k_bskh, v_bskh, mask_bts)
+        out_btnh = sharding.constrain(out_btnh, sharding.ACT_HEADS)
+        o_nhd = _Proj(cfg, (n, h, d), name="o_proj")()
+        return jnp.einsum("btnh,nhd->btd", out_btnh, o_nhd), cache
+
+
+def _xla_attention(q_btnh: jax.Array, k_bskh: jax.Array, v_bskh: jax.Array, mask_bts: jax.Array) -> jax.Array:
+    """Grouped-query softmax attention: query heads are reshaped into groups, K/V never copied."""
+    b, t, n, h = q_btnh.shape
+    k = k_bskh.shape[2]
+    q_btkgh = q_btnh.reshape(b, t, k, n // k, h)
+    logits_bkgts = jnp.einsum(
+        "btkgh,bskh->bkgts", q_btkgh, k_bskh, preferred_element_type=jnp.float32
+    ) / np.sqrt(h).astype(np.float32)
+    # A finite floor instead of -inf keeps fully masked (padding) rows NaN-free.
+    logits_bkgts = jnp.where(mask_bts[:, None, None], logits_bkgts, jnp.finfo(jnp.float32).min)
+    probs_bkgts = jax.nn.softmax(logits_bkgts, axis=-1).astype(v_bskh.dtype)
+    out_btkgh = jnp.einsum("bkgts,bskh->btkgh", probs_bkgts, v_bskh)
+    return out_btkgh.reshape(b, t, n, h)
+
+
+class MLP(nn.Module):
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x_btd: jax.Array) -> jax.Array:
+        cfg = self.config
+        d, f = cfg.hidden_size, cfg.intermediate_size
+        gate_btf = jnp.einsum("btd,df->btf", x_btd, _Proj(cfg, (d, f), name="gate_proj")())
+        up_btf = jnp.einsum("btd,df->btf", x_btd, _Proj(cfg, (d, f), name="up_proj")())
+        hidden_btf = sharding.constrain(nn.silu(gate_btf) * up_btf, sharding.ACT_MLP)
+        return jnp.einsum("btf,fd->btd", hidden_btf, _Proj(cfg, (f, d), name="down_proj")())
+
+
+class Block(nn.Module):
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x_btd, cos_bth, sin_bth, mask_bts, cache, cache_index):
+        attn_out, cache = Attention(self.config, name="attn")(
+            RMSNorm(self.config, name="attn_norm")(x_btd), cos_bth, sin_bth, mask_bts, cache, cache_index
+        )
+        x_btd = sharding.constrain(x_btd + attn_out, sharding.ACT_EMBED)
+        x_btd = x_btd + MLP(self.config, name="mlp")(RMSNorm(self.config, name="mlp_norm")(x_btd))
+        return sharding.constrain(x_btd, sharding.ACT_EMBED), cache
+
+
+_REMAT = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class Embed(nn.Module):
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(self, input_ids_bt: jax.Array) -> jax.Array:
+        cfg = self.config
+        shape = (cfg.vocab_size, cfg.hidden_size)
+        embedding = self.param("embedding", nn.initializers.normal(stddev=0.02), shape, cfg.weight_dtype)
+        return jnp.take(embedding, input_ids_bt, axis=0).astype(cfg.compute_dtype)
+
+
+class LlamaModel(nn.Module):
+    """The trunk: embeddings, L decoder blocks (scanned), final norm. Returns hidden states."""
+
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(
+        self,
+        input_ids_bt: jax.Array,
+        positions_bt: jax.Array,
+        mask_bts: jax.Array,
+        cache: Cache | None = None,
+        cache_index: jax.Array | int = 0,
+    ) -> tuple[jax.Array, Cache | None]:
+        cfg = self.config
+        x_btd = Embed(cfg, name="embed")(input_ids_bt)
+        x_btd = sharding.constrain(x_btd, sharding.ACT_EMBED)
+        cos_bth, sin_bth = rope_cos_sin(cfg, positions_bt)
+
+        block = Block
+        if cfg.remat_policy != "none":
+            block = nn.remat(Block, policy=_REMAT[cfg.remat_policy], prevent_cse=not cfg.scan_layers)
+        stack = nn.scan(
+            block,
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast),
+            length=cfg.num_hidden_layers,
+            unroll=1 if cfg.scan_layers else cfg.num_hidden_layers,
+        )
+        x_btd, cache = stack(cfg, name="layers")(x_btd, cos_bth, sin_bth, mask_bts, cache, cache_index)
+        return RMSNorm(cfg, name="final_norm")(x_btd), cache
+
+
+# --------------------------------------------------------------------------------------------
+# Functional API.
+
+
+def positions_from_mask(attention_mask_bt: jax.Array) -> jax.Array:
+    """RoPE positions [B, T]: 0,1,2,... over real tokens; padding gets 0 (it is never attended)."""
+    mask = attention_mask_bt.astype(jnp.int32)
+    return jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0)
+
+
+def causal_padding_mask(attention_mask_bt: jax.Array) -> jax.Array:
+    """[B, T, T] boolean: query t sees key s iff s <= t and s is a real token (left or right pads)."""
+    t = attention_mask_bt.shape[-1]
+    causal_ts = jnp.arange(t)[None, :] <= jnp.arange(t)[:, None]
+    return causal_ts[None] & attention_mask_bt.astype(bool)[:, None, :]
+
+
+def hidden_states(
+    config: LlamaConfig,
+    params: Params,
+    input_ids: jax.Array,
+    attention_mask: jax.Array,
+    positions: jax.Array | None = None,
+) -> jax.Array:
+    """Final-normed hidden states [B, T, D] (compute dtype) for a padded batch, no cache."""
+    if positions is None:
+        positions = positions_from_mask(attention_mask)
+    mask_bts = causal_padding_mask(attention_mask)
+    hidden, _ = LlamaModel(config).apply({"params": params["model"]}, input_ids, positions, mask_bts)
+    return hidden
+
+
+def lm_head_kernel(config: LlamaConfig, params: Params) -> jax.Array:
+    """The [D, V] output projection (the transposed embedding when tied)."""
+    if config.tie_word_embeddings:
+        return params["model"]["embed"]["embedding"].T
+    return params["lm_head"]["kernel"]
+
+
+def logits_from_hidden(config: LlamaConfig, params: Params, hidden_btd: jax.Array) -> jax.Array:
+    """float32 logits [B, T, V]; the matmul runs in the compute dtype with float32 accumulation."""
+    w_dv = lm_head_kernel(config, params).astype(config.compute_dtype)
+    logits = jnp.einsum("btd,dv->btv", hidden_btd, w_dv, preferred_element_type=jnp.float32)
+    return sharding.constrain(logits, sharding.ACT_VOCAB)
+
+
+def lm_logits(
+    config: LlamaConfig,
+    params: Params,
+    input_ids: jax.Array,
+    attention_mask: jax.Array,
+    positions: jax.Array | None = None,
+) -> jax.Array:
+    """float32 next-token logits [B, T, V] of a left- or right-padded batch."""
+    return logits_from_hidden(config, params, hidden_states(config, params, input_ids, attention_mask, positions))
+
+
+def last_token_index(attention_mask_bt: jax.Array) -> jax.Array:
+    """Index [B] of the last real (mask == 1) token of each row, for left or right padding."""
+    t = attention_mask_bt.shape[-1]
+    return jnp.max(jnp.where(attention_mask_bt.astype(bool), jnp.arange(t), 0), axis=-1)
+
+
+def rewards_from_hidden(params: Params, hidden_btd: jax.Array, attention_mask_bt: jax.Array) -> jax.Array:
+    """float32 rewards [B]: the score head applied at each row's last real token."""
+    idx_b = last_token_index(attention_mask_bt)
+    last_bd = jnp.take_along_axis(hidden_btd, idx_b[:, None, None], axis=1)[:, 0]
+    w_d1 = params["score"]["kernel"]
+    return jnp.einsum("bd,do->bo", last_bd.astype(jnp.float32), w_d1.astype(jnp.float32))[:, 0]
+
+
+def rewards(
+    config: LlamaConfig, params: Params, input_ids: jax.Array, attention_mask: jax.Array
+) -> jax.Array:
+    """float32 scalar rewards [B] read at the last real token of each (padded) sequence."""
+    return rewards_from_hidden(params, hidden_states(config, params, input_ids, attention_mask), attention_mask)
+
+
+def init_params(
+    config: LlamaConfig,
+    rng: jax.Array,
+    *,
+    lm_head: bool = True,
+    reward_head: bool = False,
+    reward_head_std: float = 0.0,
+) -> dict[str, Any]:
+    """Random parameters (normal(0.02) matrices, unit norms) in `config.param_dtype`.
+
+    `lm_head` adds the untied output projection (ignored when embeddings are tied); `reward_head`
+    adds `score` initialised with normal(reward_head_std) (0.0 gives a zero head).
+    """
+    trunk_rng, lm_rng, score_rng = jax.random.split(rng, 3)
+    ids = jnp.zeros((1, 1), jnp.int32)
+    variables = LlamaModel(config).init(trunk_rng, ids, ids, jnp.ones((1, 1, 1), bool))
+    params: dict[str, Any] = {"model": dict(variables["params"])}
+    if lm_head and not config.tie_word_embeddings:
+        kernel = 0.02 * jax.random.normal(lm_rng, (config.hidden_size, config.vocab_size), jnp.float32)
+        params["lm_head"] = {"kernel": kernel.astype(config.weight_dtype)}
+    if reward_head:
+        params["score"] = {"kernel": new_reward_head(config, score_rng, reward_head_std)}
+    return params
+
+
+def new_reward_head(config: LlamaConfig, rng: jax.Array, std: float = 0.0) -> jax.Array:
+    """A fresh [D, 1] score kernel: zeros (std=0) or normal(std)."""
+    kernel = std * jax.random.normal(rng, (config.hidden_size, 1), jnp.float32)
+    return kernel.astype(config.weight_dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# KV-cache forward (the sampler's building block).
+
+
+def init_cache(config: LlamaConfig, batch: int, max_len: int, dtype: Any = None) -> Cache:
+    """Zeroed KV cache {"k", "v"}: [L, B, S, K, h] each, in the compute dtype by default."""
+    shape = (config.num_hidden_layers, batch, max_len, config.num_key_value_heads, config.head_dim)
+    dtype = dtype or config.compute_dtype
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+
+
+def cached_forward(
+    config: LlamaConfig,
+    params: Params,
+    input_ids_bt: jax.Array,
+    positions_bt: jax.Array,
+    kv_mask_bs: jax.Array,
+    cache: Cache,
+    cache_index: jax.Array | int,
+) -> tuple[jax.Array, Cache]:
+    """Runs T new tokens written at cache slots [cache_index, cache_index + T).
+
+    `kv_mask_bs` marks the cache slots that hold real tokens (prompt padding is False); a query
+    at slot i attends slots s <= i with kv_mask True. Returns final hidden states [B, T, D] and
+    the updated cache.
+    """
+    t, s = input_ids_bt.shape[1], kv_mask_bs.shape[1]
+    q_slots = cache_index + jnp.arange(t)
+    mask_bts = (jnp.arange(s)[None, :] <= q_slots[:, None])[None] & kv_mask_bs.astype(bool)[:, None, :]
+    return LlamaModel(config).apply({"params": params["model"]}, input_ids_bt, positions_bt, mask_bts, cache, cache_index)

@@ -1,0 +1,285 @@
+"""The device mesh, the one table of partition rules, and helpers to place params and batches.
+
+Every array apo_jax puts on a mesh gets its layout from two small tables:
+
+- `PARAM_AXES`: (regex over a param's '/'-joined path, logical axis names per dimension). It
+  matches parameters and, because optax states mirror the param tree (`.../mu/model/...`),
+  optimizer moments too. Anything unmatched (scalars, step counters) is replicated.
+- `LOGICAL_RULES`: logical axis name -> mesh axes. Weights are sharded over `fsdp` (ZeRO-3
+  style) and `tensor` (Megatron style); activations over `data`+`fsdp` on the batch and `tensor`
+  on heads / MLP / vocab.
+
+Activations are constrained inside the model through `constrain(x, ACT_*)`, which is a no-op
+unless a mesh has been made current with `activation_sharding(mesh)` (entered inside a traced
+function, so each jitted step states its own mesh).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+import logging
+import math
+import os
+import re
+from typing import Any, Iterator, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# Logical axis name -> mesh axis (or axes, or None = replicated).
+LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
+    # weights
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("mlp", "tensor"),
+    ("head_dim", None),
+    ("layers", None),
+    ("norm", None),
+    ("score", None),
+    # activations
+    ("act_batch", ("data", "fsdp")),
+    ("act_length", None),
+    ("act_embed", None),
+    ("act_heads", "tensor"),
+    ("act_kv_heads", "tensor"),
+    ("act_mlp", "tensor"),
+    ("act_vocab", "tensor"),
+    ("act_cache_length", None),
+)
+
+# Param path regex -> logical axes, first match wins. Stacked layer params lead with `layers`.
+PARAM_AXES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
+    (r"embed/embedding$", ("vocab", "embed")),
+    (r"attn/q_proj/kernel$", ("layers", "embed", "heads", "head_dim")),
+    (r"attn/(k|v)_proj/kernel$", ("layers", "embed", "kv_heads", "head_dim")),
+    (r"attn/o_proj/kernel$", ("layers", "heads", "head_dim", "embed")),
+    (r"mlp/(gate|up)_proj/kernel$", ("layers", "embed", "mlp")),
+    (r"mlp/down_proj/kernel$", ("layers", "mlp", "embed")),
+    (r"(attn|mlp)_norm/scale$", ("layers", "norm")),
+    (r"final_norm/scale$", ("norm",)),
+    (r"lm_head/kernel$", ("embed", "vocab")),
+    (r"score/kernel$", ("embed", "score")),
+)
+
+# Activation layouts used by the model and steps.
+ACT_EMBED = ("act_batch", "act_length", "act_embed")
+ACT_HEADS = ("act_batch", "act_length", "act_heads", None)
+ACT_KV_HEADS = ("act_batch", "act_length", "act_kv_heads", None)
+ACT_MLP = ("act_batch", "act_length", "act_mlp")
+ACT_VOCAB = ("act_batch", "act_length", "act_vocab")
+ACT_BATCH = ("act_batch",)
+# KV cache [L, B, S, K, h]: batch over data/fsdp, heads over tensor.
+CACHE_AXES = ("layers", "act_batch", "act_cache_length", "act_kv_heads", None)
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Mesh axis sizes; one of them may be -1 for "all remaining devices"."""
+
+    data: int = 1
+    """Pure data parallelism (replicated weights)."""
+    fsdp: int = -1
+    """Data parallelism with weights, gradients and optimizer state sharded (ZeRO-3)."""
+    tensor: int = 1
+    """Tensor (Megatron) parallelism over heads, MLP width and vocabulary."""
+
+    def resolve(self, num_devices: int) -> tuple[int, int, int]:
+        """Axis sizes for `num_devices`, or ValueError naming the offending field."""
+        sizes = {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}
+        bad = [f"{k}={v}" for k, v in sizes.items() if v == 0 or v < -1]
+        if bad:
+            raise ValueError(f"mesh: sizes must be positive or -1, got {', '.join(bad)}")
+        free = [k for k, v in sizes.items() if v == -1]
+        if len(free) > 1:
+            raise ValueError(f"mesh: at most one axis may be -1, got {', '.join(free)}")
+        fixed = math.prod(v for v in sizes.values() if v != -1)
+        if free:
+            if num_devices % fixed:
+                raise ValueError(
+                    f"mesh: fixed axes multiply to {fixed}, which does not divide the {num_devices} devices"
+                )
+            sizes[free[0]] = num_devices // fixed
+        if math.prod(sizes.values()) != num_devices:
+            raise ValueError(
+                f"mesh: data*fsdp*tensor = {math.prod(sizes.values())} but there are {num_devices} devices"
+            )
+        return sizes["data"], sizes["fsdp"], sizes["tensor"]
+
+
+def make_mesh(config: MeshConfig | None = None, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A ('data', 'fsdp', 'tensor') mesh with Auto axis types over `devices` (default: all)."""
+    config = config or MeshConfig()
+    devices = list(devices if devices is not None else jax.devices())
+    shape = config.resolve(len(devices))
+    try:
+        from jax.experimental import mesh_utils
+
+        grid = mesh_utils.create_device_mesh(shape, devices=devices, allow_split_physical_axes=True)
+    except Exception:  # Unusual topologies (e.g. fake CPU devices across processes).
+        grid = np.asarray(devices).reshape(shape)
+    # `Mesh` defaults to Auto axes; `jax.make_mesh` would default to Explicit (breaks constraints).
+    axis_types = getattr(jax.sharding, "AxisType", None)
+    if axis_types is not None:
+        return Mesh(grid, MESH_AXES, axis_types=(axis_types.Auto,) * len(MESH_AXES))
+    return Mesh(grid, MESH_AXES)
+
+
+def maybe_initialize_distributed() -> None:
+    """Calls `jax.distributed.initialize()` when this is one process of a multi-process run.
+
+    Detected from the usual launchers' environment: JAX_COORDINATOR_ADDRESS (explicit),
+    SLURM (several tasks), or a TPU pod (TPU_WORKER_HOSTNAMES listing several hosts).
+    """
+    if _distributed_initialized():
+        return
+    explicit = os.environ.get("JAX_COORDINATOR_ADDRESS")
+    if explicit:
+        jax.distributed.initialize(
+            coordinator_address=explicit,
+            num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
+            process_id=int(os.environ["JAX_PROCESS_ID"]),
+        )
+    elif int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+        jax.distributed.initialize()
+    elif len(os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",")) > 1:
+        jax.distributed.initialize()
+    else:
+        return
+    logging.info("jax.distributed: process %d of %d", jax.process_index(), jax.process_count())
+
+
+def _distributed_initialized() -> bool:
+    try:
+        from jax._src import distributed
+
+        return distributed.global_state.client is not None
+    except Exception:
+        return False
+
+
+# --------------------------------------------------------------------------------------------
+# Logical -> mesh mapping.
+
+
+def logical_to_spec(
+    logical_axes: Sequence[str | None],
+    mesh: Mesh,
+    shape: Sequence[int] | None = None,
+    rules: Sequence[tuple[str, Any]] = LOGICAL_RULES,
+) -> P:
+    """PartitionSpec for logical axes. A mesh axis is dropped from a dimension it does not divide
+    (e.g. 2 KV heads on a tensor axis of 4), and never used twice in one spec."""
+    table = dict(rules)
+    used: set[str] = set()
+    spec = []
+    for dim, name in enumerate(logical_axes):
+        if name is None:
+            spec.append(None)
+            continue
+        if name not in table:
+            raise KeyError(f"logical axis {name!r} has no rule in LOGICAL_RULES")
+        target = table[name]
+        axes = (target,) if isinstance(target, str) else tuple(target or ())
+        kept = []
+        size = 1
+        for axis in axes:
+            if axis in used or mesh.shape[axis] == 1:
+                continue
+            if shape is not None and shape[dim] % (size * mesh.shape[axis]):
+                continue
+            kept.append(axis)
+            size *= mesh.shape[axis]
+        used.update(kept)
+        spec.append(None if not kept else kept[0] if len(kept) == 1 else tuple(kept))
+    return P(*spec)
+
+
+def path_str(path: Sequence[Any]) -> str:
+    parts = []
+    for key in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(key, attr):
+                parts.append(str(getattr(key, attr)))
+                break
+        else:
+            parts.append(str(key))
+    return "/".join(parts)
+
+
+def logical_axes_for(path: str, ndim: int) -> tuple[str | None, ...]:
+    """Logical axes of a param (or optimizer moment) at `path`; replicated if unmatched."""
+    for pattern, axes in PARAM_AXES:
+        if re.search(pattern, path) and len(axes) == ndim:
+            return axes
+    return (None,) * ndim
+
+
+def tree_shardings(tree: Any, mesh: Mesh) -> Any:
+    """NamedShardings for every array leaf of a params / optimizer-state / train-state tree."""
+
+    def leaf(path, x):
+        shape = np.shape(x)
+        axes = logical_axes_for(path_str(path), len(shape))
+        return NamedSharding(mesh, logical_to_spec(axes, mesh, shape))
+
+    return jax.tree_util.tree_map_with_path(leaf, tree)
+
+
+def shard_tree(tree: Any, mesh: Mesh) -> Any:
+    """Places a (host or device) tree on the mesh by the rules table."""
+    return jax.device_put(tree, tree_shardings(tree, mesh))
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
+    """Sharding of a batch-major array: dim 0 over ('data', 'fsdp'), the rest replicated."""
+    return NamedSharding(mesh, logical_to_spec(("act_batch",) + (None,) * (ndim - 1), mesh))
+
+
+def shard_batch(batch: Any, mesh: Mesh) -> Any:
+    """Global arrays from this host's slice of a batch (dict of numpy arrays, batch-major).
+
+    Each process passes only its own rows; `jax.make_array_from_process_local_data` assembles
+    the global array, so no host ever materialises the whole global batch.
+    """
+
+    def leaf(x):
+        x = np.asarray(x)
+        return jax.make_array_from_process_local_data(batch_sharding(mesh, x.ndim), x)
+
+    return jax.tree_util.tree_map(leaf, batch)
+
+
+def cache_sharding(mesh: Mesh, shape: Sequence[int]) -> NamedSharding:
+    return NamedSharding(mesh, logical_to_spec(CACHE_AXES, mesh, shape))
+
+
+# --------------------------------------------------------------------------------------------
+# Activation constraints.
+
+_ACTIVE_MESH: contextvars.ContextVar[Mesh | None] = contextvars.ContextVar("apo_jax_mesh", default=None)
+
+
+@contextlib.contextmanager
+def activation_sharding(mesh: Mesh | None) -> Iterator[None]:
+    """Makes `constrain` place activations on `mesh` for code traced inside this block."""
+    token = _ACTIVE_MESH.set(mesh)
+    try:
+        yield
+    finally:
+        _ACTIVE_MESH.reset(token)
+
+
+def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
+    """`with_sharding_constraint` by logical axes; identity when no mesh is active."""
+    mesh = _ACTIVE_MESH.get()
+    if mesh is None or mesh.size == 1:
+        return x
+    spec = logical_to_spec(logical_axes, mesh, x.shape)
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))

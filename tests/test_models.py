@@ -1,0 +1,139 @@
+"""The Flax LLaMA against `transformers` PyTorch: logits and rewards on padded batches."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from apo_jax import hf, models
+from hf_fixtures import padded_batch, random_causal_lm, random_reward_model, torch_positions
+
+ROPE_CASES = {
+    "default": {},
+    "linear": {"rope_scaling": {"rope_type": "linear", "factor": 2.0}},
+    # max_position_embeddings 16 < sequence 24, so dynamic NTK scaling really changes the base.
+    "dynamic": {"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}, "max_position_embeddings": 16},
+    "llama3": {
+        "rope_scaling": {
+            "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 8,
+        },
+        "rope_theta": 500000.0,
+    },
+}
+
+MODEL_CASES = [
+    pytest.param({"num_key_value_heads": 4}, id="mha-untied"),
+    pytest.param({"num_key_value_heads": 2}, id="gqa-untied"),
+    pytest.param({"num_key_value_heads": 1, "tie_word_embeddings": True}, id="mqa-tied"),
+    pytest.param({"num_key_value_heads": 2, "head_dim": 16}, id="gqa-wide-heads"),
+]
+
+
+def _load(tmp_path, model, **runtime):
+    model.save_pretrained(tmp_path)
+    return hf.load_pretrained(str(tmp_path), **runtime)
+
+
+def _torch_logits(model, ids, mask):
+    with torch.no_grad():
+        out = model(
+            torch.tensor(ids, dtype=torch.long),
+            attention_mask=torch.tensor(mask),
+            position_ids=torch_positions(mask),
+        )
+    return out.logits.float().numpy()
+
+
+# Every architecture with plain RoPE, and every RoPE scaling on the GQA architecture.
+LOGIT_CASES = [pytest.param(a.values[0], "default", id=a.id + "-default") for a in MODEL_CASES] + [
+    pytest.param({"num_key_value_heads": 2}, r, id="gqa-" + r) for r in ROPE_CASES if r != "default"
+]
+
+
+@pytest.mark.parametrize("arch,rope", LOGIT_CASES)
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_logits_match_transformers(tmp_path, rope, arch, side):
+    model = random_causal_lm(seed=3, **arch, **ROPE_CASES[rope])
+    config, params = _load(tmp_path, model)
+    ids, mask = padded_batch(3, 24, model.config.vocab_size, side, seed=1)
+    ref = _torch_logits(model, ids, mask)
+    out = np.asarray(models.lm_logits(config, params, jnp.asarray(ids), jnp.asarray(mask)))
+    assert out.dtype == np.float32 and out.shape == ref.shape
+    real = mask.astype(bool)
+    np.testing.assert_allclose(out[real], ref[real], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_rewards_match_sequence_classification(tmp_path, side):
+    model = random_reward_model(seed=5)
+    config, params = _load(tmp_path, model)
+    assert "score" in params and "lm_head" not in params
+    ids, mask = padded_batch(4, 20, model.config.vocab_size, side, seed=2)
+    # HF pools the rightmost non-pad token, so give it the pad id; left padding needs positions.
+    assert model.config.pad_token_id == 0
+    with torch.no_grad():
+        ref = model(torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask),
+                    position_ids=torch_positions(mask)).logits[:, 0].numpy()
+    out = np.asarray(models.rewards(config, params, jnp.asarray(ids), jnp.asarray(mask)))
+    assert out.shape == (4,)
+    np.testing.assert_allclose(out, ref, atol=1e-4, rtol=0)
+
+
+def test_reward_ignores_padding_content(tmp_path):
+    """The reward is read at the last real token, never at a pad (TRL #937): changing pad ids or
+    the amount of padding must not move it."""
+    model = random_reward_model(seed=7)
+    config, params = _load(tmp_path, model)
+    ids, mask = padded_batch(2, 12, model.config.vocab_size, "right", seed=3)
+    base = np.asarray(models.rewards(config, params, ids, mask))
+    noisy = np.where(mask == 1, ids, 5)
+    longer = np.concatenate([noisy, np.full((2, 7), 9, np.int32)], axis=1)
+    longer_mask = np.concatenate([mask, np.zeros((2, 7), np.int32)], axis=1)
+    np.testing.assert_allclose(np.asarray(models.rewards(config, params, longer, longer_mask)), base, atol=1e-5)
+
+
+def test_bfloat16_compute_close_to_float32(tmp_path):
+    model = random_causal_lm(seed=11)
+    config, params = _load(tmp_path, model)
+    bf_config, bf_params = _load(tmp_path / "again", model, param_dtype="bfloat16", dtype="bfloat16")
+    assert bf_params["model"]["embed"]["embedding"].dtype == jnp.bfloat16
+    ids, mask = padded_batch(2, 16, model.config.vocab_size, "right", seed=4)
+    ref = np.asarray(models.lm_logits(config, params, ids, mask))
+    out = np.asarray(models.lm_logits(bf_config, bf_params, ids, mask))
+    assert out.dtype == np.float32
+    real = mask.astype(bool)
+    # bf16 has 8 mantissa bits: a loose bound, but far below the logit spread.
+    assert np.abs(out[real] - ref[real]).max() < 0.05 * np.abs(ref[real]).max() + 0.05
+
+
+@pytest.mark.parametrize("policy", ["full", "dots", "dots_no_batch"])
+def test_remat_and_unrolled_layers_give_same_logits_and_grads(tmp_path, policy):
+    model = random_causal_lm(seed=13)
+    config, params = _load(tmp_path, model)
+    ids, mask = padded_batch(2, 10, model.config.vocab_size, "right", seed=5)
+
+    def loss(cfg, p):
+        return jnp.sum(models.lm_logits(cfg, p, ids, mask) ** 2) * 1e-3
+
+    ref_val, ref_grad = jax.value_and_grad(lambda p: loss(config, p))(params)
+    for variant in (config.replace(remat_policy=policy), config.replace(scan_layers=False)):
+        val, grad = jax.value_and_grad(lambda p: loss(variant, p))(params)
+        np.testing.assert_allclose(val, ref_val, rtol=1e-5)
+        jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4), grad, ref_grad)
+
+
+def test_config_rejects_bad_fields():
+    with pytest.raises(ValueError, match="num_key_value_heads"):
+        models.LlamaConfig(num_attention_heads=6, num_key_value_heads=4, hidden_size=48)
+    with pytest.raises(ValueError, match="remat_policy"):
+        models.LlamaConfig(remat_policy="sometimes")
+    with pytest.raises(ValueError, match="model_type='gpt2'"):
+        models.LlamaConfig.from_hf({"model_type": "gpt2", "vocab_size": 8})
+    with pytest.raises(ValueError, match="yarn"):
+        models.LlamaConfig.from_hf({"model_type": "llama", "vocab_size": 8, "hidden_size": 8,
+                                    "intermediate_size": 8, "num_hidden_layers": 1, "num_attention_heads": 2,
+                                    "rope_scaling": {"rope_type": "yarn", "factor": 2.0}})
