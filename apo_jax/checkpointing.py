@@ -1,0 +1,158 @@
+"""Checkpoints: Orbax for train states and finished models, an atomic JSON file for the loop.
+
+Layout under a run directory:
+
+    ckpt/<phase>/<step>/        in-progress train state + data-iterator position (CheckpointManager)
+    models/<name>/              finished parameters of a model (one Orbax checkpoint each)
+    loop_state.json             which phases are done, and what they produced
+
+A run killed anywhere restarts from these: finished phases are skipped, an interrupted training
+phase resumes from its last saved step with the same data position and RNG stream.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import threading
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+
+def _abstract(tree: Any) -> Any:
+    """ShapeDtypeStructs (with shardings) describing `tree`, for a restore into the same layout."""
+
+    def leaf(x):
+        sharding = getattr(x, "sharding", None)
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+
+    return jax.tree_util.tree_map(leaf, tree)
+
+
+class TrainCheckpointer:
+    """Periodic, asynchronous saves of one training phase's state and data position."""
+
+    def __init__(self, directory: str, *, save_every: int, max_to_keep: int = 2, async_save: bool = True):
+        self.save_every = save_every
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep,
+            enable_async_checkpointing=async_save,
+            create=True,
+        )
+        self._manager = ocp.CheckpointManager(os.path.abspath(directory), options=options)
+
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def should_save(self, step: int) -> bool:
+        return (self.save_every > 0 and step % self.save_every == 0) or preemption_requested() or (
+            self._manager.reached_preemption(step)
+        )
+
+    def save(self, step: int, state: Any, data_state: dict[str, Any], *, force: bool = False) -> None:
+        self._manager.save(
+            step,
+            args=ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)),
+            force=force,
+        )
+
+    def restore(self, step: int, like_state: Any) -> tuple[Any, dict[str, Any]]:
+        """The state saved at `step`, laid out (shapes, dtypes, shardings) like `like_state`."""
+        restored = self._manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(_abstract(like_state)), data=ocp.args.JsonRestore()
+            ),
+        )
+        return restored["state"], dict(restored["data"])
+
+    def wait(self) -> None:
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.wait_until_finished()
+        self._manager.close()
+
+
+class ModelStore:
+    """Finished model parameters by name, written once with Orbax and read back on demand."""
+
+    def __init__(self, directory: str):
+        self.directory = os.path.abspath(directory)
+        self._checkpointer = ocp.StandardCheckpointer()
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.directory, name)
+
+    def exists(self, name: str) -> bool:
+        # Orbax writes into a temporary directory and renames on commit, so the final path
+        # existing means the save completed.
+        return os.path.isdir(self.path(name))
+
+    def save(self, name: str, params: Any) -> None:
+        self._checkpointer.save(self.path(name), params, force=True)
+        self._checkpointer.wait_until_finished()
+
+    def load(self, name: str, like: Any) -> Any:
+        return self._checkpointer.restore(self.path(name), _abstract(like))
+
+    def close(self) -> None:
+        self._checkpointer.close()
+
+
+class LoopState:
+    """The loop's own progress: completed phases and their small JSON results.
+
+    Written atomically (temp file + rename) by process 0 after every phase.
+    """
+
+    def __init__(self, path: str):
+        self.path = path
+        self.data: dict[str, Any] = {"done": {}, "version": 1}
+        if os.path.exists(path):
+            with open(path) as f:
+                self.data = json.load(f)
+
+    def done(self, phase: str) -> bool:
+        return phase in self.data["done"]
+
+    def result(self, phase: str) -> Any:
+        return self.data["done"][phase]
+
+    def mark_done(self, phase: str, result: Any = None) -> None:
+        self.data["done"][phase] = result
+        if jax.process_index() == 0:
+            tmp = self.path + ".tmp"
+            with open(tmp, "w") as f:
+                json.dump(self.data, f, indent=1, sort_keys=True)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+
+
+# --------------------------------------------------------------------------------------------
+# Preemption: SIGTERM (what TPU maintenance events and SLURM/Kubernetes send first) asks the
+# running training phase to save at its next step and stop.
+
+_PREEMPTED = threading.Event()
+
+
+class Preempted(Exception):
+    """Raised after a preemption-triggered save; the run resumes from it when restarted."""
+
+
+def preemption_requested() -> bool:
+    return _PREEMPTED.is_set()
+
+
+def install_preemption_handler() -> None:
+    def handler(signum, frame):  # noqa: ARG001
+        logging.warning("signal %d: saving a checkpoint at the next step, then stopping", signum)
+        _PREEMPTED.set()
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, handler)

@@ -1,0 +1,146 @@
+"""The paper's outputs for a run: Table 2 (reward models), Table 3 (policies), Figure 2 (plots).
+
+Inputs are the evaluation records the loop writes to `metrics.jsonl`:
+
+- RM records:     {"kind": "rm_eval", "model", "schedule", "round", "test_acc", "test_ece",
+                   "test_ece_weighted", "dev_acc", "dev_ece", "dev_ece_weighted",
+                   optional "dev_true_acc", "test_true_acc" (synthetic world: order by r*)}
+- policy records: {"kind": "policy_eval", "schedule", "round", "avg_score",
+                   optional "true_reward" (synthetic world: mean r* of the answers)}
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any, Iterable, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+SCHEDULE_LABELS = {
+    "rjs": "RJS (RM_Base)",
+    "apo": "APO (RM_APO-vR)",
+    "apo_seq": "APO-seq (RM_APO-vR-seq)",
+    "ablation": "Ablation (RM_Base-AB)",
+}
+
+
+def _fmt(x: Any, digits: int = 4) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    if isinstance(x, float):
+        return f"{x:.{digits}f}"
+    return str(x)
+
+
+def _markdown(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
+    lines += ["| " + " | ".join(_fmt(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def table2(rm_records: Sequence[dict[str, Any]]) -> str:
+    """Table 2: each reward model's preference accuracy and calibration on HH_Test and HH_Dev.
+
+    ECE is the paper's unweighted form; the count-weighted form (the official code's) follows.
+    """
+    has_true = any("test_true_acc" in r for r in rm_records)
+    header = ["Reward model", "Round", "Test Acc", "Test ECE", "Dev Acc", "Dev ECE",
+              "Test ECE (weighted)", "Dev ECE (weighted)"]
+    if has_true:
+        header += ["Test Acc vs r*", "Dev Acc vs r*"]
+    rows = []
+    for r in rm_records:
+        row = [r["model"], r.get("round", 0), r.get("test_acc"), r.get("test_ece"), r.get("dev_acc"),
+               r.get("dev_ece"), r.get("test_ece_weighted"), r.get("dev_ece_weighted")]
+        if has_true:
+            row += [r.get("test_true_acc"), r.get("dev_true_acc")]
+        rows.append(row)
+    title = "## Table 2: reward models (accuracy up is better, ECE down is better)\n\n"
+    return title + _markdown(header, rows)
+
+
+def table3(policy_records: Sequence[dict[str, Any]], scorer: str = "RM_Test") -> str:
+    """Table 3: average RM score (and, on the synthetic world, true reward) per round and schedule."""
+    schedules = sorted({r["schedule"] for r in policy_records if r["schedule"] != "base"},
+                       key=lambda s: list(SCHEDULE_LABELS).index(s) if s in SCHEDULE_LABELS else 99)
+    rounds = sorted({r["round"] for r in policy_records})
+    by_key = {(r["schedule"], r["round"]): r for r in policy_records}
+    has_true = any("true_reward" in r for r in policy_records)
+    out = [f"## Table 3: policies' average score on HH_Test queries ({scorer})\n\n"]
+    header = ["Round"] + [SCHEDULE_LABELS.get(s, s) for s in schedules]
+    rows = []
+    for rnd in rounds:
+        base = by_key.get(("base", rnd))
+        rows.append([f"v{rnd}"] + [
+            (base or by_key.get((s, rnd)) or {}).get("avg_score") for s in schedules
+        ])
+    out.append(_markdown(header, rows))
+    if has_true:
+        out.append("\nTrue reward r* of the same answers (synthetic world):\n\n")
+        rows = [[f"v{rnd}"] + [((by_key.get(("base", rnd)) or by_key.get((s, rnd)) or {}).get("true_reward"))
+                               for s in schedules] for rnd in rounds]
+        out.append(_markdown(header, rows))
+    return "".join(out)
+
+
+def figure2(
+    rm_records: Sequence[dict[str, Any]],
+    policy_records: Sequence[dict[str, Any]],
+    out_dir: str,
+) -> tuple[str, str]:
+    """Figure 2's two plots as PNG: RM accuracy against -ECE on Dev; average score per round."""
+    os.makedirs(out_dir, exist_ok=True)
+    calib_path = os.path.join(out_dir, "figure2_rm_accuracy_vs_ece.png")
+    score_path = os.path.join(out_dir, "figure2_policy_scores.png")
+
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for schedule in dict.fromkeys(r["schedule"] for r in rm_records):
+        recs = [r for r in rm_records if r["schedule"] == schedule and r.get("dev_acc") is not None]
+        xs = [-r["dev_ece"] for r in recs]
+        ys = [r["dev_acc"] for r in recs]
+        ax.plot(xs, ys, marker="o", linestyle="-" if len(recs) > 1 else "none",
+                label=SCHEDULE_LABELS.get(schedule, schedule))
+        for r, x, y in zip(recs, xs, ys):
+            ax.annotate(r["model"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax.set_xlabel("-ECE on Dev (higher is better calibrated)")
+    ax.set_ylabel("Preference accuracy on Dev")
+    ax.set_title("Reward models: accuracy vs calibration")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(calib_path, dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    base = {r["round"]: r for r in policy_records if r["schedule"] == "base"}
+    for schedule in dict.fromkeys(r["schedule"] for r in policy_records if r["schedule"] != "base"):
+        recs = sorted([r for r in policy_records if r["schedule"] == schedule], key=lambda r: r["round"])
+        recs = [base[k] for k in sorted(base)] + recs
+        ax.plot([r["round"] for r in recs], [r["avg_score"] for r in recs], marker="o",
+                label=SCHEDULE_LABELS.get(schedule, schedule))
+    ax.set_xlabel("Round")
+    ax.set_ylabel("Average score on test queries (RM_Test)")
+    ax.set_title("Policies: average score per round")
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(score_path, dpi=120)
+    plt.close(fig)
+    return calib_path, score_path
+
+
+def write_reports(records: Sequence[dict[str, Any]], out_dir: str) -> dict[str, str]:
+    """Writes tables.md and the two Figure 2 PNGs; returns their paths by name."""
+    rm = [r for r in records if r.get("kind") == "rm_eval"]
+    pol = [r for r in records if r.get("kind") == "policy_eval"]
+    os.makedirs(out_dir, exist_ok=True)
+    tables_path = os.path.join(out_dir, "tables.md")
+    with open(tables_path, "w") as f:
+        f.write(table2(rm) + "\n" + table3(pol))
+    calib, scores = figure2(rm, pol, out_dir)
+    return {"tables": tables_path, "figure2_rm": calib, "figure2_policy": scores}
