@@ -1,0 +1,243 @@
+"""The run configuration: defaults (`base_config`) and start-up validation (`validate`).
+
+Configs are data (`ml_collections.ConfigDict`); `configs/*.py` start from `base_config()` and
+change numbers. `validate` checks everything that can be checked before any work starts and
+reports every wrong field at once, named by its dotted path.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import ml_collections
+
+from apo_jax import models
+
+SCHEDULES = ("rjs", "apo", "apo_seq", "ablation")
+LR_SCHEDULES = ("constant", "linear", "cosine")
+
+
+class ConfigError(ValueError):
+    """One or more invalid config fields; the message lists each as `field: problem`."""
+
+
+def _optimizer(lr: float, batch_size: int) -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(
+        dict(
+            lr=lr,
+            batch_size=batch_size,
+            epochs=1,
+            max_steps=0,  # 0 = run the epochs; > 0 caps the number of steps
+            warmup_steps=0,
+            schedule="linear",  # constant | linear | cosine (decay after warmup)
+            weight_decay=0.0,
+            grad_clip=1.0,
+            grad_accum=1,
+            b1=0.9,
+            b2=0.95,
+        )
+    )
+
+
+def _sampling(temperature: float, top_p: float, top_k: int, max_new_tokens: int) -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(
+        dict(temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens)
+    )
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.run_dir = "runs/apo"
+    c.seed = 0
+    c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
+
+    c.data = ml_collections.ConfigDict()
+    c.data.kind = "synthetic"  # synthetic | hh
+    c.data.hh_train = ""  # hub id `Anthropic/hh-rlhf` or a local dir / .jsonl(.gz)
+    c.data.hh_test = ""
+    c.data.gold = ""
+    c.data.tokenizer = ""
+    c.data.n_rm = 20_000
+    c.data.n_dev = 10_000
+    c.data.n_llm = 0
+    c.data.n_test = 0
+    c.data.rm_max_len = 512
+    c.data.sft_max_len = 1024
+    c.data.prompt_max_len = 512
+    c.data.buckets = (128, 256, 512, 1024)
+    c.data.append_eos = True
+    c.data.on_bad_line = "raise"  # raise | skip
+    c.data.synthetic = ml_collections.ConfigDict()  # the synthetic world's own settings (data.synthetic)
+
+    c.policy = ml_collections.ConfigDict()
+    c.policy.checkpoint = ""  # HF dir or hub id; "" = a new model of `policy.arch`, pretrained on demos
+    c.policy.arch = ml_collections.ConfigDict(
+        dict(hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=256)
+    )
+    c.policy.pretrain = _optimizer(3e-3, 32)  # only without a checkpoint: SFT on the demonstrations
+    c.policy.param_dtype = "float32"
+    c.policy.dtype = "float32"
+    c.policy.remat_policy = "none"
+    c.policy.attention_impl = "xla"
+    c.policy.scan_layers = True
+
+    c.rm = ml_collections.ConfigDict()
+    c.rm.init_checkpoint = ""  # HF LM or RM dir / hub id; "" = the initial policy's weights
+    c.rm.base_checkpoint = ""  # a trained RM_Base to use instead of training one
+    c.rm.test_checkpoint = ""  # a trained RM_Test (evaluation RM) to use instead of training one
+    c.rm.reward_head_std = 0.0
+    c.rm.base = _optimizer(1e-6, 64)
+    c.rm.test = _optimizer(1e-6, 64)
+    c.rm.apo = _optimizer(1e-8, 64)
+    c.rm.apo_weight = 0.1 / 4
+    c.rm.human_weight = 1.0
+    c.rm.param_dtype = "float32"
+    c.rm.dtype = "float32"
+    c.rm.remat_policy = "none"
+    c.rm.attention_impl = "xla"
+
+    c.sft = _optimizer(5e-6, 128)
+    c.sft.lrs = (5e-6, 2e-6, 9e-7)  # one per round
+    c.sft.normalize = "token"  # token | sequence
+
+    c.apo = ml_collections.ConfigDict()
+    c.apo.rounds = 3
+    c.apo.num_samples = 4
+    c.apo.schedules = SCHEDULES
+
+    c.sampling = ml_collections.ConfigDict()
+    c.sampling.train = _sampling(1.2, 1.0, 0, 256)
+    c.sampling.test = _sampling(0.3, 0.85, 5, 512)
+    c.sampling.stop_strings = ("\nHuman",)
+    c.sampling.batch_size = 64
+
+    c.eval = ml_collections.ConfigDict(dict(num_bins=10, batch_size=64))
+    c.checkpoint = ml_collections.ConfigDict(dict(save_every_steps=200, async_save=True, keep=2))
+    c.log_every_steps = 20
+    return c
+
+
+def _is_remote(path: str) -> bool:
+    return "://" in path
+
+
+def _looks_like_hub_id(path: str) -> bool:
+    return bool(path) and not path.startswith((".", "/", "~")) and path.count("/") == 1 and not os.path.exists(path)
+
+
+def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
+    """Raises ConfigError listing every wrong field (`field: problem`), or returns None."""
+    errors: list[str] = []
+
+    def err(field: str, msg: str) -> None:
+        errors.append(f"{field}: {msg}")
+
+    # Mesh.
+    from apo_jax.sharding import MeshConfig
+
+    try:
+        data, fsdp, tensor = MeshConfig(c.mesh.data, c.mesh.fsdp, c.mesh.tensor).resolve(num_devices)
+    except ValueError as e:
+        err("mesh", str(e))
+        data, fsdp, tensor = 1, num_devices, 1
+    batch_shards = data * fsdp
+
+    # Data.
+    if c.data.kind not in ("synthetic", "hh"):
+        err("data.kind", f"{c.data.kind!r}; expected 'synthetic' or 'hh'")
+    if c.data.kind == "hh":
+        for field in ("hh_train", "hh_test"):
+            path = c.data[field]
+            if not path:
+                err(f"data.{field}", "empty; give a local HH-RLHF dir/file or the hub id Anthropic/hh-rlhf")
+            elif not (os.path.exists(path) or _is_remote(path) or _looks_like_hub_id(path)):
+                err(f"data.{field}", f"{path!r} does not exist")
+        if c.data.gold and not os.path.exists(c.data.gold):
+            err("data.gold", f"{c.data.gold!r} does not exist (use '' to fall back to HH chosen responses)")
+    for field in ("n_rm", "n_dev", "n_llm", "n_test"):
+        if c.data[field] < 0:
+            err(f"data.{field}", f"{c.data[field]} must be >= 0")
+    buckets = tuple(c.data.buckets)
+    if list(buckets) != sorted(buckets) or not buckets:
+        err("data.buckets", f"{buckets} must be a non-empty increasing tuple")
+    for field in ("rm_max_len", "sft_max_len", "prompt_max_len"):
+        if buckets and c.data[field] > buckets[-1]:
+            err(f"data.{field}", f"{c.data[field]} exceeds the largest bucket {buckets[-1]}")
+    if c.data.on_bad_line not in ("raise", "skip"):
+        err("data.on_bad_line", f"{c.data.on_bad_line!r}; expected 'raise' or 'skip'")
+
+    # Models.
+    for name in ("policy", "rm"):
+        m = c[name]
+        for field, allowed in (("param_dtype", ("float32", "bfloat16")), ("dtype", ("float32", "bfloat16")),
+                               ("remat_policy", models.REMAT_POLICIES),
+                               ("attention_impl", models.ATTENTION_IMPLS)):
+            if m[field] not in allowed:
+                err(f"{name}.{field}", f"{m[field]!r}; expected one of {allowed}")
+    for field in ("policy.checkpoint", "rm.init_checkpoint", "rm.base_checkpoint", "rm.test_checkpoint"):
+        section, key = field.split(".")
+        path = c[section][key]
+        if path and not (os.path.isdir(path) or _is_remote(path) or _looks_like_hub_id(path)):
+            err(field, f"{path!r} is neither a checkpoint directory nor a hub id")
+    if c.data.kind == "hh" and not c.policy.checkpoint:
+        err("policy.checkpoint", "required for HH-RLHF runs (an HF LLaMA dir or hub id, e.g. Alpaca-7B)")
+
+    # Optimizers.
+    opts = {"rm.base": c.rm.base, "rm.test": c.rm.test, "rm.apo": c.rm.apo, "sft": c.sft,
+            "policy.pretrain": c.policy.pretrain}
+    for field, o in opts.items():
+        if o.schedule not in LR_SCHEDULES:
+            err(f"{field}.schedule", f"{o.schedule!r}; expected one of {LR_SCHEDULES}")
+        if o.batch_size <= 0 or o.batch_size % batch_shards:
+            err(f"{field}.batch_size", f"{o.batch_size} must be a positive multiple of data*fsdp = {batch_shards}")
+        if o.grad_accum < 1 or o.batch_size % (o.grad_accum * batch_shards):
+            err(f"{field}.grad_accum", f"{o.grad_accum}: batch_size {o.batch_size} must split into "
+                f"{o.grad_accum} micro-batches each divisible by data*fsdp = {batch_shards}")
+        if o.lr < 0:
+            err(f"{field}.lr", f"{o.lr} must be >= 0")
+        if o.epochs < 1 and o.max_steps <= 0:
+            err(f"{field}.epochs", f"{o.epochs}: need epochs >= 1 or max_steps > 0")
+    if c.sampling.batch_size <= 0 or c.sampling.batch_size % batch_shards:
+        err("sampling.batch_size", f"{c.sampling.batch_size} must be a positive multiple of data*fsdp = {batch_shards}")
+    if c.eval.batch_size <= 0 or c.eval.batch_size % batch_shards:
+        err("eval.batch_size", f"{c.eval.batch_size} must be a positive multiple of data*fsdp = {batch_shards}")
+    if c.sft.normalize not in ("token", "sequence"):
+        err("sft.normalize", f"{c.sft.normalize!r}; expected 'token' or 'sequence'")
+    if len(tuple(c.sft.lrs)) < c.apo.rounds:
+        err("sft.lrs", f"{len(tuple(c.sft.lrs))} learning rates for {c.apo.rounds} rounds; give one per round")
+
+    # The game.
+    schedules = tuple(c.apo.schedules)
+    unknown = [s for s in schedules if s not in SCHEDULES]
+    if unknown or not schedules:
+        err("apo.schedules", f"unknown {unknown}; expected a non-empty subset of {SCHEDULES}")
+    if len(set(schedules)) != len(schedules):
+        err("apo.schedules", f"{schedules} lists a schedule twice")
+    if c.apo.rounds < 1:
+        err("apo.rounds", f"{c.apo.rounds} must be >= 1")
+    if c.apo.num_samples < 1:
+        err("apo.num_samples", f"{c.apo.num_samples} must be >= 1")
+    for split in ("train", "test"):
+        s = c.sampling[split]
+        if s.temperature < 0:
+            err(f"sampling.{split}.temperature", f"{s.temperature} must be >= 0")
+        if not 0 < s.top_p <= 1:
+            err(f"sampling.{split}.top_p", f"{s.top_p} must be in (0, 1]")
+        if s.top_k < 0:
+            err(f"sampling.{split}.top_k", f"{s.top_k} must be >= 0 (0 = off)")
+        if s.max_new_tokens < 1:
+            err(f"sampling.{split}.max_new_tokens", f"{s.max_new_tokens} must be >= 1")
+    if c.eval.num_bins < 1:
+        err("eval.num_bins", f"{c.eval.num_bins} must be >= 1")
+    if c.checkpoint.save_every_steps < 0:
+        err("checkpoint.save_every_steps", f"{c.checkpoint.save_every_steps} must be >= 0 (0 = phase ends only)")
+
+    if errors:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
+
+
+def to_plain(c: ml_collections.ConfigDict) -> dict[str, Any]:
+    """A JSON-able dict of the config (written beside the run's outputs)."""
+    return c.to_dict()

@@ -1,0 +1,583 @@
+"""The APO game (paper Algorithm 1): stage 0, then rounds of sample -> RM update -> best-of-S -> SFT.
+
+Every unit of work is a named *phase* whose result is recorded in `loop_state.json` when it
+finishes; a restarted run skips finished phases. Training phases save their train state and data
+position every `checkpoint.save_every_steps` steps and resume from there; sampling phases append
+each finished batch to their JSONL file and resume after the last one. RNG keys are derived from
+the seed and the phase name, never carried across phases, so a resumed run draws the same numbers
+as an uninterrupted one.
+
+Model names: `policy_0` (the initial policy), `rm_base`, `rm_test`, and per round R and schedule:
+`rm_apo_r{R}`, `rm_apo_seq_r{R}`, `rm_ablation_r{R}`, `policy_{schedule}_r{R}`. In round 1 the
+`apo` and `apo_seq` RMs are the same model (both fine-tune RM_Base on the same data) and all
+schedules share policy_0's samples, so that work is done once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import time
+from typing import Any, Callable, Iterable, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from tqdm.auto import tqdm
+
+from apo_jax import checkpointing, evaluation, hf, models, reporting, sampler, sharding, train
+from apo_jax.data import batching, pipeline
+from apo_jax.metrics import MetricsWriter
+
+log = logging.getLogger("apo_jax")
+
+
+def phase_key(seed: int, name: str) -> jax.Array:
+    """A PRNG key for a phase: a function of the seed and the phase name only."""
+    digest = int.from_bytes(hashlib.sha256(name.encode()).digest()[:4], "little")
+    return jax.random.fold_in(jax.random.PRNGKey(seed), digest)
+
+
+def phase_seed(seed: int, name: str) -> int:
+    return int.from_bytes(hashlib.sha256(f"{seed}/{name}".encode()).digest()[:4], "little")
+
+
+def _fault_point(phase: str, step: int) -> None:
+    """Test hook: `APO_JAX_FAULT=<phase>:<step>` kills the process there, as a crash would."""
+    spec = os.environ.get("APO_JAX_FAULT", "")
+    if spec and spec == f"{phase}:{step}":
+        log.warning("APO_JAX_FAULT: killing the process at %s step %d", phase, step)
+        os._exit(42)
+
+
+@dataclasses.dataclass
+class ModelSlot:
+    """Where a model's params live and how to run it."""
+
+    config: models.LlamaConfig
+    params: Any
+
+
+class Game:
+    """One APO run: owns the mesh, the data, the model store and the loop state."""
+
+    def __init__(self, cfg: ml_collections.ConfigDict):
+        self.cfg = cfg
+        self.run_dir = os.path.abspath(cfg.run_dir)
+        os.makedirs(self.run_dir, exist_ok=True)
+        self.is_main = jax.process_index() == 0
+        self.mesh = sharding.make_mesh(sharding.MeshConfig(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor))
+        self.state = checkpointing.LoopState(os.path.join(self.run_dir, "loop_state.json"))
+        self.store = checkpointing.ModelStore(os.path.join(self.run_dir, "models"))
+        self.metrics = MetricsWriter(self.run_dir)
+        self._cache: dict[str, ModelSlot] = {}
+        if self.is_main:
+            with open(os.path.join(self.run_dir, "config.json"), "w") as f:
+                json.dump(cfg.to_dict(), f, indent=1, sort_keys=True, default=str)
+        self.status("preparing data")
+        self.data = pipeline.prepare(cfg, self.run_dir)
+        self.tokenizer = self.data.tokenizer
+        self.stop_ids = tuple(
+            tuple(self.tokenizer.encode(s, add_special_tokens=False)) for s in cfg.sampling.stop_strings
+        )
+
+    # ------------------------------------------------------------------ helpers
+
+    def status(self, msg: str) -> None:
+        if self.is_main:
+            tqdm.write(f"[apo_jax {time.strftime('%H:%M:%S')}] {msg}")
+
+    def phase(self, name: str, fn: Callable[[], Any]) -> Any:
+        """Runs `fn` unless `name` finished in an earlier run; records and returns its result."""
+        if self.state.done(name):
+            return self.state.result(name)
+        result = fn()
+        self.state.mark_done(name, result)
+        return result
+
+    def _path(self, *parts: str) -> str:
+        path = os.path.join(self.run_dir, *parts)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        return path
+
+    def runtime(self, which: str) -> dict[str, Any]:
+        m = self.cfg[which]
+        return dict(param_dtype=m.param_dtype, dtype=m.dtype, remat_policy=m.remat_policy,
+                    attention_impl=m.attention_impl)
+
+    def model(self, name: str) -> ModelSlot:
+        """A finished model's params on the mesh (kept in memory; small models are cheap)."""
+        if name in self._cache:
+            return self._cache[name]
+        meta = self.state.result(f"model:{name}")
+        config = models.LlamaConfig(**_config_from_json(meta["config"]))
+        like = jax.eval_shape(lambda: _params_like(config, meta["heads"]))
+        like = jax.tree_util.tree_map(
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+            like, sharding.tree_shardings(like, self.mesh))
+        params = self.store.load(name, like)
+        slot = ModelSlot(config, params)
+        self._cache[name] = slot
+        return slot
+
+    def save_model(self, name: str, config: models.LlamaConfig, params: Any) -> None:
+        self.store.save(name, params)
+        heads = sorted(k for k in ("lm_head", "score") if k in params)
+        self.state.mark_done(f"model:{name}", {"config": _config_to_json(config), "heads": heads})
+        self._cache[name] = ModelSlot(config, params)
+
+    def have_model(self, name: str) -> bool:
+        return self.state.done(f"model:{name}")
+
+    # ------------------------------------------------------------------ stage 0
+
+    def initial_policy(self) -> None:
+        if self.have_model("policy_0"):
+            return
+        cfg = self.cfg
+        if cfg.policy.checkpoint:
+            self.status(f"loading the initial policy from {cfg.policy.checkpoint}")
+            config, params = hf.load_pretrained(cfg.policy.checkpoint, mesh=self.mesh, **self.runtime("policy"))
+            params.pop("score", None)
+            self.save_model("policy_0", config, params)
+            return
+        # No checkpoint: a new LLaMA pretrained by SFT on the demonstrations (the synthetic world's
+        # analogue of the paper's Alpaca policy).
+        tok = self.tokenizer
+        config = models.LlamaConfig(
+            vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id, **dict(cfg.policy.arch), **self.runtime("policy"),
+            scan_layers=cfg.policy.scan_layers,
+        )
+        params = models.init_params(config, phase_key(cfg.seed, "policy_init"))
+        params = self.train_sft("policy_pretrain", config, params, self.data.demonstrations, cfg.policy.pretrain,
+                                lr=cfg.policy.pretrain.lr)
+        self.save_model("policy_0", config, params)
+
+    def rm_init(self) -> tuple[models.LlamaConfig, Any]:
+        """The RM starting point: an HF LM/RM checkpoint, or the initial policy's weights."""
+        cfg = self.cfg
+        if cfg.rm.init_checkpoint:
+            config, params = hf.load_pretrained(cfg.rm.init_checkpoint, mesh=self.mesh, **self.runtime("rm"))
+        else:
+            slot = self.model("policy_0")
+            config, params = slot.config.replace(**self.runtime("rm")), slot.params
+        return config, train.rm_params_from(config, params, phase_key(cfg.seed, "rm_head"), cfg.rm.reward_head_std)
+
+    def train_reward_model(self, name: str, init: str | None, pairs: Sequence[dict], opt: Any) -> None:
+        """Trains RM `name` from model `init` (None: the RM init checkpoint) on `pairs`."""
+        if self.have_model(name):
+            return
+        if init is None:
+            config, params = self.rm_init()
+        else:
+            slot = self.model(init)
+            config, params = slot.config, slot.params
+        params = self.train_rm(name, config, params, pairs, opt)
+        self.save_model(name, config, params)
+
+    # ------------------------------------------------------------------ training phases
+
+    def _train(self, name: str, kind: str, config: models.LlamaConfig, params: Any, examples: Sequence[dict],
+               opt_cfg: Any, lr: float, make_batch: Callable[[Sequence[dict]], dict[str, np.ndarray]]) -> Any:
+        cfg = self.cfg
+        batch_size = opt_cfg.batch_size
+        steps_per_epoch = max(1, len(examples) // batch_size)
+        total = opt_cfg.max_steps if opt_cfg.max_steps > 0 else steps_per_epoch * opt_cfg.epochs
+        opt = train.OptimizerConfig(
+            lr=lr, warmup_steps=min(opt_cfg.warmup_steps, max(total - 1, 0)), total_steps=total,
+            schedule=opt_cfg.schedule, weight_decay=opt_cfg.weight_decay, grad_clip=opt_cfg.grad_clip,
+            b1=opt_cfg.b1, b2=opt_cfg.b2,
+        )
+        if kind == "rm":
+            state = train.init_state(config, params, opt, self.mesh)
+            step_fn = train.make_rm_train_step(config, opt, self.mesh, apo_weight=cfg.rm.apo_weight,
+                                               human_weight=cfg.rm.human_weight, grad_accum=opt_cfg.grad_accum)
+        else:
+            state = train.init_state(config, params, opt, self.mesh)
+            step_fn = train.make_sft_train_step(config, opt, self.mesh, normalize=cfg.sft.normalize,
+                                                grad_accum=opt_cfg.grad_accum)
+        it = batching.BatchIterator(len(examples), batch_size, seed=phase_seed(cfg.seed, name))
+        ckpt = checkpointing.TrainCheckpointer(self._path("ckpt", name, ""), save_every=cfg.checkpoint.save_every_steps,
+                                               max_to_keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
+        start = ckpt.latest_step() or 0
+        if start:
+            state, data_state = ckpt.restore(start, state)
+            it.restore(data_state)
+            self.status(f"{name}: resumed at step {start}/{total}")
+        else:
+            self.status(f"{name}: {total} steps of {kind.upper()} on {len(examples)} examples, batch {batch_size}")
+        pending: list[tuple[int, Any]] = []
+        bar = tqdm(total=total, initial=start, desc=name, disable=not self.is_main, leave=False)
+        for step in range(start + 1, total + 1):
+            rows = it.next_indices()
+            local = _process_slice(make_batch([examples[i] for i in rows]))
+            state, metrics = step_fn(state, sharding.shard_batch(local, self.mesh))
+            pending.append((step, metrics))
+            if step % cfg.log_every_steps == 0 or step == total:
+                self._flush_metrics(name, pending)
+                pending = []
+            if ckpt.should_save(step) and step != total:
+                self._flush_metrics(name, pending)
+                pending = []
+                ckpt.save(step, state, it.state())
+                if checkpointing.preemption_requested():
+                    ckpt.close()
+                    raise checkpointing.Preempted(f"{name} step {step}")
+            _fault_point(name, step)
+            bar.update(1)
+        bar.close()
+        ckpt.close()
+        return state.params
+
+    def _flush_metrics(self, name: str, pending: list[tuple[int, Any]]) -> None:
+        if not pending:
+            return
+        fetched = jax.device_get([m for _, m in pending])  # one host sync per log interval
+        for (step, _), m in zip(pending, fetched):
+            train.check_finite(m, step, name)
+        step, m = pending[-1][0], fetched[-1]
+        self.metrics.write({"phase": name, "step": step, **{k: float(v) for k, v in m.items()}},
+                           step=step, tb_prefix=name)
+
+    def train_rm(self, name: str, config: models.LlamaConfig, params: Any, pairs: Sequence[dict], opt: Any) -> Any:
+        d = self.cfg.data
+        make = lambda recs: pipeline.rm_batch(self.tokenizer, recs, d)  # noqa: E731
+        return self._train(name, "rm", config, params, pairs, opt, opt.lr, make)
+
+    def train_sft(self, name: str, config: models.LlamaConfig, params: Any, examples: Sequence[dict], opt: Any,
+                  lr: float) -> Any:
+        d = self.cfg.data
+        make = lambda recs: pipeline.sft_batch(self.tokenizer, recs, d)  # noqa: E731
+        return self._train(name, "sft", config, params, examples, opt, lr, make)
+
+    # ------------------------------------------------------------------ sampling and scoring
+
+    def sample(self, policy: str, split: str, prompts: Sequence[dict], settings: Any, num_samples: int) -> str:
+        """Samples `num_samples` answers per prompt from `policy`; returns the JSONL path.
+
+        Resumable: finished batches are appended to the file; a restart continues after them.
+        """
+        name = f"samples:{policy}:{split}"
+        path = self._path("samples", f"{policy}_{split}.jsonl")
+        if self.state.done(name):
+            return path
+        slot = self.model(policy)
+        cfg = self.cfg
+        bs = cfg.sampling.batch_size
+        done = _count_lines(path) // num_samples if os.path.exists(path) else 0
+        done -= done % bs  # resume at a batch boundary (a torn last batch is redone)
+        _truncate_lines(path, done * num_samples)
+        key = phase_key(cfg.seed, name)
+        n_batches = -(-len(prompts) // bs)
+        self.status(f"sampling {num_samples} answers x {len(prompts)} {split} prompts from {policy}")
+        bar = tqdm(total=len(prompts), initial=done, desc=f"sample {policy} {split}", disable=not self.is_main,
+                   leave=False)
+        for b in range(done // bs, n_batches):
+            recs = prompts[b * bs:(b + 1) * bs]
+            batch = pipeline.prompt_batch(self.tokenizer, recs, cfg.data, batch_size=bs)
+            out = sampler.generate(
+                slot.config, slot.params, batch["prompt_ids"], batch["prompt_mask"], jax.random.fold_in(key, b),
+                num_samples=num_samples, max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
+                top_p=settings.top_p, top_k=settings.top_k, eos_token_id=slot.config.eos_token_ids,
+                stop_sequences=self.stop_ids, mesh=self.mesh,
+            )
+            tokens, lengths = jax.device_get((out.tokens, out.lengths))
+            lines = []
+            for i, rec in enumerate(recs):
+                for s in range(num_samples):
+                    text = pipeline.decode_response(self.tokenizer, tokens[i, s, : lengths[i, s]],
+                                                    cfg.sampling.stop_strings)
+                    lines.append({"prompt_id": rec["prompt_id"], "prompt": rec["prompt"], "sample": s,
+                                  "response": text, "num_tokens": int(lengths[i, s])})
+            if self.is_main:
+                _append_jsonl(path, lines)
+            _fault_point(name, b + 1)
+            bar.update(len(recs))
+        bar.close()
+        self.state.mark_done(name, {"path": path, "count": len(prompts) * num_samples})
+        return path
+
+    def score(self, rm: str, samples_path: str, tag: str) -> np.ndarray:
+        """RM scores of every sample in a samples file, cached as scores/<rm>__<tag>.jsonl."""
+        name = f"scores:{rm}:{tag}"
+        path = self._path("scores", f"{rm}__{tag}.jsonl")
+        rows = _read_jsonl(samples_path)
+        if not self.state.done(name):
+            slot = self.model(rm)
+            scores = self.score_pairs_text(slot, [(r["prompt"], r["response"]) for r in rows])
+            if self.is_main:
+                _write_jsonl(path, [{"prompt_id": r["prompt_id"], "sample": r["sample"], "score": float(s)}
+                                    for r, s in zip(rows, scores)])
+            self.state.mark_done(name, {"path": path})
+        return np.asarray([r["score"] for r in _read_jsonl(path)], np.float32)
+
+    def score_pairs_text(self, slot: ModelSlot, texts: Sequence[tuple[str, str]]) -> np.ndarray:
+        """Rewards of (prompt, response) texts, in batches of eval.batch_size."""
+        bs = self.cfg.eval.batch_size
+        score_fn = train.make_rm_score_fn(slot.config, self.mesh)
+        out = []
+        for i in range(0, len(texts), bs):
+            chunk = texts[i:i + bs]
+            ids, mask = pipeline.rm_inputs(self.tokenizer, chunk, self.cfg.data, batch_size=bs)
+            local = _process_slice({"ids": ids, "mask": mask})
+            g = sharding.shard_batch(local, self.mesh)
+            out.append(np.asarray(_gather(score_fn(slot.params, g["ids"], g["mask"])))[: len(chunk)])
+        return np.concatenate(out) if out else np.zeros((0,), np.float32)
+
+    def best_of_s(self, rm: str, samples_path: str, policy: str, out_name: str) -> list[dict]:
+        """Best-of-S answers per prompt by `rm`; written to best/<out_name>.jsonl."""
+        rows = _read_jsonl(samples_path)
+        scores = self.score(rm, samples_path, f"{policy}_llm")
+        s = self.cfg.apo.num_samples
+        scores_ps = scores.reshape(-1, s)
+        best = np.argmax(scores_ps, axis=1)
+        chosen = []
+        for p, k in enumerate(best):
+            r = rows[p * s + int(k)]
+            chosen.append({"prompt_id": r["prompt_id"], "prompt": r["prompt"], "response": r["response"],
+                           "score": float(scores_ps[p, k])})
+        if self.is_main:
+            _write_jsonl(self._path("best", f"{out_name}.jsonl"), chosen)
+        return chosen
+
+    # ------------------------------------------------------------------ evaluation
+
+    def evaluate_rm(self, name: str, schedule: str, rnd: int) -> dict:
+        def run():
+            slot = self.model(name)
+            rec = {"kind": "rm_eval", "model": _rm_label(name), "name": name, "schedule": schedule, "round": rnd}
+            for split, pairs in (("dev", self.data.dev_pairs), ("test", self.data.test_pairs)):
+                good = self.score_pairs_text(slot, [(p["prompt"], p["chosen"]) for p in pairs])
+                bad = self.score_pairs_text(slot, [(p["prompt"], p["rejected"]) for p in pairs])
+                rec[f"{split}_acc"] = float(evaluation.preference_accuracy(good, bad))
+                rec[f"{split}_ece"] = float(evaluation.expected_calibration_error(good, bad, self.cfg.eval.num_bins))
+                rec[f"{split}_ece_weighted"] = float(
+                    evaluation.expected_calibration_error(good, bad, self.cfg.eval.num_bins, weighted=True))
+                if self.data.true_reward is not None:
+                    rec[f"{split}_true_acc"] = pipeline.true_order_accuracy(self.data, pairs, good, bad)
+            self.metrics.write(rec)
+            self.status(f"eval {name}: test acc {rec['test_acc']:.3f} ece {rec['test_ece']:.3f}, "
+                        f"dev acc {rec['dev_acc']:.3f} ece {rec['dev_ece']:.3f}")
+            return rec
+
+        return self.phase(f"eval_rm:{name}:{schedule}", run)
+
+    def evaluate_policy(self, policy: str, schedule: str, rnd: int) -> dict:
+        def run():
+            path = self.sample(policy, "test", self.data.test_prompts, self.cfg.sampling.test, 1)
+            rows = _read_jsonl(path)
+            scores = self.score("rm_test", path, f"{policy}_test")
+            rec = {"kind": "policy_eval", "policy": policy, "schedule": schedule, "round": rnd,
+                   "avg_score": float(np.mean(scores)), "num_answers": len(rows)}
+            if self.data.true_reward is not None:
+                rec["true_reward"] = float(np.mean([self.data.true_reward(r["prompt"], r["response"]) for r in rows]))
+            if self.is_main:
+                _write_jsonl(self._path("answers", f"{policy}_test.jsonl"),
+                             [{"prompt_id": r["prompt_id"], "prompt": r["prompt"], "response": r["response"]}
+                              for r in rows])
+            self.metrics.write(rec)
+            extra = f", true reward {rec['true_reward']:.3f}" if "true_reward" in rec else ""
+            self.status(f"eval {policy}: RM_Test score {rec['avg_score']:.3f}{extra}")
+            return rec
+
+        return self.phase(f"eval_policy:{policy}:{schedule}", run)
+
+    # ------------------------------------------------------------------ the game
+
+    def play(self) -> str:
+        cfg = self.cfg
+        d = self.data
+        s = cfg.apo.num_samples
+        schedules = tuple(cfg.apo.schedules)
+        self.status(f"data: {len(d.rm_pairs)} RM pairs ({len(d.gold)} gold queries), {len(d.llm_prompts)} policy "
+                    f"queries, {len(d.dev_pairs)} dev pairs, {len(d.test_pairs)} test pairs")
+
+        # Stage 0: the initial policy, RM_Base on D_P, and the evaluation RM on all train pairs.
+        self.phase("stage0:policy", lambda: self.initial_policy())
+        if cfg.rm.base_checkpoint:
+            self._import_rm("rm_base", cfg.rm.base_checkpoint)
+        self.train_reward_model("rm_base", None, d.rm_pairs, cfg.rm.base)
+        if cfg.rm.test_checkpoint:
+            self._import_rm("rm_test", cfg.rm.test_checkpoint)
+        self.train_reward_model("rm_test", None, d.all_train_pairs, cfg.rm.test)
+        rm_records = [self.evaluate_rm("rm_base", "rjs", 0), self.evaluate_rm("rm_test", "eval", 0)]
+        policy_records = [dict(self.evaluate_policy("policy_0", "base", 0))]
+
+        rm_of: dict[str, str] = {sched: "rm_base" for sched in schedules}
+        policy_of: dict[str, str] = {sched: "policy_0" for sched in schedules}
+        for rnd in range(1, cfg.apo.rounds + 1):
+            lr = float(cfg.sft.lrs[rnd - 1])
+            for sched in schedules:
+                prev_policy = policy_of[sched]
+                # 1-2. The RM update of this schedule.
+                if sched == "rjs":
+                    rm = "rm_base"
+                elif sched == "ablation":
+                    rm = f"rm_ablation_r{rnd}"
+                    self.train_reward_model(rm, "rm_base", d.rm_pairs, cfg.rm.apo)
+                else:
+                    init = "rm_base" if sched == "apo" or rnd == 1 else rm_of[sched]
+                    rm = f"rm_apo_r{rnd}" if sched == "apo" or rnd == 1 else f"rm_apo_seq_r{rnd}"
+                    if not self.have_model(rm):
+                        gold_samples = self.sample(prev_policy, "gold", d.gold, cfg.sampling.train, s)
+                        apo_pairs = pipeline.apo_pairs(d.gold, _read_jsonl(gold_samples))
+                        self.train_reward_model(rm, init, list(d.rm_pairs) + apo_pairs, cfg.rm.apo)
+                rm_of[sched] = rm
+                if rm != "rm_base":
+                    rm_records.append(self.evaluate_rm(rm, sched, rnd))
+                # 3. Best-of-S on the policy queries, judged by this schedule's RM.
+                llm_samples = self.sample(prev_policy, "llm", d.llm_prompts, cfg.sampling.train, s)
+                # Round 1 of apo_seq is round 1 of apo (same RM, same samples, same start).
+                policy = "policy_apo_r1" if sched == "apo_seq" and rnd == 1 else f"policy_{sched}_r{rnd}"
+                if not self.have_model(policy):
+                    best = self.best_of_s(rm, llm_samples, prev_policy, f"{sched}_r{rnd}")
+                    # 4. SFT of the previous round's policy on its own best answers.
+                    slot = self.model(prev_policy)
+                    params = self.train_sft(policy, slot.config, slot.params, best, cfg.sft, lr)
+                    self.save_model(policy, slot.config, params)
+                policy_of[sched] = policy
+                policy_records.append(self.evaluate_policy(policy, sched, rnd))
+
+        records = rm_records + policy_records
+        outputs = reporting.write_reports(records, self.run_dir) if self.is_main else {}
+        exports = self.export(schedules, rm_of, policy_of)
+        summary_path = self._path("summary.json")
+        if self.is_main:
+            with open(summary_path, "w") as f:
+                json.dump({"records": records, "outputs": outputs, "exports": exports}, f, indent=1)
+        self.metrics.close()
+        return self._summary_text(outputs, exports, summary_path)
+
+    def _import_rm(self, name: str, path: str) -> None:
+        if self.have_model(name):
+            return
+        config, params = hf.load_pretrained(path, mesh=self.mesh, **self.runtime("rm"))
+        if "score" not in params:
+            raise hf.CheckpointError(f"{path}: has no score.weight; rm.{name.split('_')[1]}_checkpoint must be a "
+                                     "reward model (LlamaForSequenceClassification, num_labels=1)")
+        self.save_model(name, config, params)
+
+    def export(self, schedules: Sequence[str], rm_of: dict[str, str], policy_of: dict[str, str]) -> dict[str, str]:
+        out = {}
+        names = dict.fromkeys(["rm_base", "rm_test"] + [rm_of[s] for s in schedules] + [policy_of[s] for s in schedules])
+        for name in names:
+            path = os.path.join(self.run_dir, "export", name)
+            if not os.path.exists(path):
+                slot = self.model(name)
+                hf.save_pretrained(path, slot.config, slot.params, tokenizer=self.tokenizer)
+            out[name] = path
+        return out
+
+    def _summary_text(self, outputs: dict[str, str], exports: dict[str, str], summary_path: str) -> str:
+        lines = ["", open(outputs["tables"]).read() if outputs else "", "apo_jax: run finished. Outputs in "
+                 f"{self.run_dir}:"]
+        for key, path in outputs.items():
+            lines.append(f"  {key:16s} {path}")
+        lines.append(f"  {'summary':16s} {summary_path}")
+        lines.append(f"  {'metrics':16s} {self.metrics.jsonl_path}")
+        lines.append(f"  {'samples':16s} {os.path.join(self.run_dir, 'samples')}")
+        lines.append(f"  {'best-of-S':16s} {os.path.join(self.run_dir, 'best')}")
+        lines.append(f"  {'HF exports':16s} {os.path.join(self.run_dir, 'export')} ({len(exports)} models)")
+        return "\n".join(lines)
+
+
+def run(cfg: ml_collections.ConfigDict) -> str:
+    checkpointing.install_preemption_handler()
+    game = Game(cfg)
+    with sharding.activation_sharding(None):
+        return game.play()
+
+
+# ---------------------------------------------------------------------------------------------
+# Small utilities.
+
+
+def _rm_label(name: str) -> str:
+    if name == "rm_base":
+        return "RM_Base"
+    if name == "rm_test":
+        return "RM_Test"
+    if name.startswith("rm_ablation_r"):
+        return f"RM_Base-AB-v{name.rsplit('r', 1)[1]}"
+    if name.startswith("rm_apo_seq_r"):
+        return f"RM_APO-v{name.rsplit('r', 1)[1]}-seq"
+    if name.startswith("rm_apo_r"):
+        return f"RM_APO-v{name.rsplit('r', 1)[1]}"
+    return name
+
+
+def _config_to_json(config: models.LlamaConfig) -> dict[str, Any]:
+    d = dataclasses.asdict(config)
+    d["rope_scaling"] = [list(kv) for kv in config.rope_scaling] if config.rope_scaling else None
+    return d
+
+
+def _config_from_json(d: dict[str, Any]) -> dict[str, Any]:
+    d = dict(d)
+    if d.get("rope_scaling"):
+        d["rope_scaling"] = tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in d["rope_scaling"])
+    if isinstance(d.get("eos_token_id"), list):
+        d["eos_token_id"] = tuple(d["eos_token_id"])
+    return d
+
+
+def _params_like(config: models.LlamaConfig, heads: Sequence[str]) -> Any:
+    params = models.init_params(config, jax.random.PRNGKey(0), lm_head="lm_head" in heads,
+                                reward_head="score" in heads)
+    return params
+
+
+def _process_slice(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """This process's rows of a global batch (every process builds the same global batch order)."""
+    n, i = jax.process_count(), jax.process_index()
+    if n == 1:
+        return batch
+    return {k: v[i * (len(v) // n):(i + 1) * (len(v) // n)] for k, v in batch.items()}
+
+
+def _gather(x: jax.Array) -> np.ndarray:
+    if not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+
+
+def _read_jsonl(path: str) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _write_jsonl(path: str, rows: Iterable[dict]) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+def _append_jsonl(path: str, rows: Iterable[dict]) -> None:
+    with open(path, "a") as f:
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _count_lines(path: str) -> int:
+    with open(path, "rb") as f:
+        return sum(1 for line in f if line.endswith(b"\n"))
+
+
+def _truncate_lines(path: str, n: int) -> None:
+    if not os.path.exists(path) or jax.process_index() != 0:
+        return
+    with open(path, "rb") as f:
+        lines = [line for line in f if line.endswith(b"\n")][:n]
+    with open(path, "wb") as f:
+        f.writelines(lines)
