@@ -1,0 +1,169 @@
+"""The two learning rules of APO as pure functions (paper eqs. 1, 6, 13-15).
+
+Each loss comes in two forms: a public mean (`bt_ranking_loss`, `apo_rm_loss`, `sft_loss`) and a
+`*_stats` form that returns *sums* (numerator, denominator and metric totals). Train steps
+accumulate the sums over micro-batches and divide once, so k micro-batches give exactly the loss
+and gradient of one big batch.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import jax
+import jax.numpy as jnp
+
+Stats = dict[str, jax.Array]
+
+
+def bt_ranking_loss(r_good: jax.Array, r_bad: jax.Array, weights: jax.Array | None = None) -> jax.Array:
+    """Bradley-Terry ranking loss -E[log sigmoid(r_good - r_bad)] (eq. 1 / 13).
+
+    With `weights` [B], the weighted mean sum_i w_i l_i / sum_i w_i (zero-weight rows ignored).
+    """
+    nll = -jax.nn.log_sigmoid(r_good.astype(jnp.float32) - r_bad.astype(jnp.float32))
+    if weights is None:
+        return jnp.mean(nll)
+    w = weights.astype(jnp.float32)
+    return jnp.sum(w * nll) / jnp.maximum(jnp.sum(w), 1e-12)
+
+
+def rm_stats(
+    r_good: jax.Array,
+    r_bad: jax.Array,
+    is_apo: jax.Array,
+    weight: jax.Array,
+    *,
+    apo_weight: float,
+    human_weight: float,
+) -> Stats:
+    """Sums for the APO-RM objective (eq. 15) on a mixed batch of APO and human pairs.
+
+    Each pair's loss is scaled by `apo_weight` (gold-vs-sample pairs) or `human_weight` (human
+    pairs) and by its row `weight` (0 for filler rows); the loss is the sum of scaled losses over
+    the sum of row weights. That is the official code's form (weights 0.1/S and 1 on one
+    concatenated dataset); the paper's L_rank(D_APO) + beta2 L_rank(D_P) is apo_weight=1,
+    human_weight=beta2, up to the ratio of the two sets' sizes in the mixture.
+    """
+    r_good = r_good.astype(jnp.float32)
+    r_bad = r_bad.astype(jnp.float32)
+    w = weight.astype(jnp.float32)
+    valid = (w > 0).astype(jnp.float32)
+    apo = (is_apo > 0).astype(jnp.float32) * valid
+    human = (1.0 - (is_apo > 0).astype(jnp.float32)) * valid
+    margin = r_good - r_bad
+    nll = -jax.nn.log_sigmoid(margin)
+    coef = w * (apo * apo_weight + human * human_weight)
+    correct = (margin > 0).astype(jnp.float32)  # ties count as wrong
+    return {
+        "loss_num": jnp.sum(coef * nll),
+        "loss_den": jnp.sum(w),
+        "pairs": jnp.sum(valid),
+        "correct": jnp.sum(valid * correct),
+        "margin": jnp.sum(valid * margin),
+        "chosen": jnp.sum(valid * r_good),
+        "rejected": jnp.sum(valid * r_bad),
+        "apo_pairs": jnp.sum(apo),
+        "apo_nll": jnp.sum(apo * nll),
+        "apo_correct": jnp.sum(apo * correct),
+        "human_pairs": jnp.sum(human),
+        "human_nll": jnp.sum(human * nll),
+        "human_correct": jnp.sum(human * correct),
+    }
+
+
+def _ratio(num: jax.Array, den: jax.Array) -> jax.Array:
+    return jnp.where(den > 0, num / jnp.maximum(den, 1e-12), 0.0)
+
+
+def rm_metrics(s: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+    """Loss and metrics from (summed) `rm_stats`; per-source values are 0 where a source is absent."""
+    return {
+        "loss": _ratio(s["loss_num"], s["loss_den"]),
+        "accuracy": _ratio(s["correct"], s["pairs"]),
+        "margin": _ratio(s["margin"], s["pairs"]),
+        "reward_chosen": _ratio(s["chosen"], s["pairs"]),
+        "reward_rejected": _ratio(s["rejected"], s["pairs"]),
+        "apo_loss": _ratio(s["apo_nll"], s["apo_pairs"]),
+        "apo_accuracy": _ratio(s["apo_correct"], s["apo_pairs"]),
+        "human_loss": _ratio(s["human_nll"], s["human_pairs"]),
+        "human_accuracy": _ratio(s["human_correct"], s["human_pairs"]),
+        "pairs": s["pairs"],
+    }
+
+
+def apo_rm_loss(
+    r_good: jax.Array,
+    r_bad: jax.Array,
+    is_apo: jax.Array,
+    weight: jax.Array,
+    *,
+    apo_weight: float,
+    human_weight: float,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """The APO-RM loss (eq. 15) and its metrics for one batch; see `rm_stats` for the weighting."""
+    m = rm_metrics(rm_stats(r_good, r_bad, is_apo, weight, apo_weight=apo_weight, human_weight=human_weight))
+    return m["loss"], m
+
+
+def sft_stats(
+    logits_btv: jax.Array,
+    input_ids_bt: jax.Array,
+    loss_mask_bt: jax.Array,
+    weight_b: jax.Array,
+    normalize: str = "token",
+) -> Stats:
+    """Sums for the SFT negative log-likelihood on response tokens (eq. 6).
+
+    `loss_mask_bt[t] = 1` marks token t as a response token, predicted from position t - 1.
+    normalize="token": every response token of the batch counts equally;
+    normalize="sequence": each sequence's mean token NLL counts equally.
+    """
+    logp_btv = jax.nn.log_softmax(logits_btv[:, :-1].astype(jnp.float32), axis=-1)
+    targets_bt = input_ids_bt[:, 1:]
+    token_logp = jnp.take_along_axis(logp_btv, targets_bt[..., None], axis=-1)[..., 0]
+    w_b = weight_b.astype(jnp.float32)
+    mask_bt = loss_mask_bt[:, 1:].astype(jnp.float32) * (w_b > 0)[:, None]
+    nll_bt = -token_logp * mask_bt
+    tokens_b = jnp.sum(mask_bt, axis=1)
+    if normalize == "token":
+        num = jnp.sum(w_b[:, None] * nll_bt)
+        den = jnp.sum(w_b[:, None] * mask_bt)
+    elif normalize == "sequence":
+        num = jnp.sum(w_b * jnp.sum(nll_bt, axis=1) / jnp.maximum(tokens_b, 1.0))
+        den = jnp.sum(w_b * (tokens_b > 0))
+    else:
+        raise ValueError(f"normalize={normalize!r}; expected 'token' or 'sequence'")
+    correct = (jnp.argmax(logp_btv, axis=-1) == targets_bt).astype(jnp.float32) * mask_bt
+    return {
+        "loss_num": num,
+        "loss_den": den,
+        "tokens": jnp.sum(tokens_b),
+        "nll": jnp.sum(nll_bt),
+        "correct": jnp.sum(correct),
+        "sequences": jnp.sum((w_b > 0).astype(jnp.float32)),
+    }
+
+
+def sft_metrics(s: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+    token_nll = _ratio(s["nll"], s["tokens"])
+    return {
+        "loss": _ratio(s["loss_num"], s["loss_den"]),
+        "token_nll": token_nll,
+        "perplexity": jnp.exp(jnp.minimum(token_nll, 30.0)),
+        "token_accuracy": _ratio(s["correct"], s["tokens"]),
+        "tokens": s["tokens"],
+        "sequences": s["sequences"],
+    }
+
+
+def sft_loss(
+    logits_btv: jax.Array,
+    input_ids_bt: jax.Array,
+    loss_mask_bt: jax.Array,
+    weight_b: jax.Array,
+    normalize: str = "token",
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """SFT NLL over response tokens only (eq. 6) and its metrics."""
+    m = sft_metrics(sft_stats(logits_btv, input_ids_bt, loss_mask_bt, weight_b, normalize))
+    return m["loss"], m

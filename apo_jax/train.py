@@ -1,0 +1,260 @@
+"""Train states and the jit-compiled, sharded RM (BT ranking) and SFT train steps.
+
+A step is `(state, batch) -> (state, metrics)`, compiled once with explicit in/out shardings
+from the rules table and the state donated. Gradient accumulation runs a `lax.scan` over k
+micro-batches of the global batch and divides the summed numerators by the summed denominators
+once (see `losses`), so it is exact. A non-finite loss or gradient leaves params and optimizer
+state untouched (on device) and reports `finite=0`; `check_finite` turns that into an error
+naming the step. Metrics stay on device: no host sync per step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from apo_jax import losses, models, sharding
+
+SCHEDULES = ("constant", "linear", "cosine")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    """AdamW with warmup + decay and global-norm clipping."""
+
+    lr: float = 1e-5
+    """Peak learning rate."""
+    warmup_steps: int = 0
+    """Linear warmup from 0 to `lr`."""
+    total_steps: int = 1000
+    """Steps of the whole phase (the decay ends here)."""
+    schedule: str = "linear"
+    """Decay after warmup: constant, linear (to 0) or cosine (to 0)."""
+    weight_decay: float = 0.0
+    """Decoupled weight decay on matrices (not on norms or 1-D params)."""
+    grad_clip: float = 1.0
+    """Global gradient-norm clip (0 disables)."""
+    b1: float = 0.9
+    """Adam beta1."""
+    b2: float = 0.95
+    """Adam beta2."""
+    eps: float = 1e-8
+    """Adam epsilon."""
+
+    def __post_init__(self) -> None:
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule={self.schedule!r}; expected one of {SCHEDULES}")
+
+
+def make_schedule(cfg: OptimizerConfig) -> optax.Schedule:
+    decay_steps = max(cfg.total_steps - cfg.warmup_steps, 1)
+    if cfg.schedule == "constant":
+        decay = optax.constant_schedule(cfg.lr)
+    elif cfg.schedule == "linear":
+        decay = optax.linear_schedule(cfg.lr, 0.0, decay_steps)
+    else:
+        decay = optax.cosine_decay_schedule(cfg.lr, decay_steps)
+    if cfg.warmup_steps <= 0:
+        return decay
+    return optax.join_schedules([optax.linear_schedule(0.0, cfg.lr, cfg.warmup_steps), decay], [cfg.warmup_steps])
+
+
+def make_optimizer(cfg: OptimizerConfig) -> optax.GradientTransformation:
+    decay_mask = lambda params: jax.tree_util.tree_map(lambda p: p.ndim > 1, params)  # noqa: E731
+    parts = [optax.clip_by_global_norm(cfg.grad_clip)] if cfg.grad_clip > 0 else []
+    parts.append(optax.adamw(make_schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+                             weight_decay=cfg.weight_decay, mask=decay_mask))
+    return optax.chain(*parts)
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any
+    opt_state: Any
+
+
+def state_shardings(state: Any, mesh: jax.sharding.Mesh) -> Any:
+    return sharding.tree_shardings(state, mesh)
+
+
+def init_state(config: models.LlamaConfig, params: Any, opt_cfg: OptimizerConfig, mesh: jax.sharding.Mesh) -> TrainState:
+    """A sharded train state: params placed by the rules table, Adam moments sharded like them."""
+    del config
+    tx = make_optimizer(opt_cfg)
+    # A fresh copy: the step donates its state, which must never free the caller's params.
+    params = jax.jit(lambda p: jax.tree_util.tree_map(jnp.copy, p),
+                     out_shardings=sharding.tree_shardings(params, mesh))(params)
+    abstract = jax.eval_shape(tx.init, params)
+    opt_state = jax.jit(tx.init, out_shardings=sharding.tree_shardings(abstract, mesh))(params)
+    step = jax.device_put(jnp.zeros((), jnp.int32), NamedSharding(mesh, P()))
+    return TrainState(step=step, params=params, opt_state=opt_state)
+
+
+def rm_params_from(config: models.LlamaConfig, params: Any, rng: jax.Array, std: float = 0.0) -> dict[str, Any]:
+    """RM params from LM or RM params: keeps an existing `score` head, else adds a new one
+    (zeros for std=0, else normal(std)); the LM head is dropped."""
+    out = {"model": params["model"]}
+    out["score"] = params["score"] if "score" in params else {"kernel": models.new_reward_head(config, rng, std)}
+    return out
+
+
+def _microbatches(batch: dict[str, jax.Array], k: int) -> dict[str, jax.Array]:
+    """[B, ...] -> [k, B/k, ...] taking every k-th row, so each device's rows stay on it."""
+
+    def split(x):
+        b = x.shape[0]
+        return jnp.swapaxes(x.reshape((b // k, k) + x.shape[1:]), 0, 1)
+
+    return jax.tree_util.tree_map(split, batch)
+
+
+def _accumulate(stats_fn: Callable[[Any, dict], dict], params: Any, batch: dict, k: int):
+    """Summed stats and gradient of the summed loss numerator over k micro-batches."""
+
+    def grad_of(p, b):
+        def num(p_):
+            s = stats_fn(p_, b)
+            return s["loss_num"], s
+
+        (_, s), g = jax.value_and_grad(num, has_aux=True)(p)
+        return s, g
+
+    if k == 1:
+        return grad_of(params, batch)
+
+    def body(carry, micro):
+        s_acc, g_acc = carry
+        s, g = grad_of(params, micro)
+        return (jax.tree_util.tree_map(jnp.add, s_acc, s), jax.tree_util.tree_map(jnp.add, g_acc, g)), None
+
+    micro = _microbatches(batch, k)
+    first = jax.tree_util.tree_map(lambda x: x[0], micro)
+    s_shape = jax.eval_shape(lambda: stats_fn(params, first))
+    zeros_s = jax.tree_util.tree_map(lambda x: jnp.zeros(x.shape, x.dtype), s_shape)
+    zeros_g = jax.tree_util.tree_map(jnp.zeros_like, params)
+    (s, g), _ = jax.lax.scan(body, (zeros_s, zeros_g), micro)
+    return s, g
+
+
+def _make_step(
+    config: models.LlamaConfig,
+    opt_cfg: OptimizerConfig,
+    mesh: jax.sharding.Mesh,
+    stats_fn: Callable[[Any, dict], dict],
+    metrics_fn: Callable[[dict], dict],
+    grad_accum: int,
+):
+    tx = make_optimizer(opt_cfg)
+    schedule = make_schedule(opt_cfg)
+
+    def step(state: TrainState, batch: dict[str, jax.Array]):
+        with sharding.activation_sharding(mesh):
+            s, g_num = _accumulate(stats_fn, state.params, batch, grad_accum)
+        den = jnp.maximum(s["loss_den"], 1e-12)
+        grads = jax.tree_util.tree_map(lambda x: (x / den).astype(x.dtype), g_num)
+        metrics = metrics_fn(s)
+        grad_norm = optax.global_norm(grads)
+        finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+
+        def apply(_):
+            updates, opt_state = tx.update(grads, state.opt_state, state.params)
+            return optax.apply_updates(state.params, updates), opt_state
+
+        def skip(_):
+            return state.params, state.opt_state
+
+        params, opt_state = jax.lax.cond(finite, apply, skip, None)
+        metrics = dict(metrics, grad_norm=grad_norm, lr=schedule(state.step), finite=finite.astype(jnp.float32))
+        new_state = TrainState(step=state.step + finite.astype(jnp.int32), params=params, opt_state=opt_state)
+        return new_state, metrics
+
+    cache: dict[Any, Callable] = {}
+
+    def run(state: TrainState, batch: dict[str, jax.Array]):
+        key = jax.tree_util.tree_structure(batch), tuple(np.shape(x) for x in jax.tree_util.tree_leaves(batch))
+        if key not in cache:
+            st_sh = state_shardings(state, mesh)
+            b_sh = {k: sharding.batch_sharding(mesh, np.ndim(v)) for k, v in batch.items()}
+            cache[key] = jax.jit(step, in_shardings=(st_sh, b_sh), out_shardings=(st_sh, NamedSharding(mesh, P())),
+                                 donate_argnums=0)
+        return cache[key](state, batch)
+
+    return run
+
+
+def make_rm_train_step(
+    config: models.LlamaConfig,
+    opt_cfg: OptimizerConfig,
+    mesh: jax.sharding.Mesh,
+    *,
+    apo_weight: float = 1.0,
+    human_weight: float = 1.0,
+    grad_accum: int = 1,
+):
+    """`(state, batch) -> (state, metrics)` for BT ranking over a mixture of APO and human pairs.
+
+    batch: chosen_ids, chosen_mask, rejected_ids, rejected_mask int32 [B, T]; weight f32 [B];
+    is_apo int32 [B]. Chosen and rejected run through the model as one [2B, T] forward.
+    """
+
+    def stats_fn(params, b):
+        ids = jnp.concatenate([b["chosen_ids"], b["rejected_ids"]], axis=0)
+        mask = jnp.concatenate([b["chosen_mask"], b["rejected_mask"]], axis=0)
+        r = models.rewards(config, params, ids, mask)
+        n = b["chosen_ids"].shape[0]
+        return losses.rm_stats(r[:n], r[n:], b["is_apo"], b["weight"], apo_weight=apo_weight,
+                               human_weight=human_weight)
+
+    return _make_step(config, opt_cfg, mesh, stats_fn, losses.rm_metrics, grad_accum)
+
+
+def make_sft_train_step(
+    config: models.LlamaConfig,
+    opt_cfg: OptimizerConfig,
+    mesh: jax.sharding.Mesh,
+    *,
+    normalize: str = "token",
+    grad_accum: int = 1,
+):
+    """`(state, batch) -> (state, metrics)` for SFT NLL on response tokens.
+
+    batch: input_ids, attention_mask, loss_mask int32 [B, T]; weight f32 [B].
+    """
+
+    def stats_fn(params, b):
+        logits = models.lm_logits(config, params, b["input_ids"], b["attention_mask"])
+        return losses.sft_stats(logits, b["input_ids"], b["loss_mask"], b["weight"], normalize)
+
+    return _make_step(config, opt_cfg, mesh, stats_fn, losses.sft_metrics, grad_accum)
+
+
+def make_rm_score_fn(config: models.LlamaConfig, mesh: jax.sharding.Mesh):
+    """Jitted `(params, ids, mask) -> rewards [B]` on the mesh, for batched scoring."""
+
+    def score(params, ids, mask):
+        with sharding.activation_sharding(mesh):
+            return models.rewards(config, params, ids, mask)
+
+    return jax.jit(score)
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A train step produced a NaN/inf loss or gradient (the update was skipped on device)."""
+
+
+def check_finite(metrics: dict[str, Any], step: int, phase: str = "train") -> None:
+    """Raises NonFiniteLossError naming the phase and step if a fetched step was not finite."""
+    if float(np.asarray(metrics.get("finite", 1.0))) < 1.0:
+        raise NonFiniteLossError(
+            f"{phase}: non-finite loss or gradient at step {step} (loss={float(np.asarray(metrics['loss']))}, "
+            f"grad_norm={float(np.asarray(metrics['grad_norm']))}); the update was skipped and nothing was saved "
+            "from it. Lower the learning rate or check the data."
+        )
