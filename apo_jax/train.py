@@ -161,7 +161,7 @@ def _make_step(
         den = jnp.maximum(s["loss_den"], 1e-12)
         grads = jax.tree_util.tree_map(lambda x: (x / den).astype(x.dtype), g_num)
         metrics = metrics_fn(s)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = _tree_norm(grads)
         finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
 
         def apply(_):
@@ -244,6 +244,14 @@ def make_rm_score_fn(config: models.LlamaConfig, mesh: jax.sharding.Mesh):
             return models.rewards(config, params, ids, mask)
 
     return jax.jit(score)
+
+
+def _tree_norm(tree: Any) -> jax.Array:
+    """Global L2 norm of a pytree (optax.tree.norm where it exists; global_norm is deprecated)."""
+    tree_ns = getattr(optax, "tree", None)
+    if tree_ns is not None and hasattr(tree_ns, "norm"):
+        return tree_ns.norm(tree)
+    return optax.global_norm(tree)
 
 
 class NonFiniteLossError(FloatingPointError):
