@@ -151,7 +151,7 @@ def resolve_checkpoint_dir(path_or_hub_id: str) -> str:
         raise CheckpointError(
             f"{path_or_hub_id}: not a local directory and could not be fetched from the Hugging Face hub "
             f"({type(e).__name__}). {hint}download it where you have network access and pass the local "
-            f"directory instead (e.g. --config.policy.checkpoint=/path/to/model)."
+            f"directory instead."
         ) from None
 
 

@@ -30,7 +30,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from apo_jax import checkpointing, evaluation, hf, models, reporting, sampler, sharding, train
-from apo_jax.data import batching, pipeline
+from apo_jax.data import batching, pipeline, tokenize
 from apo_jax.metrics import MetricsWriter
 
 log = logging.getLogger("apo_jax")
@@ -182,8 +182,8 @@ class Game:
 
     # ------------------------------------------------------------------ training phases
 
-    def _train(self, name: str, kind: str, config: models.LlamaConfig, params: Any, examples: Sequence[dict],
-               opt_cfg: Any, lr: float, make_batch: Callable[[Sequence[dict]], dict[str, np.ndarray]]) -> Any:
+    def _train(self, name: str, kind: str, config: models.LlamaConfig, params: Any,
+               examples: pipeline.TokenizedSet, opt_cfg: Any, lr: float) -> Any:
         cfg = self.cfg
         batch_size = opt_cfg.batch_size
         steps_per_epoch = max(1, len(examples) // batch_size)
@@ -214,8 +214,7 @@ class Game:
         pending: list[tuple[int, Any]] = []
         bar = tqdm(total=total, initial=start, desc=name, disable=not self.is_main, leave=False)
         for step in range(start + 1, total + 1):
-            rows = it.next_indices()
-            local = _process_slice(make_batch([examples[i] for i in rows]))
+            local = examples.batch(it.next_indices())  # this process's rows only
             state, metrics = step_fn(state, sharding.shard_batch(local, self.mesh))
             pending.append((step, metrics))
             if step % cfg.log_every_steps == 0 or step == total:
@@ -245,15 +244,13 @@ class Game:
                            step=step, tb_prefix=name)
 
     def train_rm(self, name: str, config: models.LlamaConfig, params: Any, pairs: Sequence[dict], opt: Any) -> Any:
-        d = self.cfg.data
-        make = lambda recs: pipeline.rm_batch(self.tokenizer, recs, d)  # noqa: E731
-        return self._train(name, "rm", config, params, pairs, opt, opt.lr, make)
+        examples = pipeline.rm_set(self.tokenizer, pairs, self.cfg.data)
+        return self._train(name, "rm", config, params, examples, opt, opt.lr)
 
     def train_sft(self, name: str, config: models.LlamaConfig, params: Any, examples: Sequence[dict], opt: Any,
                   lr: float) -> Any:
-        d = self.cfg.data
-        make = lambda recs: pipeline.sft_batch(self.tokenizer, recs, d)  # noqa: E731
-        return self._train(name, "sft", config, params, examples, opt, lr, make)
+        return self._train(name, "sft", config, params, pipeline.sft_set(self.tokenizer, examples, self.cfg.data),
+                           opt, lr)
 
     # ------------------------------------------------------------------ sampling and scoring
 
@@ -274,23 +271,25 @@ class Game:
         _truncate_lines(path, done * num_samples)
         key = phase_key(cfg.seed, name)
         n_batches = -(-len(prompts) // bs)
+        ids = pipeline.prompt_ids(self.tokenizer, prompts, cfg.data)
+        pad_id = int(self.tokenizer.pad_token_id or 0)
         self.status(f"sampling {num_samples} answers x {len(prompts)} {split} prompts from {policy}")
         bar = tqdm(total=len(prompts), initial=done, desc=f"sample {policy} {split}", disable=not self.is_main,
                    leave=False)
         for b in range(done // bs, n_batches):
             recs = prompts[b * bs:(b + 1) * bs]
-            batch = pipeline.prompt_batch(self.tokenizer, recs, cfg.data, batch_size=bs)
+            prompt_ids, prompt_mask = pipeline.prompt_batch(ids[b * bs:(b + 1) * bs], bs, cfg.data, pad_id)
             out = sampler.generate(
-                slot.config, slot.params, batch["prompt_ids"], batch["prompt_mask"], jax.random.fold_in(key, b),
+                slot.config, slot.params, prompt_ids, prompt_mask, jax.random.fold_in(key, b),
                 num_samples=num_samples, max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
                 top_p=settings.top_p, top_k=settings.top_k, eos_token_id=slot.config.eos_token_ids,
                 stop_sequences=self.stop_ids, mesh=self.mesh,
             )
-            tokens, lengths = jax.device_get((out.tokens, out.lengths))
+            tokens, lengths = _gather(out.tokens), _gather(out.lengths)
             lines = []
             for i, rec in enumerate(recs):
                 for s in range(num_samples):
-                    text = pipeline.decode_response(self.tokenizer, tokens[i, s, : lengths[i, s]],
+                    text = tokenize.decode_response(self.tokenizer, tokens[i, s, : lengths[i, s]],
                                                     cfg.sampling.stop_strings)
                     lines.append({"prompt_id": rec["prompt_id"], "prompt": rec["prompt"], "sample": s,
                                   "response": text, "num_tokens": int(lengths[i, s])})
@@ -320,13 +319,12 @@ class Game:
         """Rewards of (prompt, response) texts, in batches of eval.batch_size."""
         bs = self.cfg.eval.batch_size
         score_fn = train.make_rm_score_fn(slot.config, self.mesh)
+        examples = pipeline.score_set(self.tokenizer, texts, self.cfg.data)
         out = []
         for i in range(0, len(texts), bs):
-            chunk = texts[i:i + bs]
-            ids, mask = pipeline.rm_inputs(self.tokenizer, chunk, self.cfg.data, batch_size=bs)
-            local = _process_slice({"ids": ids, "mask": mask})
-            g = sharding.shard_batch(local, self.mesh)
-            out.append(np.asarray(_gather(score_fn(slot.params, g["ids"], g["mask"])))[: len(chunk)])
+            rows = np.arange(i, i + bs) % len(texts)  # the last batch is filled up with repeats
+            g = sharding.shard_batch(examples.batch(rows), self.mesh)
+            out.append(_gather(score_fn(slot.params, g["input_ids"], g["input_mask"]))[: min(bs, len(texts) - i)])
         return np.concatenate(out) if out else np.zeros((0,), np.float32)
 
     def best_of_s(self, rm: str, samples_path: str, policy: str, out_name: str) -> list[dict]:
@@ -486,6 +484,32 @@ class Game:
         return "\n".join(lines)
 
 
+def preflight(cfg: ml_collections.ConfigDict) -> None:
+    """Resolves every checkpoint the run will read (local dir or hub id) before any work starts,
+    and reports all that cannot be had at once, each with its config field."""
+    errors = []
+    fields = ["policy.checkpoint", "rm.init_checkpoint", "rm.base_checkpoint", "rm.test_checkpoint"]
+    if cfg.data.kind == "hh":
+        fields.append("data.tokenizer")
+    for field in fields:
+        section, key = field.split(".")
+        path = cfg[section][key]
+        if not path:
+            continue
+        try:
+            hf.resolve_checkpoint_dir(path)
+        except hf.CheckpointError as e:
+            errors.append(f"{field}: {e} Override: --config.{field}=/local/dir")
+    if cfg.data.kind == "hh" and os.environ.get("HF_DATASETS_OFFLINE", "") not in ("", "0"):
+        for field in ("hh_train", "hh_test"):
+            if not os.path.exists(cfg.data[field]):
+                errors.append(f"data.{field}: {cfg.data[field]!r} is a hub id but HF_DATASETS_OFFLINE is set; pass a "
+                              f"local copy of HH-RLHF: --config.data.{field}=/local/hh-rlhf (a directory holding "
+                              "helpful-base/ and harmless-base/ with train/test .jsonl.gz)")
+    if errors:
+        raise hf.CheckpointError("cannot start:\n  " + "\n  ".join(errors))
+
+
 def run(cfg: ml_collections.ConfigDict) -> str:
     checkpointing.install_preemption_handler()
     game = Game(cfg)
@@ -530,14 +554,6 @@ def _params_like(config: models.LlamaConfig, heads: Sequence[str]) -> Any:
     params = models.init_params(config, jax.random.PRNGKey(0), lm_head="lm_head" in heads,
                                 reward_head="score" in heads)
     return params
-
-
-def _process_slice(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """This process's rows of a global batch (every process builds the same global batch order)."""
-    n, i = jax.process_count(), jax.process_index()
-    if n == 1:
-        return batch
-    return {k: v[i * (len(v) // n):(i + 1) * (len(v) // n)] for k, v in batch.items()}
 
 
 def _gather(x: jax.Array) -> np.ndarray:

@@ -37,10 +37,12 @@ def main(argv: list[str]) -> None:
         sys.exit(f"{prefix}apo_jax: {e}")
 
     from apo_jax import loop
+    from apo_jax.data.hh import DataError
 
     try:
+        loop.preflight(cfg)
         summary = loop.run(cfg)
-    except (CheckpointError, config_lib.ConfigError, FileNotFoundError) as e:
+    except (CheckpointError, DataError, config_lib.ConfigError, FileNotFoundError) as e:
         sys.exit(f"{prefix}apo_jax: {e}")
     except Preempted as e:
         sys.exit(f"{prefix}apo_jax: preempted; state saved ({e}). Run the same command to resume.")

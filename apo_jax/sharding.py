@@ -140,6 +140,12 @@ def maybe_initialize_distributed() -> None:
     if _distributed_initialized():
         return
     explicit = os.environ.get("JAX_COORDINATOR_ADDRESS")
+    if (explicit or int(os.environ.get("SLURM_NTASKS", "1")) > 1) and os.environ.get("JAX_PLATFORMS", "") == "cpu":
+        # Cross-process collectives on CPU (tests, CPU clusters) need gloo, chosen before initialize.
+        try:
+            jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        except Exception:  # Older/newer jax without the option: its default then.
+            pass
     if explicit:
         jax.distributed.initialize(
             coordinator_address=explicit,

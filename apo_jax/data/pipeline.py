@@ -1,0 +1,240 @@
+"""From a config to the game's data: splits, golden answers, the tokenizer, and model batches.
+
+`prepare` loads HH-RLHF (hub id or local files) or writes and loads the synthetic world, through
+the same HH loader, split and gold code, and returns a `Data`. The `*_set` functions tokenise a
+list of records once per phase into a `TokenizedSet`, whose `batch(global_rows)` gives this
+process's block of a global batch, padded to the length bucket of the global batch's longest row
+(every process computes the same width from the cached lengths, without a collective).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from typing import Any, Callable, Sequence
+
+import ml_collections
+import numpy as np
+
+from apo_jax.data import batching, hh, records, tokenize
+
+log = logging.getLogger("apo_jax")
+
+
+@dataclasses.dataclass
+class Data:
+    """Everything the game reads. Pairs/prompts/gold are lists of `records` dicts."""
+
+    tokenizer: Any
+    rm_pairs: list[dict]  # D_P (HH_RM)
+    gold: list[dict]  # D_gold: one golden answer per HH_RM prompt
+    llm_prompts: list[dict]  # D_Q (HH_LLM queries)
+    dev_pairs: list[dict]  # HH_Dev
+    test_pairs: list[dict]  # HH_Test
+    test_prompts: list[dict]  # HH_Test queries
+    all_train_pairs: list[dict]  # RM_Test's training set
+    demonstrations: list[dict] | None = None  # synthetic world: SFT data for the initial policy
+    true_reward: Callable[[str, str], float] | None = None  # synthetic world: r*(prompt, response)
+    reports: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def prepare(cfg: ml_collections.ConfigDict, run_dir: str) -> Data:
+    """Loads (or, for the synthetic world, first writes) the data of a run and splits it."""
+    d = cfg.data
+    true_reward = None
+    demonstrations = None
+    reports: dict[str, Any] = {}
+    if d.kind == "synthetic":
+        from apo_jax.data import synthetic
+
+        world_dir = os.path.join(run_dir, "world")
+        reports["world"] = synthetic.write_world(d.synthetic, cfg.seed, world_dir)
+        train_src = test_src = os.path.join(world_dir, "hh")
+        gold_path = os.path.join(world_dir, "gold.jsonl")
+        tokenizer_path = os.path.join(world_dir, "tokenizer")
+        demonstrations = _read_jsonl(os.path.join(world_dir, "demos.jsonl"))
+        true_reward = synthetic.true_reward
+    else:
+        train_src, test_src, gold_path = d.hh_train, d.hh_test, d.gold or None
+        tokenizer_path = d.tokenizer or cfg.policy.checkpoint
+    train_pairs, train_report = hh.load_hh_pairs(train_src, "train", on_bad_line=d.on_bad_line)
+    test_pairs, test_report = hh.load_hh_pairs(test_src, "test", on_bad_line=d.on_bad_line)
+    reports["cleaning"] = [train_report.summary(), test_report.summary()]
+    splits = hh.make_splits(train_pairs, test_pairs, n_rm=d.n_rm, n_dev=d.n_dev, n_llm=d.n_llm, n_test=d.n_test,
+                            seed=cfg.seed)
+    gold, reports["gold"] = hh.load_gold(gold_path, splits.rm_pairs)
+    tokenizer = tokenize.load_tokenizer(tokenizer_path)
+    data = Data(tokenizer=tokenizer, rm_pairs=splits.rm_pairs, gold=gold, llm_prompts=splits.llm_prompts,
+                dev_pairs=splits.dev_pairs, test_pairs=splits.test_pairs, test_prompts=splits.test_prompts,
+                all_train_pairs=splits.all_train_pairs, demonstrations=demonstrations, true_reward=true_reward,
+                reports=reports)
+    _write_split_files(data, os.path.join(run_dir, "data"))
+    return data
+
+
+def _write_split_files(data: Data, out_dir: str) -> None:
+    """The splits as JSONL (inputs for `collect_gold` and the judge) plus their counts."""
+    import jax
+
+    if jax.process_index() != 0:
+        return
+    os.makedirs(out_dir, exist_ok=True)
+    for name in ("rm_pairs", "gold", "llm_prompts", "dev_pairs", "test_pairs", "test_prompts"):
+        path = os.path.join(out_dir, f"{name}.jsonl")
+        if not os.path.exists(path):
+            _write_jsonl(path, getattr(data, name))
+    counts = {name: len(getattr(data, name)) for name in ("rm_pairs", "gold", "llm_prompts", "dev_pairs",
+                                                            "test_pairs", "test_prompts", "all_train_pairs")}
+    with open(os.path.join(out_dir, "splits.json"), "w") as f:
+        json.dump({"counts": counts, "reports": data.reports}, f, indent=1, default=str)
+
+
+# ------------------------------------------------------------------------------------------
+# Tokenised sets and their batches.
+
+
+@dataclasses.dataclass
+class TokenizedSet:
+    """Pre-tokenised examples of one phase; `batch` builds this process's block of a global batch.
+
+    fields: name -> list of `Encoded` rows (e.g. "chosen", "rejected" for RM pairs);
+    extras: name -> per-example float/int arrays copied into the batch (weight, is_apo).
+    """
+
+    kind: str  # "rm" | "sft" | "score"
+    fields: dict[str, list[tokenize.Encoded]]
+    extras: dict[str, np.ndarray]
+    buckets: tuple[int, ...]
+    pad_id: int
+
+    def __post_init__(self) -> None:
+        lens = [np.asarray([len(e) for e in rows], np.int64) for rows in self.fields.values()]
+        self.lengths = np.max(np.stack(lens), axis=0) if lens else np.zeros((0,), np.int64)
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def width(self, global_rows: Sequence[int]) -> int:
+        return tokenize.bucket_length(int(self.lengths[np.asarray(global_rows)].max()), self.buckets)
+
+    def batch(self, global_rows: Sequence[int], *, local: bool = True) -> dict[str, np.ndarray]:
+        """Arrays for this process's rows of `global_rows` (all rows with local=False)."""
+        global_rows = np.asarray(global_rows)
+        width = self.width(global_rows)
+        rows = batching.process_rows(global_rows) if local else global_rows
+        out: dict[str, np.ndarray] = {}
+        for name, encoded in self.fields.items():
+            picked = [encoded[i] for i in rows]
+            ids, mask = tokenize.pad_right([e.ids for e in picked], width, len(rows), self.pad_id)
+            if self.kind == "sft":
+                out["input_ids"], out["attention_mask"] = ids, mask
+                lm, _ = tokenize.pad_right([e.response_mask for e in picked], width, len(rows), 0)
+                out["loss_mask"] = lm
+            else:
+                out[f"{name}_ids"], out[f"{name}_mask"] = ids, mask
+        for name, values in self.extras.items():
+            out[name] = values[rows]
+        return out
+
+
+def _pad_id(tokenizer: Any) -> int:
+    return int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
+
+
+def rm_set(tokenizer: Any, pairs: Sequence[dict], d: ml_collections.ConfigDict) -> TokenizedSet:
+    """RM pairs -> chosen/rejected inputs `[BOS] prompt response [EOS]`, row weight and APO flag."""
+    chosen = tokenize.encode_responses(tokenizer, [(p["prompt"], p["chosen"]) for p in pairs], d.rm_max_len,
+                                       append_eos=d.append_eos)
+    rejected = tokenize.encode_responses(tokenizer, [(p["prompt"], p["rejected"]) for p in pairs], d.rm_max_len,
+                                         append_eos=d.append_eos)
+    extras = {
+        "weight": np.asarray([p.get("weight", 1.0) for p in pairs], np.float32),
+        "is_apo": np.asarray([int(p.get("is_apo", 0)) for p in pairs], np.int32),
+    }
+    return TokenizedSet("rm", {"chosen": chosen, "rejected": rejected}, extras, tuple(d.buckets), _pad_id(tokenizer))
+
+
+def sft_set(tokenizer: Any, examples: Sequence[dict], d: ml_collections.ConfigDict) -> TokenizedSet:
+    """(prompt, response) records -> inputs with a loss mask on the response tokens (+ EOS)."""
+    enc = tokenize.encode_responses(tokenizer, [(e["prompt"], e["response"]) for e in examples], d.sft_max_len,
+                                    append_eos=True)
+    extras = {"weight": np.asarray([e.get("weight", 1.0) for e in examples], np.float32)}
+    return TokenizedSet("sft", {"input": enc}, extras, tuple(d.buckets), _pad_id(tokenizer))
+
+
+def score_set(tokenizer: Any, texts: Sequence[tuple[str, str]], d: ml_collections.ConfigDict) -> TokenizedSet:
+    """(prompt, response) texts for RM scoring, encoded exactly like RM training inputs."""
+    enc = tokenize.encode_responses(tokenizer, list(texts), d.rm_max_len, append_eos=d.append_eos)
+    return TokenizedSet("score", {"input": enc}, {}, tuple(d.buckets), _pad_id(tokenizer))
+
+
+def prompt_ids(tokenizer: Any, prompts: Sequence[dict], d: ml_collections.ConfigDict) -> list[np.ndarray]:
+    return tokenize.encode_prompts(tokenizer, [p["prompt"] for p in prompts], d.prompt_max_len)
+
+
+def prompt_batch(rows: Sequence[np.ndarray], batch_size: int, d: ml_collections.ConfigDict,
+                 pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """A left-padded [batch_size, bucket] prompt batch (missing rows repeat the first: their
+    samples are dropped by the caller); the width is the bucket of the longest prompt."""
+    rows = list(rows) + [rows[0]] * (batch_size - len(rows))
+    width = tokenize.bucket_length(max(len(r) for r in rows), tuple(d.buckets))
+    return tokenize.pad_left(rows, width, batch_size, pad_id)
+
+
+# ------------------------------------------------------------------------------------------
+# APO pairs and true-reward evaluation.
+
+
+def apo_pairs(gold: Sequence[dict], samples: Sequence[dict]) -> list[dict]:
+    """D_APO: (x, y_gold, y_sample) for every sample of every gold query, gold preferred."""
+    by_id = {g["prompt_id"]: g for g in gold}
+    out = []
+    for s in samples:
+        g = by_id.get(s["prompt_id"])
+        if g is None:
+            raise KeyError(f"sample for prompt_id {s['prompt_id']} has no golden answer")
+        out.append({"prompt_id": g["prompt_id"], "prompt": g["prompt"], "chosen": g["response"],
+                    "rejected": s["response"], "is_apo": 1})
+    return out
+
+
+def true_order_accuracy(data: Data, pairs: Sequence[dict], good: np.ndarray, bad: np.ndarray) -> float:
+    """RM accuracy against the true reward's order (pairs where r* ties are left out)."""
+    assert data.true_reward is not None
+    t_good = np.asarray([data.true_reward(p["prompt"], p["chosen"]) for p in pairs])
+    t_bad = np.asarray([data.true_reward(p["prompt"], p["rejected"]) for p in pairs])
+    decided = t_good != t_bad
+    if not decided.any():
+        return float("nan")
+    agree = np.sign(np.asarray(good) - np.asarray(bad)) == np.sign(t_good - t_bad)
+    return float(np.mean(agree[decided]))
+
+
+def prompt_records(prompts: Sequence[dict]) -> list[dict]:
+    return [{"prompt_id": p.get("prompt_id") or records.prompt_id(p["prompt"]), "prompt": p["prompt"]}
+            for p in prompts]
+
+
+# ------------------------------------------------------------------------------------------
+
+
+def _read_jsonl(path: str) -> list[dict]:
+    out = []
+    with open(path) as f:
+        for i, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    out.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise hh.DataError(f"{path}: line {i}: not valid JSON ({e.msg})") from None
+    return out
+
+
+def _write_jsonl(path: str, rows: Sequence[dict]) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)

@@ -1,0 +1,656 @@
+"""The synthetic preference world: small text tasks with a known true reward r*.
+
+Real LLaMA weights and HH-RLHF cannot be downloaded everywhere, so the embedded default plays the
+APO game on a world we generate, written in the HH transcript format and read back through the
+same HH loader, tokenizer path and pipeline as the real data. Because the true reward is known,
+a run can report exact policy quality (mean r* of its answers) and RM accuracy against the true
+order, not only against the noisy labels.
+
+A prompt is one Human turn asking for a small function of a short word or two small numbers:
+
+    "\\n\\nHuman: Reverse the letters of cabd.\\n\\nAssistant:"   -> golden response "dbac."
+
+The true reward (partial credit, in [0, 1]) of a response y to a task with answer a:
+
+    content(y) = 1 - lev(core(y), a) / max(len(core(y)), len(a))   (core = y stripped, minus one final ".")
+    r*(x, y)   = content(y) * (1 - STYLE_WEIGHT * [y does not end with "."])   (STYLE_WEIGHT = 1/5)
+
+The style term is the world's "helpfulness manner": a feature a tiny RM picks up within a few
+steps, while the content term needs the task itself. The golden response `a + "."` is the
+unique maximiser (r* = 1).
+
+Demonstrations, and both responses of every preference pair, come from one mixed-quality
+distribution: the golden response, the answer corrupted by a random number of character edits,
+or off-task junk; non-golden responses end with "." only with probability `demo_style_prob`.
+Pair labels are drawn from a Bradley-Terry model on r* with temperature `label_temperature`,
+so a perfect RM is not 100% accurate (`bt_ceiling`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fractions
+import functools
+import gzip
+import hashlib
+import json
+import math
+import os
+import re
+import shutil
+from typing import Any, Callable, Iterable
+
+import ml_collections
+import numpy as np
+import tokenizers
+import transformers
+
+from apo_jax.data.records import prompt_id
+
+# Bump when a change to this file changes what `write_world` writes for the same (config, seed):
+# it is part of the config hash, so stale worlds on disk are regenerated rather than reused.
+WORLD_VERSION = 1
+
+HUMAN = "\n\nHuman: "
+ASSISTANT = "\n\nAssistant:"
+STYLE_MARK = "."  # the golden response ends with it; see the module docstring
+# r* lost by a response not ending with STYLE_MARK. Fixed, not configured: r* is the world's
+# definition, computable from the texts alone by anyone holding them. A Fraction so that r* is an
+# exact rational rounded once to float: responses with equal rewards get bit-identical floats,
+# and "no ties" / "a tie counts as wrong" mean what they say.
+STYLE_WEIGHT = fractions.Fraction(1, 5)
+
+PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
+SPECIAL_TOKENS = (PAD, BOS, EOS, UNK)  # ids 0, 1, 2, 3
+# Every character the world (and any HH-style English text) uses; anything else maps to <unk>.
+CHARS = "\n" + "".join(chr(i) for i in range(32, 127))
+DIGITS = "0123456789"
+
+
+# ---------------------------------------------------------------------------------------- config
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """The world's settings (`data.synthetic` in the run config); sized for the 2-CPU demo."""
+    c = ml_collections.ConfigDict()
+    # Sizes. Train prompts feed HH_RM / HH_LLM / HH_Dev (split by the HH pipeline); test prompts
+    # (disjoint from train) feed HH_Test and the policy evaluation.
+    c.n_train_prompts = 2000  # distinct prompts with preference pairs in hh/train.jsonl.gz
+    c.n_test_prompts = 200  # distinct prompts with preference pairs in hh/test.jsonl.gz
+    c.pairs_per_prompt = 1  # preference pairs per prompt (HH has about one per query)
+    c.n_demos = 4000  # demonstrations (demos.jsonl) to pretrain the initial policy; cycle over train prompts
+    # Demonstration quality mix; preference-pair responses are drawn from the same distribution.
+    c.demo_correct_fraction = 0.2  # share of golden responses (r* = 1)
+    c.demo_junk_fraction = 0.1  # share of off-task junk (random characters); the rest are corrupted answers
+    c.demo_max_edit_fraction = 1.0  # corrupted: 1..ceil(this * len(answer)) random character edits
+    c.demo_style_prob = 0.7  # probability that a non-golden response ends with the style mark "."
+    # Labels and gold.
+    # Bradley-Terry label noise: P(a preferred over b) = sigmoid((r*(a) - r*(b)) / T). At 0.15 a
+    # perfect RM agrees with ~86% of the labels (HH's human agreement is lower, but a tiny RM
+    # trained for a few hundred steps needs a clear signal); at 0.1, ~91%.
+    c.label_temperature = 0.15
+    c.distinct_rewards = True  # redraw pairs whose two responses have equal r* (no true order to learn)
+    c.gold_missing_fraction = 0.1  # train prompts without a golden answer (exercises the HH fallback)
+    # Task generator.
+    c.tasks = ("reverse", "sort", "upper", "repeat", "add")  # any of TASKS; drawn uniformly per prompt
+    c.alphabet = "abcdefgh"  # letters of the task words (lowercase a-z only); small so a tiny LM can learn it
+    c.min_word_len = 3  # task word length range (repeat uses words of 2..4 letters)
+    c.max_word_len = 6
+    c.max_number = 49  # operands of `add` are drawn from 0..max_number
+    c.max_prompt_chars = 48  # bound on the Human turn's text (the full prompt adds 21 chars of framing)
+    c.max_response_chars = 24  # bound on every written response (golden ones included)
+    return c
+
+
+# ---------------------------------------------------------------------------------------- tasks
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    """One kind of prompt: how to write it, how to parse it back, how to answer it.
+
+    `make(rng, cfg)` returns the Human text; `pattern` parses exactly that text (a full match);
+    `solve(groups)` returns the answer (without the style mark) from the pattern's groups;
+    `pool(cfg)` is the characters a corrupted answer draws from.
+    """
+
+    name: str
+    pattern: re.Pattern[str]
+    make: Callable[[np.random.Generator, ml_collections.ConfigDict], str]
+    solve: Callable[[tuple[str, ...]], str]
+    pool: Callable[[ml_collections.ConfigDict], str]
+
+
+def _word(rng: np.random.Generator, cfg: ml_collections.ConfigDict, lo: int | None = None,
+          hi: int | None = None) -> str:
+    """A random word over `cfg.alphabet`, of length lo..hi (default: the config's word lengths)."""
+    lo = cfg.min_word_len if lo is None else lo
+    hi = cfg.max_word_len if hi is None else hi
+    n = int(rng.integers(lo, hi + 1))
+    return "".join(cfg.alphabet[i] for i in rng.integers(0, len(cfg.alphabet), n))
+
+
+_REPEAT_LEN = (2, 4)  # repeat's word lengths: short, so 3 copies stay well inside max_response_chars
+_WORDS = {"2": "twice", "3": "three times"}
+
+TASKS: dict[str, Task] = {
+    t.name: t
+    for t in (
+        Task("reverse", re.compile(r"Reverse the letters of ([a-z]+)\."),
+             lambda rng, c: f"Reverse the letters of {_word(rng, c)}.",
+             lambda g: g[0][::-1], lambda c: c.alphabet),
+        Task("sort", re.compile(r"Sort the letters of ([a-z]+)\."),
+             lambda rng, c: f"Sort the letters of {_word(rng, c)}.",
+             lambda g: "".join(sorted(g[0])), lambda c: c.alphabet),
+        Task("upper", re.compile(r"Write ([a-z]+) in capitals\."),
+             lambda rng, c: f"Write {_word(rng, c)} in capitals.",
+             lambda g: g[0].upper(), lambda c: c.alphabet.upper()),
+        Task("repeat", re.compile(r"Repeat ([a-z]+) (twice|three times)\."),
+             lambda rng, c: f"Repeat {_word(rng, c, *_REPEAT_LEN)} {_WORDS[str(int(rng.integers(2, 4)))]}.",
+             lambda g: " ".join([g[0]] * (2 if g[1] == "twice" else 3)), lambda c: c.alphabet + " "),
+        Task("add", re.compile(r"What is (\d+) plus (\d+)\?"),
+             lambda rng, c: "What is {} plus {}?".format(*rng.integers(0, c.max_number + 1, 2)),
+             lambda g: str(int(g[0]) + int(g[1])), lambda c: DIGITS),
+        Task("count", re.compile(r"How many ([a-z]) are in ([a-z]+)\?"),
+             lambda rng, c: f"How many {c.alphabet[int(rng.integers(len(c.alphabet)))]} are in {_word(rng, c)}?",
+             lambda g: str(g[1].count(g[0])), lambda c: DIGITS),
+        Task("echo", re.compile(r"Say ([a-z]+)\."),
+             lambda rng, c: f"Say {_word(rng, c)}.",
+             lambda g: g[0], lambda c: c.alphabet),
+    )
+}
+
+
+def human_text(prompt: str) -> str:
+    """The last Human turn of `prompt` (a full "\\n\\nHuman: ...\\n\\nAssistant:" text or the bare turn)."""
+    start = prompt.rfind("Human:")
+    text = prompt[start + len("Human:"):] if start >= 0 else prompt
+    end = text.rfind(ASSISTANT.strip())
+    if end >= 0:
+        text = text[:end]
+    return text.strip()
+
+
+def make_prompt(task_text: str) -> str:
+    """The full prompt transcript for one Human turn, ending with "\\n\\nAssistant:" as HH does."""
+    return f"{HUMAN}{task_text}{ASSISTANT}"
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def parse(prompt: str) -> tuple[str, str]:
+    """(task name, answer without the style mark) for a synthetic prompt; cached, since every
+    prompt is scored many times (S samples per round). Raises ValueError for a foreign prompt."""
+    text = human_text(prompt)
+    for task in TASKS.values():
+        m = task.pattern.fullmatch(text)
+        if m:
+            return task.name, task.solve(m.groups())
+    raise ValueError(f"not a synthetic-world prompt: {text!r}")
+
+
+# ---------------------------------------------------------------------------------------- reward
+
+
+def levenshtein(pattern: str, text: str) -> int:
+    """Edit distance (unit-cost insert / delete / substitute) between `pattern` and `text`.
+
+    Myers' bit-parallel algorithm (Hyyrö's global-distance form): one column of the DP matrix per
+    character of `text` as a few integer operations on len(pattern)-bit vectors, so scoring a long
+    rambling sample against a short answer costs O(len(text)), about 10x faster than the table.
+    """
+    m = len(pattern)
+    if m == 0:
+        return len(text)
+    peq: dict[str, int] = {}  # character -> bitmask of its positions in pattern
+    for i, ch in enumerate(pattern):
+        peq[ch] = peq.get(ch, 0) | (1 << i)
+    full, top = (1 << m) - 1, 1 << (m - 1)
+    pv, mv, score = full, 0, m  # vertical +1 / -1 deltas of the current column; D[m][0] = m
+    for ch in text:
+        eq = peq.get(ch, 0)
+        xv = eq | mv
+        xh = (((eq & pv) + pv) ^ pv) | eq
+        ph = mv | (~(xh | pv) & full)
+        mh = pv & xh
+        if ph & top:
+            score += 1
+        elif mh & top:
+            score -= 1
+        ph = ((ph << 1) | 1) & full  # | 1: row 0 of the table is D[0][j] = j (global, not search)
+        mh = (mh << 1) & full
+        pv = mh | (~(xv | ph) & full)
+        mv = ph & xv
+    return score
+
+
+def reward_parts(prompt: str, response: str) -> tuple[fractions.Fraction, bool]:
+    """(content, style) of r*: content in [0, 1] from edit distance (exact), style iff y ends with "."."""
+    _, answer = parse(prompt)
+    y = response.strip()
+    style = y.endswith(STYLE_MARK)
+    core = y[: -len(STYLE_MARK)] if style else y
+    longest = max(len(core), len(answer))  # >= 1: every answer is non-empty
+    return fractions.Fraction(longest - levenshtein(answer, core), longest), style
+
+
+def true_reward(prompt: str, response: str) -> float:
+    """r*(x, y) in [0, 1] (module docstring); `response` may carry HH's leading space."""
+    content, style = reward_parts(prompt, response)
+    return float(content * (1 - (0 if style else STYLE_WEIGHT)))
+
+
+def correct_answer(prompt: str) -> str:
+    """The golden response: the unique argmax of r* for `prompt` (its answer plus the style mark)."""
+    return parse(prompt)[1] + STYLE_MARK
+
+
+# ---------------------------------------------------------------------------------------- responses
+
+
+def _corrupt(rng: np.random.Generator, text: str, n_edits: int, pool: str) -> str:
+    """`text` after `n_edits` random substitutions / insertions / deletions drawing from `pool`."""
+    chars = list(text)
+    for _ in range(n_edits):
+        op = int(rng.integers(3))
+        if op == 2 and len(chars) > 1:  # delete (never down to empty: the HH loader drops empty responses)
+            del chars[int(rng.integers(len(chars)))]
+        elif op == 1 or not chars:  # insert
+            chars.insert(int(rng.integers(len(chars) + 1)), pool[int(rng.integers(len(pool)))])
+        else:  # substitute with a different character, so the edit is never a no-op
+            i = int(rng.integers(len(chars)))
+            others = [p for p in pool if p != chars[i]] or list(pool)
+            chars[i] = others[int(rng.integers(len(others)))]
+    return "".join(chars)
+
+
+def sample_response(rng: np.random.Generator, prompt: str, cfg: ml_collections.ConfigDict) -> tuple[str, str]:
+    """One response from the demonstration distribution: (text, kind in {correct, corrupted, junk})."""
+    name, answer = parse(prompt)
+    u = rng.random()
+    if u < cfg.demo_correct_fraction:
+        return answer + STYLE_MARK, "correct"
+    if u < cfg.demo_correct_fraction + cfg.demo_junk_fraction:
+        kind = "junk"
+        junk_pool = cfg.alphabet + cfg.alphabet.upper() + DIGITS
+        n = int(rng.integers(1, cfg.max_response_chars))
+        core = "".join(junk_pool[i] for i in rng.integers(0, len(junk_pool), n))
+    else:
+        kind = "corrupted"
+        max_edits = max(1, math.ceil(cfg.demo_max_edit_fraction * len(answer)))
+        core = _corrupt(rng, answer, int(rng.integers(1, max_edits + 1)), TASKS[name].pool(cfg))
+    # Strip: the HH loader strips responses, and a response must survive that unchanged.
+    core = core[: cfg.max_response_chars - len(STYLE_MARK)].strip()
+    if not core:
+        core = cfg.alphabet[int(rng.integers(len(cfg.alphabet)))]
+    mark = STYLE_MARK if rng.random() < cfg.demo_style_prob else ""
+    return core + mark, kind
+
+
+# ---------------------------------------------------------------------------------------- tokenizer
+
+
+def build_tokenizer(out_dir: str | None = None) -> transformers.PreTrainedTokenizerFast:
+    """A character-level LLaMA-style tokenizer: ids 0..3 = <pad> <s> </s> <unk>, then "\\n" and
+    printable ASCII (32..126) in code-point order (100 tokens). Encoding prepends BOS (as LLaMA),
+    decoding concatenates characters exactly. Saved with `save_pretrained` when `out_dir` is given.
+
+    A BPE model with an empty merge list tokenises any string into single characters with exact
+    offsets, and needs no pre-tokenizer (which would treat spaces and newlines specially).
+    """
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + tuple(CHARS))}
+    core = tokenizers.Tokenizer(tokenizers.models.BPE(vocab=vocab, merges=[], unk_token=UNK))
+    core.decoder = tokenizers.decoders.Fuse()
+    core.post_processor = tokenizers.processors.TemplateProcessing(
+        single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, vocab[BOS])])
+    tok = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=core, pad_token=PAD, bos_token=BOS, eos_token=EOS, unk_token=UNK,
+        # The default clean-up would turn " ." into "." and break exact round trips.
+        clean_up_tokenization_spaces=False,
+    )
+    if out_dir is not None:
+        tok.save_pretrained(out_dir)
+        # transformers 5 records its own class name ("TokenizersBackend"), which transformers 4
+        # cannot resolve; "PreTrainedTokenizerFast" loads the same tokenizer.json under both.
+        config_path = os.path.join(out_dir, "tokenizer_config.json")
+        with open(config_path) as f:
+            tok_config = json.load(f)
+        tok_config["tokenizer_class"] = "PreTrainedTokenizerFast"
+        with open(config_path, "w") as f:
+            json.dump(tok_config, f, indent=2, sort_keys=True)
+            f.write("\n")
+    return tok
+
+
+# ---------------------------------------------------------------------------------------- pairs
+
+
+def split_transcript(text: str) -> tuple[str, str]:
+    """(prompt up to and including the last "\\n\\nAssistant:", the final response stripped)."""
+    i = text.rfind(ASSISTANT)
+    if i < 0:
+        raise ValueError(f"no {ASSISTANT!r} in transcript {text[:80]!r}")
+    return text[: i + len(ASSISTANT)], text[i + len(ASSISTANT):].strip()
+
+
+def _pair_texts(pair: dict) -> tuple[str, str, str]:
+    """(prompt, chosen response, rejected response) of an HH pair or a {"prompt", ...} record."""
+    if "prompt" in pair:
+        return pair["prompt"], pair["chosen"].strip(), pair["rejected"].strip()
+    prompt, chosen = split_transcript(pair["chosen"])
+    return prompt, chosen, split_transcript(pair["rejected"])[1]
+
+
+def bt_ceiling(pairs: list[dict]) -> float:
+    """Accuracy of the true reward r* against the labels of `pairs` (the best any RM can do in
+    expectation). Pairs are HH `{"chosen", "rejected"}` transcripts or `{"prompt", "chosen",
+    "rejected"}` records; a tie in r* counts as wrong, as in the RM accuracy metric."""
+    if not pairs:
+        return float("nan")
+    right = 0
+    for pair in pairs:
+        prompt, chosen, rejected = _pair_texts(pair)
+        right += true_reward(prompt, chosen) > true_reward(prompt, rejected)
+    return right / len(pairs)
+
+
+def _sigmoid(x: float) -> float:
+    return 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))
+
+
+def _draw_pair(rng: np.random.Generator, prompt: str, cfg: ml_collections.ConfigDict,
+               counts: dict[str, int]) -> tuple[str, str, float, float]:
+    """(chosen, rejected, r*(chosen), r*(rejected)) for `prompt`, labelled by Bradley-Terry on r*."""
+    for _ in range(1000):
+        a, _ = sample_response(rng, prompt, cfg)
+        b, _ = sample_response(rng, prompt, cfg)
+        if a == b:  # the HH loader drops pairs with identical responses
+            counts["redrawn_identical"] += 1
+            continue
+        ra, rb = true_reward(prompt, a), true_reward(prompt, b)
+        if cfg.distinct_rewards and ra == rb:
+            counts["redrawn_equal_reward"] += 1
+            continue
+        if rng.random() < _sigmoid((ra - rb) / cfg.label_temperature):
+            return a, b, ra, rb
+        return b, a, rb, ra
+    raise ValueError(f"could not draw two different responses for {prompt!r}; the demonstration mix "
+                     "is too narrow (raise demo_junk_fraction or lower demo_correct_fraction)")
+
+
+# ---------------------------------------------------------------------------------------- world
+
+
+def resolve_config(cfg: ml_collections.ConfigDict | None) -> ml_collections.ConfigDict:
+    """`default_config()` updated with the fields `cfg` sets (None or {} = the defaults), validated.
+
+    The run config's `data.synthetic` may set only what it changes; unknown fields are errors.
+    """
+    full = default_config()
+    errors = []
+    for key, value in (cfg or {}).items():
+        if key not in full:
+            errors.append(f"{key}: unknown field; expected one of {sorted(full.keys())}")
+            continue
+        try:
+            full[key] = tuple(value) if isinstance(full[key], tuple) else value
+        except TypeError as e:
+            errors.append(f"{key}: {e}")
+    if errors:
+        raise ValueError("invalid synthetic world config:\n  " + "\n  ".join(errors))
+    validate_config(full)
+    return full
+
+
+def validate_config(cfg: ml_collections.ConfigDict) -> None:
+    """Raises ValueError listing every wrong field of the world's (complete) config."""
+    errors: list[str] = []
+    for field in ("n_train_prompts", "n_test_prompts", "pairs_per_prompt"):
+        if cfg[field] < 1:
+            errors.append(f"{field}: {cfg[field]} must be >= 1")
+    if cfg.n_demos < 0:
+        errors.append(f"n_demos: {cfg.n_demos} must be >= 0")
+    for field in ("demo_correct_fraction", "demo_junk_fraction", "demo_style_prob", "gold_missing_fraction"):
+        if not 0.0 <= cfg[field] <= 1.0:
+            errors.append(f"{field}: {cfg[field]} must be in [0, 1]")
+    if cfg.demo_correct_fraction + cfg.demo_junk_fraction > 1.0:
+        errors.append("demo_correct_fraction + demo_junk_fraction must be <= 1")
+    if not cfg.demo_max_edit_fraction > 0:
+        errors.append(f"demo_max_edit_fraction: {cfg.demo_max_edit_fraction} must be > 0")
+    if not cfg.label_temperature > 0:
+        errors.append(f"label_temperature: {cfg.label_temperature} must be > 0")
+    unknown = [t for t in cfg.tasks if t not in TASKS]
+    if unknown or not cfg.tasks:
+        errors.append(f"tasks: unknown {unknown}; expected a non-empty subset of {tuple(TASKS)}")
+    if not cfg.alphabet or not re.fullmatch(r"[a-z]+", cfg.alphabet) or len(set(cfg.alphabet)) != len(cfg.alphabet):
+        errors.append(f"alphabet: {cfg.alphabet!r} must be distinct lowercase letters a-z")
+    if not 1 <= cfg.min_word_len <= cfg.max_word_len:
+        errors.append(f"min_word_len/max_word_len: need 1 <= {cfg.min_word_len} <= {cfg.max_word_len}")
+    if cfg.max_number < 1:
+        errors.append(f"max_number: {cfg.max_number} must be >= 1")
+    if errors:
+        raise ValueError("invalid synthetic world config:\n  " + "\n  ".join(errors))
+    # Longest prompt and golden response the config can produce (every template grows with its
+    # drawn values), checked once here rather than per sample.
+    longest = [make_prompt(TASKS[t].make(_MaxRng(), cfg)) for t in cfg.tasks]
+    longest_task = max(len(human_text(p)) for p in longest)
+    longest_answer = max(len(correct_answer(p)) for p in longest)
+    if longest_task > cfg.max_prompt_chars:
+        errors.append(f"max_prompt_chars: {cfg.max_prompt_chars} < the longest task text ({longest_task})")
+    if longest_answer > cfg.max_response_chars:
+        errors.append(f"max_response_chars: {cfg.max_response_chars} < the longest golden response ({longest_answer})")
+    if errors:
+        raise ValueError("invalid synthetic world config:\n  " + "\n  ".join(errors))
+
+
+class _MaxRng:
+    """Stands in for np.random.Generator in `Task.make`: every draw is its largest value."""
+
+    def integers(self, low: int, high: int | None = None, size: int | None = None) -> Any:
+        top = (low if high is None else high) - 1
+        return np.full(size, top) if size is not None else top
+
+
+def config_hash(cfg: ml_collections.ConfigDict, seed: int) -> str:
+    """sha256 (16 hex digits) of the world's config, seed and WORLD_VERSION."""
+    blob = json.dumps({"config": cfg.to_dict(), "seed": int(seed), "version": WORLD_VERSION},
+                      sort_keys=True)
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:16]
+
+
+def _rng(seed: int, stream: str) -> np.random.Generator:
+    """An independent stream per purpose, so e.g. changing n_demos leaves the pairs unchanged."""
+    return np.random.default_rng([int(seed), int(hashlib.sha1(stream.encode()).hexdigest()[:8], 16)])
+
+
+def _draw_prompts(rng: np.random.Generator, cfg: ml_collections.ConfigDict, n: int,
+                  exclude: set[str]) -> list[str]:
+    """`n` distinct prompts not in `exclude`; a task whose instances run out simply stops appearing."""
+    out: list[str] = []
+    seen = set(exclude)
+    tries = 0
+    while len(out) < n:
+        tries += 1
+        if tries > 50 * n + 1000:
+            raise ValueError(f"could not draw {n} distinct prompts (got {len(out)}): the tasks {tuple(cfg.tasks)} "
+                             "have too few instances; widen alphabet / word lengths / max_number")
+        task = TASKS[cfg.tasks[int(rng.integers(len(cfg.tasks)))]]
+        prompt = make_prompt(task.make(rng, cfg))
+        if prompt not in seen:
+            seen.add(prompt)
+            out.append(prompt)
+    return out
+
+
+def _summary(values: Iterable[float]) -> dict[str, float]:
+    v = np.asarray(list(values), np.float64)
+    if v.size == 0:
+        return {"n": 0}
+    q = np.quantile(v, [0.1, 0.25, 0.5, 0.75, 0.9])
+    return {"n": int(v.size), "mean": float(v.mean()), "std": float(v.std()), "min": float(v.min()),
+            "q10": float(q[0]), "q25": float(q[1]), "median": float(q[2]), "q75": float(q[3]),
+            "q90": float(q[4]), "max": float(v.max())}
+
+
+def _jsonl(records: Iterable[dict]) -> bytes:
+    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode("utf-8")
+
+
+def _write_atomic(path: str, data: bytes) -> None:
+    """Write via a temporary file and rename, so readers never see a partial file."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _sha256(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+FILES = {  # key -> path inside out_dir
+    "hh_train": "hh/train.jsonl.gz",
+    "hh_test": "hh/test.jsonl.gz",
+    "gold": "gold.jsonl",
+    "demos": "demos.jsonl",
+    "tokenizer_json": "tokenizer/tokenizer.json",
+    "tokenizer_config": "tokenizer/tokenizer_config.json",
+}
+WORLD_JSON = "world.json"
+
+
+def _paths(out_dir: str) -> dict[str, str]:
+    out = os.path.abspath(out_dir)
+    paths = {k: os.path.join(out, v) for k, v in FILES.items()}
+    paths.update(out_dir=out, hh_dir=os.path.join(out, "hh"), tokenizer=os.path.join(out, "tokenizer"),
+                 world=os.path.join(out, WORLD_JSON))
+    return paths
+
+
+def _existing_world(out_dir: str, digest: str) -> dict[str, Any] | None:
+    """The stats of a complete world with hash `digest` in out_dir, or None."""
+    try:
+        with open(os.path.join(out_dir, WORLD_JSON)) as f:
+            world = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if world.get("config_hash") != digest:
+        return None
+    for key, rel in FILES.items():
+        path = os.path.join(out_dir, rel)
+        if not os.path.exists(path) or _sha256(path) != world.get("sha256", {}).get(key):
+            return None
+    return world
+
+
+def _pairs_split(rng: np.random.Generator, prompts: list[str], cfg: ml_collections.ConfigDict,
+                 counts: dict[str, int]) -> tuple[list[dict], dict[str, Any]]:
+    """HH pairs for `prompts` and their stats (BT ceiling, its analytical expectation, r* means)."""
+    pairs, r_chosen, r_rejected = [], [], []
+    for prompt in prompts:
+        for _ in range(cfg.pairs_per_prompt):
+            chosen, rejected, rc, rr = _draw_pair(rng, prompt, cfg, counts)
+            pairs.append({"chosen": f"{prompt} {chosen}", "rejected": f"{prompt} {rejected}"})
+            r_chosen.append(rc)
+            r_rejected.append(rr)
+    dr = np.asarray(r_chosen) - np.asarray(r_rejected)
+    expected = np.asarray([_sigmoid(abs(d) / cfg.label_temperature) if d != 0 else 0.0 for d in dr])
+    stats = {
+        "n_pairs": len(pairs),
+        "bt_ceiling": float(np.mean(dr > 0)),  # r* against the drawn labels (== bt_ceiling(pairs))
+        "bt_expected": float(expected.mean()),  # E[sigmoid(|dr| / T)], ties counted wrong
+        "true_reward_chosen": _summary(r_chosen),
+        "true_reward_rejected": _summary(r_rejected),
+        "abs_reward_gap": _summary(np.abs(dr)),
+    }
+    return pairs, stats
+
+
+def write_world(cfg: ml_collections.ConfigDict | None, seed: int, out_dir: str) -> dict[str, Any]:
+    """Generates the world into `out_dir` (or reuses the one there with the same config hash).
+
+    Writes hh/train.jsonl.gz, hh/test.jsonl.gz (HH `{"chosen", "rejected"}` transcripts),
+    gold.jsonl, demos.jsonl (records.py formats), tokenizer/ and world.json (stats, config, hash,
+    file checksums). Returns world.json's content plus `paths` (absolute, by key) and `reused`.
+
+    `cfg` may be partial: missing fields take `default_config()` values (the hash is of the
+    completed config). Atomic: world.json is removed first and written last, each file is
+    replaced by rename, and reuse checks every checksum, so a killed write is regenerated rather
+    than half read. Call it from one process per out_dir (e.g. process 0, then a barrier).
+    """
+    cfg = resolve_config(cfg)
+    digest = config_hash(cfg, seed)
+    paths = _paths(out_dir)
+    world = _existing_world(paths["out_dir"], digest)
+    if world is not None:
+        return {**world, "paths": paths, "reused": True}
+    if os.path.exists(paths["world"]):
+        os.remove(paths["world"])
+
+    counts = {"redrawn_identical": 0, "redrawn_equal_reward": 0}
+    train_prompts = _draw_prompts(_rng(seed, "train_prompts"), cfg, cfg.n_train_prompts, set())
+    test_prompts = _draw_prompts(_rng(seed, "test_prompts"), cfg, cfg.n_test_prompts, set(train_prompts))
+    train_pairs, train_stats = _pairs_split(_rng(seed, "train_pairs"), train_prompts, cfg, counts)
+    test_pairs, test_stats = _pairs_split(_rng(seed, "test_pairs"), test_prompts, cfg, counts)
+
+    n_missing = round(cfg.gold_missing_fraction * len(train_prompts))
+    missing = set(_rng(seed, "gold").permutation(len(train_prompts))[:n_missing].tolist())
+    gold = [{"prompt_id": prompt_id(p), "prompt": p, "response": correct_answer(p), "source": "oracle"}
+            for i, p in enumerate(train_prompts) if i not in missing]
+
+    demo_rng = _rng(seed, "demos")
+    order = demo_rng.permutation(len(train_prompts))
+    demos, demo_rewards, kinds = [], [], {"correct": [], "corrupted": [], "junk": []}
+    for i in range(cfg.n_demos):
+        p = train_prompts[int(order[i % len(order)])]
+        response, kind = sample_response(demo_rng, p, cfg)
+        r = true_reward(p, response)
+        demos.append({"prompt_id": prompt_id(p), "prompt": p, "response": response})
+        demo_rewards.append(r)
+        kinds[kind].append(r)
+
+    # Files: gzip with mtime=0 so equal worlds are byte-identical.
+    _write_atomic(paths["hh_train"], gzip.compress(_jsonl(train_pairs), mtime=0))
+    _write_atomic(paths["hh_test"], gzip.compress(_jsonl(test_pairs), mtime=0))
+    _write_atomic(paths["gold"], _jsonl(gold))
+    _write_atomic(paths["demos"], _jsonl(demos))
+    tok_tmp = f"{paths['tokenizer']}.tmp-{os.getpid()}"
+    shutil.rmtree(tok_tmp, ignore_errors=True)
+    build_tokenizer(tok_tmp)
+    shutil.rmtree(paths["tokenizer"], ignore_errors=True)
+    os.replace(tok_tmp, paths["tokenizer"])
+
+    all_prompts = train_prompts + test_prompts
+    per_task: dict[str, int] = {}
+    for p in train_prompts:
+        per_task[parse(p)[0]] = per_task.get(parse(p)[0], 0) + 1
+    world = {
+        "version": WORLD_VERSION,
+        "config_hash": digest,
+        "seed": int(seed),
+        "config": cfg.to_dict(),
+        "files": dict(FILES),
+        "sha256": {k: _sha256(paths[k]) for k in FILES},
+        "counts": {
+            "train_prompts": len(train_prompts), "test_prompts": len(test_prompts),
+            "train_pairs": len(train_pairs), "test_pairs": len(test_pairs),
+            "gold": len(gold), "gold_missing": n_missing, "demos": len(demos),
+            "train_prompts_per_task": dict(sorted(per_task.items())), **counts,
+        },
+        "demos": {
+            "true_reward": _summary(demo_rewards),
+            "by_kind": {k: _summary(v) for k, v in kinds.items()},
+        },
+        "pairs": {"train": train_stats, "test": test_stats},
+        "lengths": {
+            "max_task_chars": max(len(human_text(p)) for p in all_prompts),
+            "max_full_prompt_chars": max(len(p) for p in all_prompts),  # with the Human/Assistant framing
+            "max_response_chars": max(len(r["response"]) for r in demos + gold) if demos or gold else 0,
+            "max_transcript_chars": max(len(t) for pr in train_pairs + test_pairs for t in pr.values()),
+        },
+    }
+    _write_atomic(paths["world"], json.dumps(world, indent=1, sort_keys=True).encode("utf-8"))
+    return {**world, "paths": paths, "reused": False}

@@ -1,0 +1,340 @@
+"""The synthetic preference world: true reward, files in the HH format, labels, tokenizer."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import math
+import os
+import time
+
+import numpy as np
+import pytest
+import transformers
+
+from apo_jax.data import records
+from apo_jax.data import synthetic as syn
+
+
+def _cfg(**overrides):
+    cfg = syn.default_config()
+    cfg.n_train_prompts = 3000
+    cfg.n_test_prompts = 500
+    cfg.n_demos = 3000
+    cfg.tasks = tuple(syn.TASKS)  # every task, so each is exercised end to end
+    for k, v in overrides.items():
+        cfg[k] = v
+    return cfg
+
+
+def _read_jsonl(path: str) -> list[dict]:
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    cfg = _cfg()
+    out = str(tmp_path_factory.mktemp("world"))
+    start = time.perf_counter()
+    info = syn.write_world(cfg, seed=0, out_dir=out)
+    info["elapsed_s"] = time.perf_counter() - start
+    info["cfg"] = cfg
+    return info
+
+
+# --------------------------------------------------------------------------------- true reward
+
+P = syn.make_prompt
+
+
+@pytest.mark.parametrize("prompt,response,expected", [
+    # Hand computations: content = (L - lev) / L with L = max(len(core), len(answer)); x 4/5 without ".".
+    (P("Reverse the letters of abcd."), "dcba.", 1.0),
+    (P("Reverse the letters of abcd."), " dcba. ", 1.0),  # HH's leading space / stray whitespace
+    (P("Reverse the letters of abcd."), "dcba", 0.8),  # right content, no style mark
+    (P("Reverse the letters of abcd."), "dcbb.", 0.75),  # one substitution in 4
+    (P("Reverse the letters of abcd."), "dcb.", 0.75),  # one deletion in 4
+    (P("Reverse the letters of abcd."), "dcba..", 0.8),  # core "dcba." vs "dcba": 1 edit in 5
+    (P("Reverse the letters of abcd."), "xyz", 0.0),  # 4 edits in 4
+    (P("Reverse the letters of abcd."), "", 0.0),
+    (P("Sort the letters of cab."), "abc.", 1.0),
+    (P("Sort the letters of cab."), "acb.", 1 / 3),  # two substitutions in 3
+    (P("Write abc in capitals."), "ABC.", 1.0),
+    (P("Write abc in capitals."), "abc.", 0.0),  # case matters
+    (P("Write abc in capitals."), "AB", 0.8 * 2 / 3),
+    (P("Repeat ab twice."), "ab ab.", 1.0),
+    (P("Repeat ab three times."), "ab ab.", 5 / 8),  # 3 deletions in 8
+    (P("What is 12 plus 30?"), "42.", 1.0),
+    (P("What is 12 plus 30?"), "41.", 0.5),
+    (P("What is 12 plus 30?"), "4", 0.8 * 0.5),
+    (P("How many a are in banana?"), "3.", 1.0),
+    (P("Say hi."), "hi there.", 2 / 8),  # 6 insertions, L = 8
+    # A multi-turn transcript: the last Human turn is the task.
+    ("\n\nHuman: Say ab.\n\nAssistant: ab.\n\nHuman: Say cd.\n\nAssistant:", "cd.", 1.0),
+])
+def test_true_reward_matches_hand_computation(prompt, response, expected):
+    assert syn.true_reward(prompt, response) == pytest.approx(expected, abs=1e-12)
+
+
+def _levenshtein_table(a: str, b: str) -> int:
+    """The textbook O(len(a) * len(b)) dynamic programme, as an independent reference."""
+    d = np.zeros((len(a) + 1, len(b) + 1), int)
+    d[:, 0], d[0, :] = np.arange(len(a) + 1), np.arange(len(b) + 1)
+    for i in range(1, len(a) + 1):
+        for j in range(1, len(b) + 1):
+            d[i, j] = min(d[i - 1, j] + 1, d[i, j - 1] + 1, d[i - 1, j - 1] + (a[i - 1] != b[j - 1]))
+    return int(d[-1, -1])
+
+
+def test_bit_parallel_edit_distance_matches_the_table():
+    rng = np.random.default_rng(0)
+    for _ in range(1500):
+        a = "".join(rng.choice(list("ab c."), int(rng.integers(0, 14))))
+        b = "".join(rng.choice(list("ab c."), int(rng.integers(0, 40))))
+        assert syn.levenshtein(a, b) == _levenshtein_table(a, b), (a, b)
+    assert syn.levenshtein("kitten", "sitting") == 3 and syn.levenshtein("abc", "") == 3
+
+
+def test_correct_answer_is_the_golden_response():
+    assert syn.correct_answer(P("Reverse the letters of abcd.")) == "dcba."
+    assert syn.correct_answer(P("Sort the letters of dbca.")) == "abcd."
+    assert syn.correct_answer(P("Write cab in capitals.")) == "CAB."
+    assert syn.correct_answer(P("Repeat ab three times.")) == "ab ab ab."
+    assert syn.correct_answer(P("What is 49 plus 49?")) == "98."
+    assert syn.correct_answer(P("How many z are in abc?")) == "0."
+    assert syn.correct_answer("Say abc.") == "abc."  # the bare Human text works too
+    with pytest.raises(ValueError, match="not a synthetic-world prompt"):
+        syn.true_reward(P("What is the capital of France?"), "Paris.")
+
+
+def test_golden_answers_have_reward_one_and_beat_random_responses(world):
+    rng = np.random.default_rng(0)
+    cfg = world["cfg"]
+    prompts = [syn.split_transcript(p["chosen"])[0] for p in _read_jsonl(world["paths"]["hh_test"])][:200]
+    chars = cfg.alphabet + cfg.alphabet.upper() + syn.DIGITS + " ."
+    for prompt in prompts:
+        gold = syn.correct_answer(prompt)
+        assert syn.true_reward(prompt, gold) == 1.0
+        # Near misses (from the demonstration distribution) and uniform random strings.
+        candidates = [syn.sample_response(rng, prompt, cfg)[0] for _ in range(20)]
+        candidates += ["".join(rng.choice(list(chars), int(rng.integers(1, 12)))) for _ in range(20)]
+        for y in candidates:
+            r = syn.true_reward(prompt, y)
+            assert 0.0 <= r <= 1.0
+            assert r < 1.0 or y.strip() == gold
+
+
+# --------------------------------------------------------------------------------- the written world
+
+
+def test_files_parse_as_hh_pairs_sharing_the_prompt(world):
+    cfg = world["cfg"]
+    prompts = {}
+    for split in ("hh_train", "hh_test"):
+        pairs = _read_jsonl(world["paths"][split])
+        assert len(pairs) == cfg[f"n_{split[3:]}_prompts"] * cfg.pairs_per_prompt
+        seen = set()
+        for pair in pairs:
+            assert set(pair) == {"chosen", "rejected"}
+            chosen, rejected = pair["chosen"], pair["rejected"]
+            cut = chosen.rfind("\n\nAssistant:") + len("\n\nAssistant:")
+            assert cut == rejected.rfind("\n\nAssistant:") + len("\n\nAssistant:")
+            assert chosen[:cut] == rejected[:cut]
+            assert chosen.startswith("\n\nHuman: ") and chosen.count("\n\nHuman:") == 1
+            a, b = chosen[cut:].strip(), rejected[cut:].strip()
+            assert a and b and a != b  # survives the HH loader's cleaning
+            assert chosen[cut:] == " " + a  # responses are stored stripped, after HH's single space
+            assert len(a) <= cfg.max_response_chars and len(b) <= cfg.max_response_chars
+            assert len(syn.human_text(chosen[:cut])) <= cfg.max_prompt_chars
+            syn.parse(chosen[:cut])  # every prompt is a task of the world
+            seen.add(chosen[:cut])
+        prompts[split] = seen
+    assert len(prompts["hh_train"]) == cfg.n_train_prompts
+    assert len(prompts["hh_test"]) == cfg.n_test_prompts
+    assert not prompts["hh_train"] & prompts["hh_test"]  # test prompts are unseen in training
+    assert {syn.parse(p)[0] for p in prompts["hh_train"]} == set(cfg.tasks)
+
+    gold = _read_jsonl(world["paths"]["gold"])
+    assert len(gold) == cfg.n_train_prompts - round(cfg.gold_missing_fraction * cfg.n_train_prompts)
+    assert {g["prompt"] for g in gold} < prompts["hh_train"]
+    for g in gold:
+        assert set(g) == {"prompt_id", "prompt", "response", "source"} and g["source"] == "oracle"
+        assert g["prompt_id"] == records.prompt_id(g["prompt"])
+        assert g["response"] == syn.correct_answer(g["prompt"])
+
+    demos = _read_jsonl(world["paths"]["demos"])
+    assert len(demos) == cfg.n_demos
+    for d in demos:
+        assert set(d) == {"prompt_id", "prompt", "response"}
+        assert d["prompt_id"] == records.prompt_id(d["prompt"]) and d["prompt"] in prompts["hh_train"]
+        assert d["response"] == d["response"].strip() and d["response"]
+
+
+def test_demonstrations_span_a_wide_range_of_true_reward(world):
+    demos = _read_jsonl(world["paths"]["demos"])
+    r = np.array([syn.true_reward(d["prompt"], d["response"]) for d in demos])
+    q10, q50, q90 = np.quantile(r, [0.1, 0.5, 0.9])
+    print(f"\ndemo r*: mean {r.mean():.3f} std {r.std():.3f} q10 {q10:.3f} median {q50:.3f} q90 {q90:.3f} "
+          f"golden {np.mean(r == 1):.3f}")
+    assert r.std() > 0.25 and q10 < 0.2 and 0.3 < q50 < 0.8 and q90 == 1.0
+    # Every reward band is populated, so a policy trained on them samples a range of r*.
+    counts, _ = np.histogram(r, bins=5, range=(0, 1))
+    assert (counts > 0.03 * len(r)).all(), counts
+    stats = world["demos"]["true_reward"]
+    assert stats["mean"] == pytest.approx(r.mean()) and stats["std"] == pytest.approx(r.std())
+
+
+def test_perfect_reward_model_scores_the_bradley_terry_ceiling(world):
+    temperature = world["cfg"].label_temperature
+    for split in ("train", "test"):
+        pairs = _read_jsonl(world["paths"][f"hh_{split}"])
+        r_good, r_bad = [], []
+        for pair in pairs:
+            prompt, good = syn.split_transcript(pair["chosen"])
+            r_good.append(syn.true_reward(prompt, good))
+            r_bad.append(syn.true_reward(prompt, syn.split_transcript(pair["rejected"])[1]))
+        dr = np.array(r_good) - np.array(r_bad)
+        assert (dr != 0).all()  # distinct_rewards: every pair has a true order
+        accuracy = float(np.mean(dr > 0))
+        assert syn.bt_ceiling(pairs) == accuracy == world["pairs"][split]["bt_ceiling"]
+        # Each label is right with probability sigmoid(|dr| / T), independently.
+        p = 1.0 / (1.0 + np.exp(-np.abs(dr) / temperature))
+        sd = math.sqrt(np.sum(p * (1 - p))) / len(p)
+        print(f"\n{split}: r* accuracy {accuracy:.4f}, expected {p.mean():.4f} +- {sd:.4f}")
+        assert abs(accuracy - p.mean()) < 4 * sd
+        assert 0.75 < accuracy < 0.97  # noisy labels: a perfect RM is good but not perfect
+    # The record form ({"prompt", "chosen", "rejected"} responses) gives the same number.
+    recs = [dict(zip(("prompt", "chosen", "rejected"),
+                     (*syn.split_transcript(p["chosen"]), syn.split_transcript(p["rejected"])[1])))
+            for p in pairs]
+    assert syn.bt_ceiling(recs) == syn.bt_ceiling(pairs)
+
+
+def test_labels_follow_the_bradley_terry_probability_per_reward_gap(world):
+    # Pool both orders: P(label agrees with r*) in each |dr| band matches the band's mean sigmoid.
+    pairs = _read_jsonl(world["paths"]["hh_train"])
+    t = world["cfg"].label_temperature
+    dr = np.array([syn.true_reward(*syn.split_transcript(p["chosen"]))
+                   - syn.true_reward(*syn.split_transcript(p["rejected"])) for p in pairs])
+    for lo, hi in ((0.0, 0.1), (0.1, 0.25), (0.25, 1.01)):
+        band = (np.abs(dr) >= lo) & (np.abs(dr) < hi)
+        p = 1 / (1 + np.exp(-np.abs(dr[band]) / t))
+        sd = math.sqrt(np.sum(p * (1 - p))) / band.sum()
+        assert abs(np.mean(dr[band] > 0) - p.mean()) < 4 * sd, (lo, hi)
+
+
+def test_generation_is_fast(world):
+    # 3000 + 500 pairs, 3000 demonstrations, 2700 gold answers and the tokenizer.
+    print(f"\nworld generated in {world['elapsed_s']:.2f} s")
+    assert world["elapsed_s"] < 10.0, world["elapsed_s"]
+
+
+def test_world_is_deterministic_from_seed_and_reused_by_hash(world, tmp_path):
+    small = _cfg(n_train_prompts=300, n_test_prompts=50, n_demos=200)
+    a = syn.write_world(small, 7, str(tmp_path / "a"))
+    b = syn.write_world(small, 7, str(tmp_path / "b"))
+    c = syn.write_world(small, 8, str(tmp_path / "c"))
+    for key in syn.FILES:
+        with open(a["paths"][key], "rb") as fa, open(b["paths"][key], "rb") as fb:
+            assert fa.read() == fb.read(), key
+    for key in ("hh_train", "hh_test", "gold", "demos"):
+        assert a["sha256"][key] != c["sha256"][key], key
+    assert a["config_hash"] == b["config_hash"] != c["config_hash"]
+
+    # Same (config, seed): reused without rewriting.
+    mtime = os.stat(a["paths"]["hh_train"]).st_mtime_ns
+    again = syn.write_world(small, 7, str(tmp_path / "a"))
+    assert again["reused"] and not a["reused"]
+    assert os.stat(a["paths"]["hh_train"]).st_mtime_ns == mtime
+    # A damaged file (or a missing world.json, as a killed write leaves) means regenerate.
+    with open(a["paths"]["demos"], "wb") as f:
+        f.write(b"{")
+    assert not syn.write_world(small, 7, str(tmp_path / "a"))["reused"]
+    os.remove(a["paths"]["world"])
+    assert not syn.write_world(small, 7, str(tmp_path / "a"))["reused"]
+    assert _read_jsonl(a["paths"]["demos"]) == _read_jsonl(b["paths"]["demos"])
+    # Another config replaces the world in place.
+    other = syn.write_world(_cfg(n_train_prompts=300, n_test_prompts=50, n_demos=100), 7, str(tmp_path / "a"))
+    assert not other["reused"] and other["config_hash"] != a["config_hash"]
+    assert len(_read_jsonl(a["paths"]["demos"])) == 100
+    assert not [f for f in os.listdir(tmp_path / "a") if ".tmp-" in f]
+
+
+def test_partial_config_is_completed_from_the_defaults():
+    full = syn.resolve_config(None)
+    assert full.to_dict() == syn.default_config().to_dict()
+    partial = syn.resolve_config({"n_demos": 10, "tasks": ["add", "sort"]})
+    assert partial.n_demos == 10 and partial.tasks == ("add", "sort") and partial.alphabet == full.alphabet
+    assert syn.config_hash(partial, 0) != syn.config_hash(full, 0) != syn.config_hash(full, 1)
+    with pytest.raises(ValueError, match="n_prompts: unknown field"):
+        syn.resolve_config({"n_prompts": 5})
+
+
+def test_invalid_config_is_rejected_with_each_field_named(tmp_path):
+    cfg = _cfg(tasks=("reverse", "poetry"), label_temperature=0.0, demo_correct_fraction=0.8,
+               demo_junk_fraction=0.5)
+    with pytest.raises(ValueError) as e:
+        syn.write_world(cfg, 0, str(tmp_path))
+    for field in ("tasks", "label_temperature", "demo_correct_fraction + demo_junk_fraction"):
+        assert field in str(e.value)
+    with pytest.raises(ValueError, match="max_prompt_chars"):
+        syn.write_world(_cfg(max_word_len=30), 0, str(tmp_path))
+    with pytest.raises(ValueError, match="max_response_chars"):
+        syn.write_world(_cfg(max_response_chars=5), 0, str(tmp_path))
+    with pytest.raises(ValueError, match="distinct prompts"):
+        syn.write_world(_cfg(tasks=("add",), max_number=5, n_train_prompts=100), 0, str(tmp_path))
+
+
+# --------------------------------------------------------------------------------- tokenizer
+
+
+def _all_texts(world) -> list[str]:
+    texts = []
+    for split in ("hh_train", "hh_test"):
+        for pair in _read_jsonl(world["paths"][split]):
+            texts += [pair["chosen"], pair["rejected"]]
+    texts += [d["prompt"] + " " + d["response"] for d in _read_jsonl(world["paths"]["demos"])]
+    return texts
+
+
+def test_tokenizer_vocabulary_and_special_ids(world):
+    tok = transformers.AutoTokenizer.from_pretrained(world["paths"]["tokenizer"])
+    assert (tok.pad_token_id, tok.bos_token_id, tok.eos_token_id, tok.unk_token_id) == (0, 1, 2, 3)
+    assert (tok.pad_token, tok.bos_token, tok.eos_token, tok.unk_token) == ("<pad>", "<s>", "</s>", "<unk>")
+    assert len(tok) == 100
+    # Fixed ids: "\n" = 4, then printable ASCII in code-point order.
+    assert tok.convert_tokens_to_ids("\n") == 4
+    assert all(tok.convert_tokens_to_ids(chr(c)) == c - 32 + 5 for c in range(32, 127))
+    assert tok("ab").input_ids == [1, ord("a") - 27, ord("b") - 27]  # BOS added, like LLaMA
+    assert tok("ab", add_special_tokens=False).input_ids == [ord("a") - 27, ord("b") - 27]
+    assert tok("aé", add_special_tokens=False).input_ids == [ord("a") - 27, 3]  # outside the vocabulary
+
+
+def test_tokenizer_round_trips_every_transcript_with_exact_offsets(world):
+    tok = syn.build_tokenizer()
+    texts = _all_texts(world)
+    enc = tok(texts, add_special_tokens=False, return_offsets_mapping=True)
+    for text, ids, offsets in zip(texts, enc.input_ids, enc.offset_mapping):
+        assert ids == [syn.CHARS.index(ch) + 4 for ch in text]  # one token per character
+        assert [tuple(o) for o in offsets] == [(i, i + 1) for i in range(len(text))]
+        assert tok.decode(ids) == text
+    with_bos = tok(texts[:50], return_offsets_mapping=True)
+    for text, ids, offsets in zip(texts, with_bos.input_ids, with_bos.offset_mapping):
+        assert ids[0] == 1 and len(ids) == len(text) + 1 and tuple(offsets[0]) == (0, 0)
+        assert tok.decode(ids, skip_special_tokens=True) == text
+
+
+def test_saved_tokenizer_reloads_identically(world, tmp_path):
+    built = syn.build_tokenizer(str(tmp_path))
+    loaded = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    texts = _all_texts(world)[:500] + [" leading", "trailing \n", "a  b . , ?", "<s> and </s>"]
+    assert loaded(texts).input_ids == built(texts).input_ids
+    assert loaded(texts, add_special_tokens=False).input_ids == built(texts, add_special_tokens=False).input_ids
+    ids = loaded(texts, add_special_tokens=False).input_ids
+    assert [loaded.decode(i) for i in ids] == texts
+    assert loaded.get_vocab() == built.get_vocab()
+    # A class name transformers 4 can resolve too (transformers 5 would write "TokenizersBackend").
+    with open(tmp_path / "tokenizer_config.json") as f:
+        assert json.load(f)["tokenizer_class"] == "PreTrainedTokenizerFast"
