@@ -11,6 +11,7 @@ naming the step. Metrics stay on device: no host sync per step.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import flax.struct
@@ -66,12 +67,43 @@ def make_schedule(cfg: OptimizerConfig) -> optax.Schedule:
     return optax.join_schedules([optax.linear_schedule(0.0, cfg.lr, cfg.warmup_steps), decay], [cfg.warmup_steps])
 
 
+def lr_at(step: jax.Array, hyper: jax.Array, schedule: str) -> jax.Array:
+    """`make_schedule`'s value at `step`, with (peak lr, warmup steps, total steps) = `hyper` traced.
+
+    Traced hyper-parameters let every phase of a run share one compiled step (only the schedule's
+    *kind* is static); `make_schedule` (optax) is the reference it is tested against.
+    """
+    peak, warmup, total = hyper[0], hyper[1], hyper[2]
+    step = step.astype(jnp.float32)
+    k = jnp.maximum(step - warmup, 0.0)
+    decay_steps = jnp.maximum(total - warmup, 1.0)
+    if schedule == "constant":
+        decay = peak
+    elif schedule == "linear":
+        decay = peak * jnp.clip(1.0 - k / decay_steps, 0.0, 1.0)
+    else:
+        decay = peak * 0.5 * (1.0 + jnp.cos(jnp.pi * jnp.minimum(k, decay_steps) / decay_steps))
+    return jnp.where(step < warmup, peak * step / jnp.maximum(warmup, 1.0), decay)
+
+
 def make_optimizer(cfg: OptimizerConfig) -> optax.GradientTransformation:
+    """Clipping + Adam + decoupled weight decay, *without* the learning rate: the step multiplies by
+    -lr_at(step) itself (together this is `optax.adamw(make_schedule(cfg))` after clipping)."""
     decay_mask = lambda params: jax.tree_util.tree_map(lambda p: p.ndim > 1, params)  # noqa: E731
     parts = [optax.clip_by_global_norm(cfg.grad_clip)] if cfg.grad_clip > 0 else []
-    parts.append(optax.adamw(make_schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
-                             weight_decay=cfg.weight_decay, mask=decay_mask))
+    parts.append(optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps))
+    if cfg.weight_decay > 0:
+        parts.append(optax.add_decayed_weights(cfg.weight_decay, mask=decay_mask))
     return optax.chain(*parts)
+
+
+def _static_opt(cfg: OptimizerConfig) -> OptimizerConfig:
+    """The fields a compiled step depends on (lr, warmup and total steps are traced inputs)."""
+    return dataclasses.replace(cfg, lr=0.0, warmup_steps=0, total_steps=1)
+
+
+def _hyper(cfg: OptimizerConfig) -> np.ndarray:
+    return np.asarray([cfg.lr, cfg.warmup_steps, cfg.total_steps], np.float32)
 
 
 @flax.struct.dataclass
@@ -144,18 +176,47 @@ def _accumulate(stats_fn: Callable[[Any, dict], dict], params: Any, batch: dict,
     return s, g
 
 
+class TrainStep:
+    """`(state, batch) -> (state, metrics)`: one jitted program per batch shape, shared by every
+    phase with the same model, mesh, loss and static optimizer settings (see `_STEP_CACHE`)."""
+
+    def __init__(self, key: Any, step: Callable, mesh: jax.sharding.Mesh, opt_cfg: OptimizerConfig):
+        self._key, self._step, self._mesh = key, step, mesh
+        self._hyper = _hyper(opt_cfg)
+
+    def jitted(self, state: TrainState, batch: dict[str, Any]) -> Any:
+        """The compiled-on-first-use jit for this batch shape (for `.lower(...)` in benchmarks)."""
+        key = (self._key, jax.tree_util.tree_structure(batch),
+               tuple((k, np.shape(v)) for k, v in sorted(batch.items())))
+        if key not in _STEP_CACHE:
+            mesh = self._mesh
+            st_sh = state_shardings(state, mesh)
+            b_sh = {k: sharding.batch_sharding(mesh, np.ndim(v)) for k, v in batch.items()}
+            rep = NamedSharding(mesh, P())
+            _STEP_CACHE[key] = jax.jit(self._step, in_shardings=(st_sh, b_sh, rep), out_shardings=(st_sh, rep),
+                                       donate_argnums=0)
+        return _STEP_CACHE[key]
+
+    def __call__(self, state: TrainState, batch: dict[str, Any]) -> tuple[TrainState, dict[str, jax.Array]]:
+        return self.jitted(state, batch)(state, batch, self._hyper)
+
+
+_STEP_CACHE: dict[Any, Callable] = {}
+"""Compiled steps by (kind, model config, mesh, loss settings, static optimizer fields, batch shape)."""
+
+
 def _make_step(
-    config: models.LlamaConfig,
+    key: Any,
     opt_cfg: OptimizerConfig,
     mesh: jax.sharding.Mesh,
     stats_fn: Callable[[Any, dict], dict],
     metrics_fn: Callable[[dict], dict],
     grad_accum: int,
-):
+) -> TrainStep:
     tx = make_optimizer(opt_cfg)
-    schedule = make_schedule(opt_cfg)
+    schedule = opt_cfg.schedule
 
-    def step(state: TrainState, batch: dict[str, jax.Array]):
+    def step(state: TrainState, batch: dict[str, jax.Array], hyper: jax.Array):
         with sharding.activation_sharding(mesh):
             s, g_num = _accumulate(stats_fn, state.params, batch, grad_accum)
         den = jnp.maximum(s["loss_den"], 1e-12)
@@ -163,31 +224,22 @@ def _make_step(
         metrics = metrics_fn(s)
         grad_norm = _tree_norm(grads)
         finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+        lr = lr_at(state.step, hyper, schedule)
 
         def apply(_):
             updates, opt_state = tx.update(grads, state.opt_state, state.params)
+            updates = jax.tree_util.tree_map(lambda u: (-lr * u).astype(u.dtype), updates)
             return optax.apply_updates(state.params, updates), opt_state
 
         def skip(_):
             return state.params, state.opt_state
 
         params, opt_state = jax.lax.cond(finite, apply, skip, None)
-        metrics = dict(metrics, grad_norm=grad_norm, lr=schedule(state.step), finite=finite.astype(jnp.float32))
+        metrics = dict(metrics, grad_norm=grad_norm, lr=lr, finite=finite.astype(jnp.float32))
         new_state = TrainState(step=state.step + finite.astype(jnp.int32), params=params, opt_state=opt_state)
         return new_state, metrics
 
-    cache: dict[Any, Callable] = {}
-
-    def run(state: TrainState, batch: dict[str, jax.Array]):
-        key = jax.tree_util.tree_structure(batch), tuple(np.shape(x) for x in jax.tree_util.tree_leaves(batch))
-        if key not in cache:
-            st_sh = state_shardings(state, mesh)
-            b_sh = {k: sharding.batch_sharding(mesh, np.ndim(v)) for k, v in batch.items()}
-            cache[key] = jax.jit(step, in_shardings=(st_sh, b_sh), out_shardings=(st_sh, NamedSharding(mesh, P())),
-                                 donate_argnums=0)
-        return cache[key](state, batch)
-
-    return run
+    return TrainStep((key, _static_opt(opt_cfg), mesh, grad_accum), step, mesh, opt_cfg)
 
 
 def make_rm_train_step(
@@ -213,7 +265,8 @@ def make_rm_train_step(
         return losses.rm_stats(r[:n], r[n:], b["is_apo"], b["weight"], apo_weight=apo_weight,
                                human_weight=human_weight)
 
-    return _make_step(config, opt_cfg, mesh, stats_fn, losses.rm_metrics, grad_accum)
+    key = ("rm", config, float(apo_weight), float(human_weight))
+    return _make_step(key, opt_cfg, mesh, stats_fn, losses.rm_metrics, grad_accum)
 
 
 def make_sft_train_step(
@@ -233,11 +286,13 @@ def make_sft_train_step(
         logits = models.lm_logits(config, params, b["input_ids"], b["attention_mask"])
         return losses.sft_stats(logits, b["input_ids"], b["loss_mask"], b["weight"], normalize)
 
-    return _make_step(config, opt_cfg, mesh, stats_fn, losses.sft_metrics, grad_accum)
+    return _make_step(("sft", config, normalize), opt_cfg, mesh, stats_fn, losses.sft_metrics, grad_accum)
 
 
+@functools.lru_cache(maxsize=32)
 def make_rm_score_fn(config: models.LlamaConfig, mesh: jax.sharding.Mesh):
-    """Jitted `(params, ids, mask) -> rewards [B]` on the mesh, for batched scoring."""
+    """Jitted `(params, ids, mask) -> rewards [B]` on the mesh, for batched scoring (one per
+    model config and mesh, so every RM of a run shares its compiled programs)."""
 
     def score(params, ids, mask):
         with sharding.activation_sharding(mesh):

@@ -7,7 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from apo_jax import models, sharding, train
+import optax
+
+from apo_jax import losses, models, sharding, train
 
 CFG = models.LlamaConfig(vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
@@ -79,7 +81,8 @@ def _assert_trees_close(a, b, atol):
 
 @pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (fake CPU) devices")
 def test_sharded_step_equals_single_device_step():
-    opt = train.OptimizerConfig(lr=1e-2, total_steps=10)
+    # eps = 1: Adam's update ~ lr * g (see the grad-accumulation test), so params compare gradients.
+    opt = train.OptimizerConfig(lr=1.0, total_steps=10, eps=1.0)
     batch = _rm_batch(np.random.RandomState(2))
     results = []
     for mesh in (_single_mesh(), sharding.make_mesh(sharding.MeshConfig(2, 2, 2))):
@@ -93,7 +96,7 @@ def test_sharded_step_equals_single_device_step():
     _assert_trees_close(p1, p8, atol=1e-5)  # float32 reduction order differs across shards
     q = s8.params["model"]["layers"]["attn"]["q_proj"]["kernel"]
     assert q.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)
-    mu = s8.opt_state[1][0].mu["model"]["layers"]["attn"]["q_proj"]["kernel"]
+    mu = s8.opt_state[1].mu["model"]["layers"]["attn"]["q_proj"]["kernel"]
     assert mu.sharding.spec == q.sharding.spec  # Adam moments sharded like their params
 
 
@@ -144,3 +147,56 @@ def test_nan_loss_is_reported_with_step_and_update_skipped():
     _assert_trees_close(jax.device_get(state.params), params, atol=0)
     with pytest.raises(train.NonFiniteLossError, match="step 17"):
         train.check_finite(jax.device_get(m), 17, "rm_base")
+
+
+@pytest.mark.parametrize("schedule", ["constant", "linear", "cosine"])
+def test_traced_lr_schedule_equals_optax_schedule(schedule):
+    opt = train.OptimizerConfig(lr=3e-4, warmup_steps=7, total_steps=40, schedule=schedule)
+    ref = train.make_schedule(opt)
+    hyper = jnp.asarray([opt.lr, opt.warmup_steps, opt.total_steps], jnp.float32)
+    for step in range(0, 45):
+        assert float(train.lr_at(jnp.int32(step), hyper, schedule)) == pytest.approx(float(ref(step)), rel=1e-5,
+                                                                                      abs=1e-12), step
+
+
+def test_rm_step_equals_optax_adamw_on_the_bt_loss():
+    """Three steps of our step == optax.adamw(make_schedule) with clipping on jax.grad of the loss."""
+    mesh = _single_mesh()
+    opt = train.OptimizerConfig(lr=1e-2, warmup_steps=2, total_steps=6, schedule="cosine", weight_decay=0.1,
+                                grad_clip=0.5, eps=0.1)
+    batches = [_rm_batch(np.random.RandomState(10 + i)) for i in range(3)]
+    params = _rm_params()
+    state = train.init_state(CFG, params, opt, mesh)
+    step = train.make_rm_train_step(CFG, opt, mesh, apo_weight=0.3, human_weight=1.0)
+    for b in batches:
+        state, _ = step(state, b)
+
+    def loss(p, b):
+        ids = jnp.concatenate([b["chosen_ids"], b["rejected_ids"]])
+        mask = jnp.concatenate([b["chosen_mask"], b["rejected_mask"]])
+        r = models.rewards(CFG, p, ids, mask)
+        n = b["chosen_ids"].shape[0]
+        s = losses.rm_stats(r[:n], r[n:], b["is_apo"], b["weight"], apo_weight=0.3, human_weight=1.0)
+        return s["loss_num"] / s["loss_den"]
+
+    mask = lambda p: jax.tree_util.tree_map(lambda x: x.ndim > 1, p)  # noqa: E731
+    tx = optax.chain(optax.clip_by_global_norm(0.5),
+                     optax.adamw(train.make_schedule(opt), b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=0.1,
+                                 mask=mask))
+    ref, ref_state = params, tx.init(params)
+    for b in batches:
+        g = jax.grad(loss)(ref, b)
+        updates, ref_state = tx.update(g, ref_state, ref)
+        ref = optax.apply_updates(ref, updates)
+    _assert_trees_close(jax.device_get(state.params), ref, atol=2e-6)
+
+
+def test_phases_with_different_learning_rates_share_one_compiled_step():
+    mesh = _single_mesh()
+    batch = _rm_batch(np.random.RandomState(5))
+    a = train.make_rm_train_step(CFG, train.OptimizerConfig(lr=1e-3, total_steps=10), mesh)
+    b = train.make_rm_train_step(CFG, train.OptimizerConfig(lr=5e-5, warmup_steps=3, total_steps=99), mesh)
+    state = train.init_state(CFG, _rm_params(), train.OptimizerConfig(), mesh)
+    assert a.jitted(state, batch) is b.jitted(state, batch)
+    c = train.make_rm_train_step(CFG, train.OptimizerConfig(lr=1e-3, total_steps=10, b2=0.999), mesh)
+    assert c.jitted(state, batch) is not a.jitted(state, batch)  # a static optimizer field differs

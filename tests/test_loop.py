@@ -1,0 +1,125 @@
+"""The APO game end to end on a tiny synthetic world: two rounds of all four schedules on a
+2x2x2 mesh of 8 fake CPU devices, its outputs, and kill-and-resume in each kind of phase."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from apo_jax import loop
+from loop_fixtures import REPO, TINY, tiny_config
+
+MESH = {"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2}
+
+
+def _records(run_dir: str) -> list[dict]:
+    with open(os.path.join(run_dir, "summary.json")) as f:
+        return json.load(f)["records"]
+
+
+def _assert_same_records(a: list[dict], b: list[dict]) -> None:
+    assert len(a) == len(b)
+    for ra, rb in zip(a, b):
+        assert ra.keys() == rb.keys()
+        for k in ra:
+            if isinstance(ra[k], float):
+                assert ra[k] == pytest.approx(rb[k], abs=1e-5, nan_ok=True), (k, ra, rb)
+            else:
+                assert ra[k] == rb[k], (k, ra, rb)
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+    """An uninterrupted two-round game on the 2x2x2 mesh (in this process: 8 fake devices)."""
+    run_dir = str(tmp_path_factory.mktemp("ref") / "run")
+    cfg = tiny_config(run_dir=run_dir, **{k.replace(".", "__"): v for k, v in MESH.items()})
+    loop.run(cfg)
+    return run_dir
+
+
+def test_two_rounds_on_a_sharded_mesh_write_every_output(reference_run):
+    run = reference_run
+    for rel in ("tables.md", "figure2_rm_accuracy_vs_ece.png", "figure2_policy_scores.png", "metrics.jsonl",
+                "summary.json", "config.json", "data/rm_pairs.jsonl"):
+        assert os.path.getsize(os.path.join(run, rel)) > 0, rel
+    records = _records(run)
+    policies = {(r["schedule"], r["round"]) for r in records if r["kind"] == "policy_eval"}
+    assert policies == {("base", 0)} | {(s, r) for s in ("rjs", "apo", "apo_seq", "ablation") for r in (1, 2)}
+    rms = {r["name"] for r in records if r["kind"] == "rm_eval"}
+    assert rms == {"rm_base", "rm_test", "rm_apo_r1", "rm_ablation_r1", "rm_apo_r2", "rm_apo_seq_r2",
+                   "rm_ablation_r2"}
+    for r in records:
+        if r["kind"] == "policy_eval":
+            assert 0.0 <= r["true_reward"] <= 1.0  # the synthetic world's exact quality is reported
+        else:
+            assert 0.0 <= r["test_acc"] <= 1.0 and 0.0 <= r["dev_ece"] <= 1.0
+    tables = open(os.path.join(run, "tables.md")).read()
+    assert "Table 2" in tables and "Table 3" in tables and "RM_APO-v2-seq" in tables
+    # Every round's samples: S answers per gold query from the policy that played the round.
+    s = 4
+    gold = [json.loads(x) for x in open(os.path.join(run, "data", "gold.jsonl"))]
+    samples = [json.loads(x) for x in open(os.path.join(run, "samples", "policy_apo_r1_gold.jsonl"))]
+    assert len(samples) == s * len(gold)
+    best = [json.loads(x) for x in open(os.path.join(run, "best", "apo_r2.jsonl"))]
+    llm = [json.loads(x) for x in open(os.path.join(run, "data", "llm_prompts.jsonl"))]
+    assert len(best) == len(llm)
+    # Best-of-S is the argmax of the recorded scores, per prompt.
+    scores = [json.loads(x) for x in open(os.path.join(run, "scores", "rm_apo_r2__policy_apo_r1_llm.jsonl"))]
+    by_prompt: dict[str, list[float]] = {}
+    for row in scores:
+        by_prompt.setdefault(row["prompt_id"], []).append(row["score"])
+    for b in best:
+        assert b["score"] == pytest.approx(max(by_prompt[b["prompt_id"]]))
+
+
+def test_exports_load_in_transformers_with_the_same_rewards(reference_run):
+    from apo_jax import hf, models
+
+    export = os.path.join(reference_run, "export")
+    rm_dir, policy_dir = os.path.join(export, "rm_apo_seq_r2"), os.path.join(export, "policy_apo_seq_r2")
+    rm, info = transformers.LlamaForSequenceClassification.from_pretrained(rm_dir, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    lm, info = transformers.LlamaForCausalLM.from_pretrained(policy_dir, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    tok = transformers.AutoTokenizer.from_pretrained(rm_dir)
+    enc = tok(["\n\nHuman: Sort the letters of cab.\n\nAssistant: abc.", "\n\nHuman: x\n\nAssistant: y"],
+              padding=True, return_tensors="np")
+    config, params = hf.load_pretrained(rm_dir)
+    ours = np.asarray(models.rewards(config, params, enc["input_ids"], enc["attention_mask"]))
+    with torch.no_grad():
+        ref = rm(input_ids=torch.tensor(enc["input_ids"]), attention_mask=torch.tensor(enc["attention_mask"])).logits
+    np.testing.assert_allclose(ours, ref[:, 0].numpy(), atol=1e-4)
+
+
+def _main(run_dir: str, fault: str | None) -> subprocess.CompletedProcess:
+    env = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    env.pop("APO_JAX_FAULT", None)
+    if fault:
+        env["APO_JAX_FAULT"] = fault
+    args = [sys.executable, "-m", "apo_jax.main", "--config=configs/synthetic.py", f"--config.run_dir={run_dir}",
+            *TINY, *[f"--config.{k}={v}" for k, v in MESH.items()]]
+    return subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_killed_in_each_phase_kind_and_restarted_ends_with_identical_metrics(reference_run, tmp_path):
+    run_dir = str(tmp_path / "run")
+    # A crash inside RM training, inside a sampling phase, and inside an SFT phase; each restart
+    # is the same command and goes on from the last checkpoint.
+    for fault in ("rm_base:3", "samples:policy_0:llm:1", "policy_apo_r1:3"):
+        proc = _main(run_dir, fault)
+        assert proc.returncode == 42, (fault, proc.stderr[-3000:])
+        assert "APO_JAX_FAULT" in proc.stderr
+    proc = _main(run_dir, None)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resumed at step 2" in proc.stderr or "resumed at step 2" in proc.stdout
+    _assert_same_records(_records(run_dir), _records(reference_run))
+    samples = os.path.join(run_dir, "samples", "policy_0_llm.jsonl")
+    ref_samples = os.path.join(reference_run, "samples", "policy_0_llm.jsonl")
+    assert open(samples).read() == open(ref_samples).read()  # no duplicated or lost batch
