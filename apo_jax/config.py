@@ -165,6 +165,15 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
     for field in ("rm_max_len", "sft_max_len", "prompt_max_len"):
         if buckets and c.data[field] > buckets[-1]:
             err(f"data.{field}", f"{c.data[field]} exceeds the largest bucket {buckets[-1]}")
+    if c.data.kind == "synthetic":
+        from apo_jax.data import synthetic
+
+        try:
+            synthetic.validate_config(synthetic.resolve_config(c.data.synthetic))
+        except ValueError as e:
+            for line in str(e).splitlines()[1:]:
+                field, _, problem = line.strip().partition(": ")
+                err(f"data.synthetic.{field}", problem)
     if c.data.on_bad_line not in ("raise", "skip"):
         err("data.on_bad_line", f"{c.data.on_bad_line!r}; expected 'raise' or 'skip'")
 

@@ -298,6 +298,7 @@ class Game:
             _fault_point(name, b + 1)
             bar.update(len(recs))
         bar.close()
+        _sync(name)  # every process reads the file next; process 0 must have finished writing it
         self.state.mark_done(name, {"path": path, "count": len(prompts) * num_samples})
         return path
 
@@ -312,6 +313,7 @@ class Game:
             if self.is_main:
                 _write_jsonl(path, [{"prompt_id": r["prompt_id"], "sample": r["sample"], "score": float(s)}
                                     for r, s in zip(rows, scores)])
+            _sync(name)  # read back below by every process
             self.state.mark_done(name, {"path": path})
         return np.asarray([r["score"] for r in _read_jsonl(path)], np.float32)
 
@@ -341,6 +343,17 @@ class Game:
                            "score": float(scores_ps[p, k])})
         if self.is_main:
             _write_jsonl(self._path("best", f"{out_name}.jsonl"), chosen)
+        if self.data.true_reward is not None:
+            # How much of the best-of-S headroom the RM finds: r* of its picks against the mean
+            # sample and the oracle's pick (the synthetic world only).
+            true = np.asarray([self.data.true_reward(r["prompt"], r["response"]) for r in rows]).reshape(-1, s)
+            rec = {"kind": "best_of_s", "name": out_name, "rm": rm, "policy": policy,
+                   "true_reward_picked": float(np.mean(true[np.arange(len(best)), best])),
+                   "true_reward_mean_sample": float(np.mean(true)),
+                   "true_reward_oracle_pick": float(np.mean(true.max(axis=1)))}
+            self.metrics.write(rec)
+            self.status(f"best-of-{s} {out_name}: r* of {rm}'s picks {rec['true_reward_picked']:.3f} (mean sample "
+                        f"{rec['true_reward_mean_sample']:.3f}, oracle {rec['true_reward_oracle_pick']:.3f})")
         return chosen
 
     # ------------------------------------------------------------------ evaluation
@@ -408,6 +421,7 @@ class Game:
 
         rm_of: dict[str, str] = {sched: "rm_base" for sched in schedules}
         policy_of: dict[str, str] = {sched: "policy_0" for sched in schedules}
+        evaluated = {"rm_base", "rm_test"}
         for rnd in range(1, cfg.apo.rounds + 1):
             lr = float(cfg.sft.lrs[rnd - 1])
             for sched in schedules:
@@ -426,7 +440,8 @@ class Game:
                         apo_pairs = pipeline.apo_pairs(d.gold, _read_jsonl(gold_samples))
                         self.train_reward_model(rm, init, list(d.rm_pairs) + apo_pairs, cfg.rm.apo)
                 rm_of[sched] = rm
-                if rm != "rm_base":
+                if rm not in evaluated:  # round 1's apo and apo_seq RMs are one model
+                    evaluated.add(rm)
                     rm_records.append(self.evaluate_rm(rm, sched, rnd))
                 # 3. Best-of-S on the policy queries, judged by this schedule's RM.
                 llm_samples = self.sample(prev_policy, "llm", d.llm_prompts, cfg.sampling.train, s)
@@ -481,6 +496,9 @@ class Game:
         lines.append(f"  {'samples':16s} {os.path.join(self.run_dir, 'samples')}")
         lines.append(f"  {'best-of-S':16s} {os.path.join(self.run_dir, 'best')}")
         lines.append(f"  {'HF exports':16s} {os.path.join(self.run_dir, 'export')} ({len(exports)} models)")
+        lines.append(f"Compiled programs this process: {len(train._STEP_CACHE)} train steps, "
+                     f"{sampler.COMPILES['prefill']} prefill, {sampler.COMPILES['decode']} decode "
+                     "(one per model shape, length bucket and sampling setting).")
         return "\n".join(lines)
 
 
@@ -595,5 +613,15 @@ def _truncate_lines(path: str, n: int) -> None:
         return
     with open(path, "rb") as f:
         lines = [line for line in f if line.endswith(b"\n")][:n]
-    with open(path, "wb") as f:
+    # Atomic, so other processes counting the lines meanwhile see the old or the new file.
+    with open(path + ".tmp", "wb") as f:
         f.writelines(lines)
+    os.replace(path + ".tmp", path)
+
+
+def _sync(tag: str) -> None:
+    """Waits for every process at `tag`: files process 0 wrote before it are then complete."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(tag)

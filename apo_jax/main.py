@@ -29,7 +29,12 @@ def main(argv: list[str]) -> None:
 
     sharding.maybe_initialize_distributed()
     cfg = _CONFIG.value
-    logging.getLogger().setLevel(logging.INFO)
+    # One status line per phase from apo_jax; libraries (Orbax, absl, jax) only warn.
+    from absl import logging as absl_logging
+
+    absl_logging.set_verbosity(absl_logging.WARNING)
+    logging.getLogger().setLevel(logging.WARNING)
+    logging.getLogger("apo_jax").setLevel(logging.INFO)
     prefix = f"[process {jax.process_index()}/{jax.process_count()}] " if jax.process_count() > 1 else ""
     try:
         config_lib.validate(cfg, jax.device_count())

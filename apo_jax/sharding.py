@@ -23,7 +23,7 @@ import logging
 import math
 import os
 import re
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -135,7 +135,8 @@ def maybe_initialize_distributed() -> None:
     """Calls `jax.distributed.initialize()` when this is one process of a multi-process run.
 
     Detected from the usual launchers' environment: JAX_COORDINATOR_ADDRESS (explicit),
-    SLURM (several tasks), or a TPU pod (TPU_WORKER_HOSTNAMES listing several hosts).
+    SLURM (several tasks), a TPU pod (TPU_WORKER_HOSTNAMES listing several hosts), or
+    APO_JAX_DISTRIBUTED=1 (JAX's own detection). Log records are then tagged `[process i/n]`.
     """
     if _distributed_initialized():
         return
@@ -153,12 +154,54 @@ def maybe_initialize_distributed() -> None:
             process_id=int(os.environ["JAX_PROCESS_ID"]),
         )
     elif int(os.environ.get("SLURM_NTASKS", "1")) > 1:
-        jax.distributed.initialize()
-    elif len(os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",")) > 1:
+        jax.distributed.initialize(local_device_ids=slurm_local_device_ids(os.environ))
+    elif (len(os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",")) > 1
+          or os.environ.get("APO_JAX_DISTRIBUTED") == "1"):
+        # APO_JAX_DISTRIBUTED=1: JAX finds the other processes itself (a Cloud TPU VM slice reads
+        # them from the metadata server; launch/tpu_pod.sh sets it).
         jax.distributed.initialize()
     else:
         return
+    tag_log_records(jax.process_index(), jax.process_count())
     logging.info("jax.distributed: process %d of %d", jax.process_index(), jax.process_count())
+
+
+def slurm_local_device_ids(env: Mapping[str, str]) -> list[int] | None:
+    """The GPUs one SLURM task drives, as indices into its visible GPUs.
+
+    JAX's default under SLURM is GPU number SLURM_LOCALID (one task per GPU, every task seeing
+    all of the node's GPUs). With one task per node that would leave all but GPU 0 idle, and
+    with SLURM binding one GPU per task (`--gpus-per-task=1`) GPU SLURM_LOCALID does not exist.
+    """
+    visible = [g for g in env.get("CUDA_VISIBLE_DEVICES", "").split(",") if g.strip()]
+    if not visible:
+        return None  # no GPUs (CPU cluster) or not known: JAX's default
+    if len(visible) == 1:
+        return [0]
+    nodes = int(env.get("SLURM_STEP_NUM_NODES") or env.get("SLURM_NNODES") or 1)
+    if int(env.get("SLURM_NTASKS", "1")) <= nodes:  # one task per node
+        return list(range(len(visible)))
+    return None
+
+
+def tag_log_records(process_index: int, process_count: int) -> None:
+    """Prefixes every log message of this process with `[process i/n]`.
+
+    Every process of a multi-process run logs to its own stream, and launchers often merge them
+    (`gcloud ... --worker=all`, a shared SLURM output file), so each line says where it came from.
+    """
+    prefix = f"[process {process_index}/{process_count}] "
+    factory = logging.getLogRecordFactory()
+    if getattr(factory, "apo_jax_prefix", None) is not None:
+        return
+
+    def make_record(*args: Any, **kwargs: Any) -> logging.LogRecord:
+        record = factory(*args, **kwargs)
+        record.msg = prefix + str(record.msg)  # the prefix holds no '%', so %-args still apply
+        return record
+
+    make_record.apo_jax_prefix = prefix  # type: ignore[attr-defined]
+    logging.setLogRecordFactory(make_record)
 
 
 def _distributed_initialized() -> bool:

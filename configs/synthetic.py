@@ -31,12 +31,12 @@ def get_config():
     c.data.prompt_max_len = 80
     c.data.rm_max_len = 112
     c.data.sft_max_len = 112
-    c.data.buckets = (80, 112)
+    c.data.buckets = (64, 80, 112)
 
-    c.policy.arch.hidden_size = 96
-    c.policy.arch.intermediate_size = 256
-    c.policy.arch.num_hidden_layers = 3
-    c.policy.arch.num_attention_heads = 6
+    c.policy.arch.hidden_size = 64
+    c.policy.arch.intermediate_size = 176
+    c.policy.arch.num_hidden_layers = 2
+    c.policy.arch.num_attention_heads = 4
     c.policy.arch.num_key_value_heads = 2
     c.policy.arch.max_position_embeddings = 256
     c.policy.pretrain.lr = 3e-3
@@ -50,8 +50,9 @@ def get_config():
     for opt in (c.rm.base, c.rm.test):
         opt.lr = 1e-3
         opt.batch_size = 32
-        opt.epochs = 2
         opt.warmup_steps = 10
+    c.rm.base.epochs = 2
+    c.rm.test.epochs = 1
     c.rm.apo.lr = 2e-4
     c.rm.apo.batch_size = 32
     c.rm.apo.epochs = 1
@@ -60,15 +61,15 @@ def get_config():
     c.rm.human_weight = 1.0
 
     c.sft.batch_size = 32
-    c.sft.lrs = (1e-3, 5e-4)
-    c.sft.epochs = 2
+    c.sft.lrs = (5e-4, 3e-4)
+    c.sft.epochs = 1
     c.sft.warmup_steps = 5
 
     c.apo.rounds = 2
     c.apo.num_samples = 4
     c.apo.schedules = ("rjs", "apo", "apo_seq", "ablation")
 
-    c.sampling.train.temperature = 1.0
+    c.sampling.train.temperature = 0.7  # the paper's 1.2 is for a 7B policy; a tiny one rambles
     c.sampling.train.top_p = 1.0
     c.sampling.train.top_k = 0
     c.sampling.train.max_new_tokens = 28
