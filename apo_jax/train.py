@@ -182,7 +182,8 @@ class TrainStep:
 
     def __init__(self, key: Any, step: Callable, mesh: jax.sharding.Mesh, opt_cfg: OptimizerConfig):
         self._key, self._step, self._mesh = key, step, mesh
-        self._hyper = _hyper(opt_cfg)
+        # On device once (replicated), not a host-to-device copy per step.
+        self._hyper = jax.device_put(_hyper(opt_cfg), NamedSharding(mesh, P()))
 
     def jitted(self, state: TrainState, batch: dict[str, Any]) -> Any:
         """The compiled-on-first-use jit for this batch shape (for `.lower(...)` in benchmarks)."""

@@ -1,0 +1,1 @@
+"""Benchmarks of apo_jax against transformers PyTorch and the device's measured ceilings."""
