@@ -159,3 +159,29 @@ def test_two_processes_get_disjoint_halves_that_assemble_the_global_batch(tok):
             np.testing.assert_array_equal(np.asarray(outs[1]["local"][step][k]), v[2:])  # process 1: rows 2-3
             for o in outs:
                 np.testing.assert_array_equal(np.asarray(o["global"][step][k]), v)
+
+
+def test_reward_is_read_at_the_eos_even_when_pad_equals_eos():
+    """TRL #937: with pad == EOS, a reward read at "the first pad" lands on the EOS of the shortest
+    row and ignores padding elsewhere. Ours is read at the last attended position: each padded
+    row's reward equals the reward of the same row run alone, unpadded."""
+    import jax
+
+    from apo_jax import models
+
+    tok = llama_like_tokenizer()
+    tok.pad_token = tok.eos_token
+    assert tok.pad_token_id == tok.eos_token_id
+    cfg = models.LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    params = models.init_params(cfg, jax.random.PRNGKey(0), lm_head=False, reward_head=True)
+    params["score"]["kernel"] = jax.random.normal(jax.random.PRNGKey(1), params["score"]["kernel"].shape)
+    pairs = [{"prompt": PROMPT, "chosen": r, "rejected": "No."} for r in RESPONSES]
+    batch = pipeline.rm_set(tok, pairs, _data_cfg()).batch([0, 1, 2], local=False)
+    padded = np.asarray(models.rewards(cfg, params, batch["chosen_ids"], batch["chosen_mask"]))
+    for i in range(3):
+        n = int(batch["chosen_mask"][i].sum())
+        assert batch["chosen_ids"][i, n - 1] == tok.eos_token_id  # the row really ends in EOS
+        alone = models.rewards(cfg, params, batch["chosen_ids"][i:i + 1, :n], batch["chosen_mask"][i:i + 1, :n])
+        np.testing.assert_allclose(padded[i], np.asarray(alone)[0], atol=1e-5)
+    assert len(set(np.round(padded, 5))) == 3  # three different rows, three different rewards
