@@ -36,8 +36,12 @@ def _abstract(tree: Any) -> Any:
 class TrainCheckpointer:
     """Periodic, asynchronous saves of one training phase's state and data position."""
 
-    def __init__(self, directory: str, *, save_every: int, max_to_keep: int = 2, async_save: bool = True):
+    def __init__(self, directory: str, *, save_every: int, max_to_keep: int = 2, async_save: bool = True,
+                 preemption_check_every: int = 1):
         self.save_every = save_every
+        # Multi-process runs agree on a preemption signal with a small all-gather, a host sync;
+        # the loop checks at its metric-logging steps, where it syncs with the device anyway.
+        self.preemption_check_every = max(1, preemption_check_every)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep,
             enable_async_checkpointing=async_save,
@@ -49,7 +53,11 @@ class TrainCheckpointer:
         return self._manager.latest_step()
 
     def should_save(self, step: int) -> bool:
-        return (self.save_every > 0 and step % self.save_every == 0) or preemption_requested() or (
+        """Whether to save at `step`. Every process must call it at every step: in a multi-process
+        run it is where the processes agree on a preemption (a collective every
+        `preemption_check_every` steps)."""
+        preempted = agree_on_preemption() if step % self.preemption_check_every == 0 else preemption_requested()
+        return (self.save_every > 0 and step % self.save_every == 0) or preempted or (
             self._manager.reached_preemption(step)
         )
 
@@ -137,7 +145,13 @@ class LoopState:
 # --------------------------------------------------------------------------------------------
 # Preemption: SIGTERM (what TPU maintenance events and SLURM/Kubernetes send first) asks the
 # running training phase to save at its next step and stop.
+#
+# With several processes the signal reaches each at a different step (or only some of them), and
+# a save or a stop that not all processes make hangs the others in their next collective. So a
+# process only records the signal (_SIGNALLED); the processes act on it once they agree, at the
+# same step (_PREEMPTED, set on all of them by `agree_on_preemption`).
 
+_SIGNALLED = threading.Event()
 _PREEMPTED = threading.Event()
 
 
@@ -146,13 +160,29 @@ class Preempted(Exception):
 
 
 def preemption_requested() -> bool:
+    """Whether to stop: this process was signalled (one process), or all agreed to (several)."""
+    if jax.process_count() == 1 and _SIGNALLED.is_set():
+        _PREEMPTED.set()
     return _PREEMPTED.is_set()
+
+
+def agree_on_preemption() -> bool:
+    """`preemption_requested()`, made the same on every process: with several processes, an
+    all-gather of each one's signal flag (every process must call this at the same point)."""
+    if jax.process_count() > 1 and not _PREEMPTED.is_set():
+        import numpy as np
+        from jax.experimental import multihost_utils
+
+        flags = multihost_utils.process_allgather(np.asarray([_SIGNALLED.is_set()], np.int32))
+        if np.any(flags):
+            _PREEMPTED.set()
+    return preemption_requested()
 
 
 def install_preemption_handler() -> None:
     def handler(signum, frame):  # noqa: ARG001
         logging.warning("signal %d: saving a checkpoint at the next step, then stopping", signum)
-        _PREEMPTED.set()
+        _SIGNALLED.set()
 
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, handler)

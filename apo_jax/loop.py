@@ -203,7 +203,8 @@ class Game:
                                                 grad_accum=opt_cfg.grad_accum)
         it = batching.BatchIterator(len(examples), batch_size, seed=phase_seed(cfg.seed, name))
         ckpt = checkpointing.TrainCheckpointer(self._path("ckpt", name, ""), save_every=cfg.checkpoint.save_every_steps,
-                                               max_to_keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
+                                               max_to_keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save,
+                                               preemption_check_every=cfg.log_every_steps)
         start = ckpt.latest_step() or 0
         if start:
             state, data_state = ckpt.restore(start, state)

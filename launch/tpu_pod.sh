@@ -1,27 +1,45 @@
 #!/usr/bin/env bash
-# Run apo_jax on a Cloud TPU VM slice: create (or reuse) it, install the project on every worker,
-# run `python -m apo_jax.main` on all workers at once, collect logs, and optionally delete it.
+# Runs apo_jax on a Cloud TPU VM slice: every worker runs `python3 -m apo_jax.main` at once.
 #
-#   launch/tpu_pod.sh --name apo --zone us-central2-b --accelerator v4-32 \
-#       --bucket gs://my-bucket/apo --config configs/hh.py [--spot] [--dry-run] [-- --config.apo.rounds=2]
+#   launch/tpu_pod.sh [ACTION] --name NAME --zone ZONE --accelerator TYPE --bucket gs://BUCKET[/PREFIX]
+#       [--config configs/hh.py] [--runtime VERSION] [--project ID] [--spot] [--max-restarts N]
+#       [--delete] [--dry-run] [-- --config.field=value ...]
 #
-# Checkpoints and outputs go to <bucket>/<name> (Orbax writes gs:// directly), so a preempted
-# spot slice that is recreated resumes the run where it stopped: run the same command again.
+# ACTION (default: all)
+#   up      create the slice (or reuse a READY one), copy this checkout to every worker, install it
+#           with jax[tpu], and mount the bucket on every worker (gcsfuse)
+#   run     run the game on all workers at once; their output streams here (apo_jax's log lines
+#           say "[process i/n]"), and each worker's log is copied to <run_dir>/logs/<host>.log
+#   logs    copy the workers' logs to <run_dir>/logs/ again
+#   stop    SIGTERM the run on every worker: it saves a checkpoint at its next training step, exits
+#   delete  delete the slice (checkpoints and outputs stay in the bucket)
+#   all     up, then run; when a spot slice is preempted, recreate it and run the same command
+#           again (it resumes from the last Orbax checkpoint), up to --max-restarts times
+#           (default 0, or 10 with --spot); finally delete the slice if --delete was given
+#
+# The run directory is <bucket>/<name>. Every worker mounts the bucket at ~/apo_jax_bucket, so the
+# checkpoints (each worker writes its own shards), the loop state and the outputs all live in GCS
+# and outlive the slice: running the same command again, on this slice or a new one, resumes.
+# --dry-run prints each command (gcloud, and the local tar) as `+ command`, and runs none.
 set -euo pipefail
 
-NAME="" ZONE="" ACCEL="" RUNTIME="tpu-ubuntu2204-base" BUCKET="" CONFIG="configs/hh.py"
-SPOT=0 DRY_RUN=0 DELETE=0 PROJECT_DIR="apo_jax" EXTRA=()
+ACTION=all NAME="" ZONE="" ACCEL="" RUNTIME="tpu-ubuntu2204-base" BUCKET="" PROJECT=""
+CONFIG="configs/hh.py" SPOT=0 MAX_RESTARTS="" DELETE=0 DRY_RUN=0 EXTRA=()
 
-usage() { sed -n '2,11p' "$0"; exit "${1:-0}"; }
+usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit "${1:-0}"; }
+die() { echo "tpu_pod.sh: $*" >&2; exit 2; }
 
+case "${1:-}" in up|run|logs|stop|delete|all) ACTION="$1"; shift ;; esac
 while [ $# -gt 0 ]; do
   case "$1" in
-    --name) NAME="$2"; shift 2 ;;
-    --zone) ZONE="$2"; shift 2 ;;
-    --accelerator) ACCEL="$2"; shift 2 ;;
-    --runtime) RUNTIME="$2"; shift 2 ;;
-    --bucket) BUCKET="$2"; shift 2 ;;
-    --config) CONFIG="$2"; shift 2 ;;
+    --name) NAME="${2:?--name needs a value}"; shift 2 ;;
+    --zone) ZONE="${2:?--zone needs a value}"; shift 2 ;;
+    --accelerator) ACCEL="${2:?--accelerator needs a value}"; shift 2 ;;
+    --runtime) RUNTIME="${2:?--runtime needs a value}"; shift 2 ;;
+    --bucket) BUCKET="${2:?--bucket needs a value}"; shift 2 ;;
+    --project) PROJECT="${2:?--project needs a value}"; shift 2 ;;
+    --config) CONFIG="${2:?--config needs a value}"; shift 2 ;;
+    --max-restarts) MAX_RESTARTS="${2:?--max-restarts needs a value}"; shift 2 ;;
     --spot) SPOT=1; shift ;;
     --delete) DELETE=1; shift ;;
     --dry-run) DRY_RUN=1; shift ;;
@@ -31,44 +49,144 @@ while [ $# -gt 0 ]; do
   esac
 done
 
-for var in NAME ZONE ACCEL BUCKET; do
-  if [ -z "${!var}" ]; then
-    echo "tpu_pod.sh: --$(echo "$var" | tr '[:upper:]' '[:lower:]' | sed 's/accel/accelerator/') is required" >&2
-    exit 2
+[ -n "$NAME" ] || die "--name is required"
+[ -n "$ZONE" ] || die "--zone is required"
+case "$ACTION" in up|all) [ -n "$ACCEL" ] || die "--accelerator is required (e.g. v4-32)" ;; esac
+case "$ACTION" in up|run|logs|all)
+  case "$BUCKET" in gs://?*) ;; *) die "--bucket must be a gs:// path (e.g. gs://my-bucket/apo)" ;; esac ;;
+esac
+if [ -z "$MAX_RESTARTS" ]; then MAX_RESTARTS=$((SPOT ? 10 : 0)); fi
+case "$MAX_RESTARTS" in *[!0-9]*) die "--max-restarts must be a number" ;; esac
+
+REPO="$(cd "$(dirname "$0")/.." && pwd)"
+TARBALL="${TMPDIR:-/tmp}/apo_jax-$NAME.tar.gz"
+bucket_path="${BUCKET#gs://}"
+bucket_path="${bucket_path%/}"
+BUCKET_NAME="${bucket_path%%/*}"
+PREFIX=""
+if [ "$bucket_path" != "$BUCKET_NAME" ]; then PREFIX="${bucket_path#*/}"; fi
+
+# Remote paths are expanded by each worker's shell, not here.
+# shellcheck disable=SC2016
+MOUNT='$HOME/apo_jax_bucket'
+RUN_DIR="$MOUNT/$NAME"
+# shellcheck disable=SC2016
+LOG='$HOME/apo_jax_logs/'"$NAME.log"
+
+quote() {
+  # POSIX shell quoting, the same as Python's shlex.quote (so tests can compare command lines).
+  if [[ "$1" =~ ^[A-Za-z0-9_@%+=:,./-]+$ ]]; then
+    printf '%s' "$1"
+  else
+    local q="'" r="'\"'\"'"
+    printf "'%s'" "${1//"$q"/"$r"}"
   fi
-done
-case "$BUCKET" in gs://*) ;; *) echo "tpu_pod.sh: --bucket must be a gs:// path" >&2; exit 2 ;; esac
+}
+
+show() {
+  local line="+" arg
+  for arg in "$@"; do line+=" $(quote "$arg")"; done
+  echo "$line"
+}
 
 run() {
-  # Print the command exactly; run it unless --dry-run.
-  printf '+'; printf ' %q' "$@"; printf '\n'
+  # Print the command; run it unless --dry-run.
+  show "$@"
   if [ "$DRY_RUN" -eq 0 ]; then "$@"; fi
 }
 
-RUN_DIR="$BUCKET/$NAME"
 TPU=(gcloud compute tpus tpu-vm)
+exec 3>&1  # the dry run's describe line, printed from inside $(...)
+WHERE=(--zone="$ZONE")
+if [ -n "$PROJECT" ]; then WHERE+=(--project="$PROJECT"); fi
 
-if [ "$DRY_RUN" -eq 1 ] || ! "${TPU[@]}" describe "$NAME" --zone "$ZONE" >/dev/null 2>&1; then
-  create=("${TPU[@]}" create "$NAME" --zone "$ZONE" --accelerator-type "$ACCEL" --version "$RUNTIME")
-  if [ "$SPOT" -eq 1 ]; then create+=(--spot); fi
-  run "${create[@]}"
-fi
+on_all_workers() { run "${TPU[@]}" ssh "$NAME" "${WHERE[@]}" --worker=all --command="$1"; }
 
-# Copy this checkout to every worker and install it with the TPU build of JAX.
-run "${TPU[@]}" scp --recurse --zone "$ZONE" --worker=all . "$NAME:~/$PROJECT_DIR"
-run "${TPU[@]}" ssh "$NAME" --zone "$ZONE" --worker=all \
-  --command "cd ~/$PROJECT_DIR && pip install -q -e . 'jax[tpu]'"
+# gcsfuse from Google's apt repository (TPU VM images do not ship it). Directory renames (Orbax
+# commits a checkpoint by renaming its temporary directory) need --rename-dir-limit; metadata is
+# not cached, so every worker sees what process 0 just wrote.
+KEYRING=/usr/share/keyrings/cloud.google.asc
+INSTALL_GCSFUSE="(command -v gcsfuse >/dev/null || (curl -fsSL https://packages.cloud.google.com/apt/doc/apt-key.gpg"
+INSTALL_GCSFUSE+=" | sudo tee $KEYRING >/dev/null && echo \"deb [signed-by=$KEYRING]"
+INSTALL_GCSFUSE+=" https://packages.cloud.google.com/apt gcsfuse-\$(lsb_release -cs) main\""
+INSTALL_GCSFUSE+=" | sudo tee /etc/apt/sources.list.d/gcsfuse.list >/dev/null"
+INSTALL_GCSFUSE+=" && sudo apt-get update -q && sudo apt-get install -y -q gcsfuse))"
+mount_args="--implicit-dirs --rename-dir-limit=1000000 --metadata-cache-ttl-secs=0"
+if [ -n "$PREFIX" ]; then mount_args+=" --only-dir=$(quote "$PREFIX")"; fi
+MOUNT_BUCKET="mkdir -p $MOUNT && (mountpoint -q $MOUNT || gcsfuse $mount_args $(quote "$BUCKET_NAME") $MOUNT)"
 
-# Every worker runs the same command; jax.distributed.initialize() finds the pod's other hosts.
-cmd="cd ~/$PROJECT_DIR && python -m apo_jax.main --config=$CONFIG --config.run_dir=$RUN_DIR"
-for arg in "${EXTRA[@]+"${EXTRA[@]}"}"; do cmd+=" $(printf '%q' "$arg")"; done
-cmd+=" 2>&1 | tee ~/apo_jax_worker.log"
-run "${TPU[@]}" ssh "$NAME" --zone "$ZONE" --worker=all --command "$cmd"
+SETUP="mkdir -p ~/apo_jax && tar -xzf ~/apo_jax-src.tar.gz -C ~/apo_jax && cd ~/apo_jax"
+SETUP+=" && python3 -m pip install -q -e . 'jax[tpu]' && $INSTALL_GCSFUSE && $MOUNT_BUCKET"
 
-# Collect each worker's log next to the run's outputs.
-run "${TPU[@]}" ssh "$NAME" --zone "$ZONE" --worker=all \
-  --command "gsutil cp ~/apo_jax_worker.log $RUN_DIR/logs/worker-\$(hostname).log"
+# Every worker runs the same command; jax.distributed.initialize() (APO_JAX_DISTRIBUTED=1) finds
+# the slice's other hosts from the TPU metadata.
+main_cmd="python3 -m apo_jax.main $(quote "--config=$CONFIG") --config.run_dir=$RUN_DIR"
+for arg in "${EXTRA[@]+"${EXTRA[@]}"}"; do main_cmd+=" $(quote "$arg")"; done
+# shellcheck disable=SC2016
+COPY_LOG="mkdir -p $RUN_DIR/logs && cp $LOG $RUN_DIR/logs/"'$(hostname).log'
+RUN="cd ~/apo_jax && $MOUNT_BUCKET && mkdir -p \$HOME/apo_jax_logs"
+RUN+=" && export APO_JAX_DISTRIBUTED=1 PYTHONUNBUFFERED=1 && set -o pipefail"
+RUN+=" && $main_cmd 2>&1 | tee -a $LOG; status=\$?; $COPY_LOG; exit \$status"
 
-if [ "$DELETE" -eq 1 ]; then
-  run "${TPU[@]}" delete "$NAME" --zone "$ZONE" --quiet
-fi
+tpu_state() {
+  # READY, CREATING, PREEMPTED, ... or empty when there is no such slice.
+  if [ "$DRY_RUN" -eq 1 ]; then
+    show "${TPU[@]}" describe "$NAME" "${WHERE[@]}" --format="value(state)" >&3
+    return 0
+  fi
+  "${TPU[@]}" describe "$NAME" "${WHERE[@]}" --format="value(state)" 2>/dev/null || true
+}
+
+create() {
+  local cmd=("${TPU[@]}" create "$NAME" "${WHERE[@]}" --accelerator-type="$ACCEL" --version="$RUNTIME")
+  if [ "$SPOT" -eq 1 ]; then cmd+=(--spot); fi
+  run "${cmd[@]}"
+}
+
+delete() { run "${TPU[@]}" delete "$NAME" "${WHERE[@]}" --quiet; }
+
+up() {
+  local state
+  state="$(tpu_state)"
+  case "$state" in
+    READY) echo "tpu_pod.sh: reusing the READY slice $NAME" ;;
+    "") create ;;
+    PREEMPTED|TERMINATED|STOPPED|SUSPENDED) delete; create ;;
+    *) echo "tpu_pod.sh: slice $NAME is $state; wait for it, or delete it" >&2; exit 1 ;;
+  esac
+  # This checkout (without .git, .venv, runs/), unpacked and installed on every worker.
+  run tar -czf "$TARBALL" --exclude=./.git --exclude=./.venv --exclude=./runs --exclude=__pycache__ \
+    --exclude='*.egg-info' -C "$REPO" .
+  run "${TPU[@]}" scp "$TARBALL" "$NAME:apo_jax-src.tar.gz" "${WHERE[@]}" --worker=all
+  on_all_workers "$SETUP"
+}
+
+run_game() { on_all_workers "$RUN"; }
+
+case "$ACTION" in
+  up) up ;;
+  run) run_game ;;
+  logs) on_all_workers "$MOUNT_BUCKET && $COPY_LOG" ;;
+  stop) on_all_workers "pkill -TERM -f '^python3 -m apo_jax[.]main' || true" ;;
+  delete) delete ;;
+  all)
+    up
+    restarts=0
+    until run_game; do
+      state="$(tpu_state)"
+      if [ "$state" = READY ]; then
+        echo "tpu_pod.sh: the run failed on a READY slice (see its log above); not restarting" >&2
+        exit 1
+      fi
+      if [ "$restarts" -ge "$MAX_RESTARTS" ]; then
+        echo "tpu_pod.sh: slice $NAME is ${state:-gone} after $restarts restarts; giving up" >&2
+        exit 1
+      fi
+      restarts=$((restarts + 1))
+      echo "tpu_pod.sh: slice $NAME is ${state:-gone} (preempted?); recreating it, restart $restarts" \
+        "of $MAX_RESTARTS; the run resumes from its last checkpoint" >&2
+      up
+    done
+    if [ "$DELETE" -eq 1 ]; then delete; fi
+    ;;
+esac

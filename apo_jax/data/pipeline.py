@@ -50,7 +50,17 @@ def prepare(cfg: ml_collections.ConfigDict, run_dir: str) -> Data:
         from apo_jax.data import synthetic
 
         world_dir = os.path.join(run_dir, "world")
-        reports["world"] = synthetic.write_world(d.synthetic, cfg.seed, world_dir)
+        import jax
+        from jax.experimental import multihost_utils
+
+        # One writer (write_world's contract): process 0 writes or verifies the world, then the
+        # others find it complete and only read it.
+        if jax.process_index() == 0:
+            reports["world"] = synthetic.write_world(d.synthetic, cfg.seed, world_dir)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices("apo_jax: synthetic world")
+        if jax.process_index() != 0:
+            reports["world"] = synthetic.write_world(d.synthetic, cfg.seed, world_dir)  # reused
         train_src = test_src = os.path.join(world_dir, "hh")
         gold_path = os.path.join(world_dir, "gold.jsonl")
         tokenizer_path = os.path.join(world_dir, "tokenizer")

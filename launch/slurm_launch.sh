@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# Submits launch/slurm_gpu.sbatch for a multi-node GPU run.
+#
+#   launch/slurm_launch.sh --nodes 2 --gpus-per-node 8 --config configs/hh.py \
+#       --run-dir /shared/runs/apo-hh [--per gpu|host] [--partition P] [--account A] \
+#       [--time 48:00:00] [--cpus-per-task N] [--dry-run] [-- --config.field=value ...]
+#
+# --per gpu (default): one process per GPU; --per host: one process per node driving all of
+# its GPUs. --dry-run prints the sbatch command and the srun command the job will run, as
+# `+ command` lines, and submits nothing.
+set -euo pipefail
+
+NODES="" GPUS="" PER=gpu PARTITION="" ACCOUNT="" TIME="" CPUS="" CONFIG="" RUN_DIR="" DRY_RUN=0 EXTRA=()
+
+usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit "${1:-0}"; }
+die() { echo "slurm_launch.sh: $*" >&2; exit 2; }
+
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --nodes) NODES="${2:?--nodes needs a value}"; shift 2 ;;
+    --gpus-per-node) GPUS="${2:?--gpus-per-node needs a value}"; shift 2 ;;
+    --per) PER="${2:?--per needs gpu or host}"; shift 2 ;;
+    --partition) PARTITION="${2:?--partition needs a value}"; shift 2 ;;
+    --account) ACCOUNT="${2:?--account needs a value}"; shift 2 ;;
+    --time) TIME="${2:?--time needs a value}"; shift 2 ;;
+    --cpus-per-task) CPUS="${2:?--cpus-per-task needs a value}"; shift 2 ;;
+    --config) CONFIG="${2:?--config needs a value}"; shift 2 ;;
+    --run-dir) RUN_DIR="${2:?--run-dir needs a value}"; shift 2 ;;
+    --dry-run) DRY_RUN=1; shift ;;
+    -h|--help) usage 0 ;;
+    --) shift; EXTRA=("$@"); break ;;
+    *) echo "slurm_launch.sh: unknown argument $1" >&2; usage 2 ;;
+  esac
+done
+
+[ -n "$NODES" ] || die "--nodes is required"
+[ -n "$GPUS" ] || die "--gpus-per-node is required"
+[ -n "$CONFIG" ] || die "--config is required"
+case "$PER" in
+  gpu) TASKS="$GPUS" ;;
+  host) TASKS=1 ;;
+  *) die "--per must be gpu or host, not $PER" ;;
+esac
+
+quote() {
+  # POSIX shell quoting, the same as Python's shlex.quote (so tests can compare command lines).
+  if [[ "$1" =~ ^[A-Za-z0-9_@%+=:,./-]+$ ]]; then
+    printf '%s' "$1"
+  else
+    local q="'" r="'\"'\"'"
+    printf "'%s'" "${1//"$q"/"$r"}"
+  fi
+}
+
+HERE="$(cd "$(dirname "$0")" && pwd)"
+job=("$CONFIG")
+if [ -n "$RUN_DIR" ]; then job+=("--config.run_dir=$RUN_DIR"); fi
+job+=("${EXTRA[@]+"${EXTRA[@]}"}")
+
+cmd=(sbatch --nodes="$NODES" --ntasks-per-node="$TASKS" --gpus-per-node="$GPUS")
+if [ -n "$CPUS" ]; then cmd+=(--cpus-per-task="$CPUS"); fi
+if [ -n "$PARTITION" ]; then cmd+=(--partition="$PARTITION"); fi
+if [ -n "$ACCOUNT" ]; then cmd+=(--account="$ACCOUNT"); fi
+if [ -n "$TIME" ]; then cmd+=(--time="$TIME"); fi
+cmd+=(launch/slurm_gpu.sbatch "${job[@]}")
+
+line="+"
+for arg in "${cmd[@]}"; do line+=" $(quote "$arg")"; done
+echo "$line"
+cd "$HERE/.."  # sbatch runs the job from the submit directory: the repository root
+if [ "$DRY_RUN" -eq 1 ]; then
+  DRY_RUN=1 bash launch/slurm_gpu.sbatch "${job[@]}"
+else
+  exec "${cmd[@]}"
+fi

@@ -1,0 +1,159 @@
+"""The APO game in several JAX processes: jax.distributed on 127.0.0.1, CPU, 2 fake devices each.
+
+Each run is `python -m apo_jax.main --config=configs/synthetic.py` + `loop_fixtures.TINY` + the
+apo_seq schedule alone (two rounds holding every kind of phase; `multiproc.TINY_GAME`) +
+`--config.mesh.fsdp=-1`, all processes sharing one run_dir, as on a pod or a cluster with shared
+storage. The reference is the same command in one process with 4 fake devices: the global mesh
+of the 2-process run, (data, fsdp, tensor) = (1, 4, 1). The 4-process run, (1, 8, 1), is compared
+with that same reference, which it shares to keep the file short: only the fsdp split, hence the
+order of float reductions, differs.
+
+Tolerance: every float of every summary.json record (each RM's dev/test accuracy and ECE, each
+policy's average RM_Test score and true reward) within 1e-5 of the reference; names, rounds and
+counts equal; the sampled test answers identical. Collectives across processes (gloo) reduce in
+another order than inside one process, so floats move in their last bits (at most 2e-7 seen); a
+real difference is far larger (one pair of 16 flipped moves an accuracy by 0.0625).
+
+Runtime on 2 CPU cores (measured while another job shared them): about 3 minutes. The reference
+~25 s (shared with test_launch), the 2-process run killed and restarted ~55 s, the 4-process run
+~100 s; every process compiles its own programs, which is most of it (hence
+`multiproc.FAST_COMPILE`, LLVM at -O0, in every run here).
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+
+import pytest
+
+import multiproc
+
+TOL = 1e-5
+FAULT = "rm_base:3"  # inside RM training, after its step-2 checkpoint; policy_0 is in the model store
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> str:
+    return multiproc.reference_run(tmp_path_factory.getbasetemp())
+
+
+def _records(run_dir: str) -> list[dict]:
+    with open(os.path.join(run_dir, "summary.json")) as f:
+        return json.load(f)["records"]
+
+
+def _lines(path: str) -> list[str]:
+    with open(path) as f:
+        return f.read().splitlines()
+
+
+def _assert_same_results(run_dir: str, reference: str) -> None:
+    got, ref = _records(run_dir), _records(reference)
+    assert [(r["kind"], r.get("name", r.get("policy")), r["schedule"], r["round"]) for r in got] == [
+        (r["kind"], r.get("name", r.get("policy")), r["schedule"], r["round"]) for r in ref]
+    rms = {r.get("name") for r in ref if r["kind"] == "rm_eval"}
+    assert rms == {"rm_base", "rm_test", "rm_apo_r1", "rm_apo_seq_r2"}
+    policies = {r.get("policy") for r in ref if r["kind"] == "policy_eval"}
+    assert policies == {"policy_0", "policy_apo_r1", "policy_apo_seq_r2"}
+    for g, r in zip(got, ref):
+        assert g.keys() == r.keys(), (g, r)
+        for key, value in r.items():
+            if isinstance(value, float):
+                assert g[key] == pytest.approx(value, abs=TOL), (key, g, r)
+            else:
+                assert g[key] == value, (key, g, r)
+    assert all("test_acc" in r and "dev_ece" in r for r in ref if r["kind"] == "rm_eval")
+    assert all("avg_score" in r and "true_reward" in r for r in ref if r["kind"] == "policy_eval")
+    for path in sorted(glob.glob(os.path.join(reference, "answers", "*_test.jsonl"))):
+        assert _lines(path) == _lines(os.path.join(run_dir, "answers", os.path.basename(path))), path
+
+
+def _assert_shared_outputs_written_once(run_dir: str, reference: str, procs, launches: int) -> None:
+    """Process 0 alone writes tables, plots, JSONL and exports; the others print nothing of it."""
+    for rel in ("tables.md", "figure2_rm_accuracy_vs_ece.png", "figure2_policy_scores.png", "summary.json"):
+        assert os.path.getsize(os.path.join(run_dir, rel)) > 0, rel
+    assert open(os.path.join(run_dir, "tables.md")).read() == open(os.path.join(reference, "tables.md")).read()
+    # Appended JSONL: as many lines as one process writes (N writers would multiply them).
+    for rel in ("samples/policy_0_gold.jsonl", "samples/policy_apo_r1_llm.jsonl", "samples/policy_0_test.jsonl"):
+        assert len(_lines(os.path.join(run_dir, rel))) == len(_lines(os.path.join(reference, rel))), rel
+    assert len(glob.glob(os.path.join(run_dir, "tensorboard", "events.out.tfevents.*"))) == launches
+    assert sorted(os.listdir(os.path.join(run_dir, "export"))) == sorted(os.listdir(os.path.join(reference, "export")))
+    assert "apo_jax: run finished" in procs[0].stdout
+    for p in procs[1:]:
+        assert "run finished" not in p.stdout and "[apo_jax" not in p.stdout, p.stdout[-2000:]
+
+
+def _assert_each_process_wrote_its_shards(checkpoint_dir: str, num_processes: int) -> None:
+    # Orbax (OCDBT): one sub-store per process holding that process's shards.
+    found = sorted(os.path.basename(p) for p in glob.glob(os.path.join(checkpoint_dir, "ocdbt.process_*")))
+    assert found == [f"ocdbt.process_{i}" for i in range(num_processes)], (checkpoint_dir, found)
+
+
+def _ok(procs) -> None:
+    for i, p in enumerate(procs):
+        assert p.returncode == 0, f"process {i} exited {p.returncode}:\n{p.stderr[-4000:]}"
+
+
+def test_two_processes_killed_together_resume_and_match_one_process(reference, tmp_path):
+    run_dir = str(tmp_path / "run")
+    args = multiproc.tiny_main_args(run_dir)
+
+    killed = multiproc.run_main(args, 2, 2, extra_env={"APO_JAX_FAULT": FAULT})
+    assert killed[0].returncode == 42, killed[0].stderr[-4000:]
+    for i, p in enumerate(killed):
+        # Each process dies at the same step; one that loses the coordinator (process 0) first
+        # may die of that instead, but none finishes.
+        assert p.returncode != 0, f"process {i} finished despite {FAULT}"
+        if p.returncode == 42:  # and its log line says which process it was
+            assert f"[process {i}/2] APO_JAX_FAULT: killing the process at rm_base step 3" in p.stderr
+    with open(os.path.join(run_dir, "loop_state.json")) as f:
+        done = json.load(f)["done"]
+    assert "model:policy_0" in done and "model:rm_base" not in done
+    _assert_each_process_wrote_its_shards(os.path.join(run_dir, "ckpt", "rm_base", "2", "state"), 2)
+    _assert_each_process_wrote_its_shards(os.path.join(run_dir, "models", "policy_0"), 2)
+
+    resumed = multiproc.run_main(args, 2, 2)  # the same command again
+    _ok(resumed)
+    assert "rm_base: resumed at step 2/5" in resumed[0].stdout + resumed[0].stderr
+    _assert_same_results(run_dir, reference)
+    _assert_shared_outputs_written_once(run_dir, reference, resumed, launches=2)
+
+
+def test_four_processes_match_one_process(reference, tmp_path):
+    run_dir = str(tmp_path / "run")
+    procs = multiproc.run_main(multiproc.tiny_main_args(run_dir), 4, 2)
+    _ok(procs)
+    _assert_same_results(run_dir, reference)
+    _assert_shared_outputs_written_once(run_dir, reference, procs, launches=1)
+    # metrics.jsonl: every logged step and evaluation once, as in the one-process run.
+    def logged(path: str) -> list[str]:
+        recs = [json.loads(line) for line in _lines(path)]
+        return sorted(json.dumps([r.get("phase"), r.get("step"), r.get("kind"), r.get("name", r.get("policy"))])
+                      for r in recs)
+
+    assert logged(os.path.join(run_dir, "metrics.jsonl")) == logged(os.path.join(reference, "metrics.jsonl"))
+    _assert_each_process_wrote_its_shards(os.path.join(run_dir, "models", "rm_base"), 4)
+
+
+def test_processes_agree_on_a_sigterm_only_one_of_them_received():
+    """SIGTERM reaches process 1 alone, at step 3: both processes see the preemption at step 3,
+    so they save and stop together (acting on a local flag would hang the other one)."""
+    code = """
+import signal
+from apo_jax import checkpointing
+checkpointing.install_preemption_handler()
+first = None
+for step in range(1, 7):
+    if jax.process_index() == 1 and step == 3:
+        signal.raise_signal(signal.SIGTERM)
+    if checkpointing.agree_on_preemption() and first is None:
+        first = step
+print("FIRST", first, checkpointing.preemption_requested())
+"""
+    procs = multiproc.run_processes(code, 2, 1, timeout=120)
+    for p in procs:
+        assert p.returncode == 0, p.stderr[-3000:]
+        assert "FIRST 3 True" in p.stdout, p.stdout
+    assert "[process 1/2] signal 15: saving a checkpoint" in procs[1].stderr
