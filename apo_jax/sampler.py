@@ -23,6 +23,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
 from apo_jax import models, sharding
+from apo_jax.data.tokenize import bucket_length
 
 COMPILES = {"prefill": 0, "decode": 0, "score": 0}
 """Trace counts of the jitted programs (a trace happens once per compiled shape)."""
@@ -269,13 +270,6 @@ def _best_of_s_jit(rm_config: models.LlamaConfig, eos_token_id: int | None):
 
 # ------------------------------------------------------------------------------------------
 # A whole query set.
-
-
-def bucket_length(n: int, buckets: Sequence[int]) -> int:
-    for b in buckets:
-        if n <= b:
-            return b
-    raise ValueError(f"prompt of {n} tokens exceeds the largest bucket {buckets[-1]}")
 
 
 def sample_dataset(
