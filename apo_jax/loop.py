@@ -303,20 +303,19 @@ class Game:
         self.state.mark_done(name, {"path": path, "count": len(prompts) * num_samples})
         return path
 
-    def score(self, rm: str, samples_path: str, tag: str) -> np.ndarray:
-        """RM scores of every sample in a samples file, cached as scores/<rm>__<tag>.jsonl."""
+    def score(self, rm: str, rows: Sequence[dict], tag: str) -> np.ndarray:
+        """RM scores of the sample rows of a samples file, cached as scores/<rm>__<tag>.jsonl."""
         name = f"scores:{rm}:{tag}"
         path = self._path("scores", f"{rm}__{tag}.jsonl")
-        rows = _read_jsonl(samples_path)
-        if not self.state.done(name):
-            slot = self.model(rm)
-            scores = self.score_pairs_text(slot, [(r["prompt"], r["response"]) for r in rows])
-            if self.is_main:
-                _write_jsonl(path, [{"prompt_id": r["prompt_id"], "sample": r["sample"], "score": float(s)}
-                                    for r, s in zip(rows, scores)])
-            _sync(name)  # read back below by every process
-            self.state.mark_done(name, {"path": path})
-        return np.asarray([r["score"] for r in _read_jsonl(path)], np.float32)
+        if self.state.done(name):
+            return np.asarray([r["score"] for r in _read_jsonl(path)], np.float32)
+        scores = self.score_pairs_text(self.model(rm), [(r["prompt"], r["response"]) for r in rows])
+        if self.is_main:
+            _write_jsonl(path, [{"prompt_id": r["prompt_id"], "sample": r["sample"], "score": float(s)}
+                                for r, s in zip(rows, scores)])
+        _sync(name)  # the file is complete before any process marks the phase done
+        self.state.mark_done(name, {"path": path})
+        return scores
 
     def score_pairs_text(self, slot: ModelSlot, texts: Sequence[tuple[str, str]]) -> np.ndarray:
         """Rewards of (prompt, response) texts, in batches of eval.batch_size."""
@@ -327,13 +326,14 @@ class Game:
         for i in range(0, len(texts), bs):
             rows = np.arange(i, i + bs) % len(texts)  # the last batch is filled up with repeats
             g = sharding.shard_batch(examples.batch(rows), self.mesh)
-            out.append(_gather(score_fn(slot.params, g["input_ids"], g["input_mask"]))[: min(bs, len(texts) - i)])
-        return np.concatenate(out) if out else np.zeros((0,), np.float32)
+            out.append(score_fn(slot.params, g["input_ids"], g["input_mask"]))  # stays on device
+        # One transfer at the end: the host builds the next batch while the device scores.
+        return np.concatenate([_gather(x) for x in out])[: len(texts)] if out else np.zeros((0,), np.float32)
 
     def best_of_s(self, rm: str, samples_path: str, policy: str, out_name: str) -> list[dict]:
         """Best-of-S answers per prompt by `rm`; written to best/<out_name>.jsonl."""
         rows = _read_jsonl(samples_path)
-        scores = self.score(rm, samples_path, f"{policy}_llm")
+        scores = self.score(rm, rows, f"{policy}_llm")
         s = self.cfg.apo.num_samples
         scores_ps = scores.reshape(-1, s)
         best = np.argmax(scores_ps, axis=1)
@@ -383,7 +383,7 @@ class Game:
         def run():
             path = self.sample(policy, "test", self.data.test_prompts, self.cfg.sampling.test, 1)
             rows = _read_jsonl(path)
-            scores = self.score("rm_test", path, f"{policy}_test")
+            scores = self.score("rm_test", rows, f"{policy}_test")
             rec = {"kind": "policy_eval", "policy": policy, "schedule": schedule, "round": rnd,
                    "avg_score": float(np.mean(scores)), "num_answers": len(rows)}
             if self.data.true_reward is not None:

@@ -18,7 +18,7 @@ from typing import Any, Callable, Sequence
 import ml_collections
 import numpy as np
 
-from apo_jax.data import batching, hh, records, tokenize
+from apo_jax.data import batching, hh, tokenize
 
 log = logging.getLogger("apo_jax")
 
@@ -220,11 +220,6 @@ def true_order_accuracy(data: Data, pairs: Sequence[dict], good: np.ndarray, bad
         return float("nan")
     agree = np.sign(np.asarray(good) - np.asarray(bad)) == np.sign(t_good - t_bad)
     return float(np.mean(agree[decided]))
-
-
-def prompt_records(prompts: Sequence[dict]) -> list[dict]:
-    return [{"prompt_id": p.get("prompt_id") or records.prompt_id(p["prompt"]), "prompt": p["prompt"]}
-            for p in prompts]
 
 
 # ------------------------------------------------------------------------------------------
