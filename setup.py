@@ -12,6 +12,7 @@ setup(
         "flax>=0.10.0",
         "optax>=0.2.4",
         "orbax-checkpoint>=0.11.0",
+        "etils[epath]>=1.7",  # comes with orbax; run-dir I/O (local or gs://) goes through epath
         "transformers>=4.46.0",
         "datasets>=3.0.0",
         "numpy>=1.26",
@@ -26,5 +27,7 @@ setup(
         # torch is the reference implementation in tests only; install torch==2.13.0 (CPU) first.
         "test": ["torch>=2.3", "pytest>=8.0", "nbformat>=5.9"],
         "tfds": ["tensorflow-datasets>=4.9"],
+        # run_dir / checkpoints on gs://: epath's fsspec backend needs gcsfs (Orbax's arrays use TensorStore).
+        "gcs": ["gcsfs>=2024.2"],
     },
 )

@@ -2,25 +2,29 @@
 
 Layout under a run directory:
 
-    ckpt/<phase>/<step>/        in-progress train state + data-iterator position (CheckpointManager)
+    ckpt/<phase>/<step>/        in-progress train state + data-iterator position (CheckpointManager);
+                                removed once the phase's model is saved
     models/<name>/              finished parameters of a model (one Orbax checkpoint each)
     loop_state.json             which phases are done, and what they produced
 
 A run killed anywhere restarts from these: finished phases are skipped, an interrupted training
-phase resumes from its last saved step with the same data position and RNG stream.
+phase resumes from its last saved step with the same data position and RNG stream. The run dir
+may be local or `gs://...` (Orbax writes there natively; see `fileio`).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import signal
 import threading
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
+
+from apo_jax import fileio
 
 
 def _abstract(tree: Any) -> Any:
@@ -47,7 +51,7 @@ class TrainCheckpointer:
             enable_async_checkpointing=async_save,
             create=True,
         )
-        self._manager = ocp.CheckpointManager(os.path.abspath(directory), options=options)
+        self._manager = ocp.CheckpointManager(fileio.path(directory), options=options)
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
@@ -90,16 +94,11 @@ class ModelStore:
     """Finished model parameters by name, written once with Orbax and read back on demand."""
 
     def __init__(self, directory: str):
-        self.directory = os.path.abspath(directory)
+        self.directory = fileio.path(directory)
         self._checkpointer = ocp.StandardCheckpointer()
 
-    def path(self, name: str) -> str:
-        return os.path.join(self.directory, name)
-
-    def exists(self, name: str) -> bool:
-        # Orbax writes into a temporary directory and renames on commit, so the final path
-        # existing means the save completed.
-        return os.path.isdir(self.path(name))
+    def path(self, name: str) -> epath.Path:
+        return self.directory / name
 
     def save(self, name: str, params: Any) -> None:
         self._checkpointer.save(self.path(name), params, force=True)
@@ -115,15 +114,15 @@ class ModelStore:
 class LoopState:
     """The loop's own progress: completed phases and their small JSON results.
 
-    Written atomically (temp file + rename) by process 0 after every phase.
+    Written atomically by process 0 after every phase (`fileio.write_json`: temp file + rename
+    locally, one object upload on GCS).
     """
 
     def __init__(self, path: str):
         self.path = path
         self.data: dict[str, Any] = {"done": {}, "version": 1}
-        if os.path.exists(path):
-            with open(path) as f:
-                self.data = json.load(f)
+        if fileio.exists(path):
+            self.data = json.loads(fileio.read_text(path))
 
     def done(self, phase: str) -> bool:
         return phase in self.data["done"]
@@ -134,12 +133,7 @@ class LoopState:
     def mark_done(self, phase: str, result: Any = None) -> None:
         self.data["done"][phase] = result
         if jax.process_index() == 0:
-            tmp = self.path + ".tmp"
-            with open(tmp, "w") as f:
-                json.dump(self.data, f, indent=1, sort_keys=True)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
+            fileio.write_json(self.path, self.data, indent=1, sort_keys=True)  # atomic
 
 
 # --------------------------------------------------------------------------------------------

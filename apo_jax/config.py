@@ -12,7 +12,7 @@ from typing import Any
 
 import ml_collections
 
-from apo_jax import models
+from apo_jax import fileio, models
 
 SCHEDULES = ("rjs", "apo", "apo_seq", "ablation")
 LR_SCHEDULES = ("constant", "linear", "cosine")
@@ -143,6 +143,23 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
         err("mesh", str(e))
         data, fsdp, tensor = 1, num_devices, 1
     batch_shards = data * fsdp
+
+    # Where the run writes.
+    if not c.run_dir:
+        err("run_dir", "empty; expected a local directory or gs://bucket/path")
+    elif "://" in c.run_dir:
+        if not c.run_dir.startswith("gs://") or len(c.run_dir) <= len("gs://"):
+            err("run_dir", f"{c.run_dir!r}: the only remote scheme supported is gs://bucket/path")
+        else:
+            problem = fileio.remote_backend_problem(c.run_dir)
+            if problem:
+                err("run_dir", problem)
+    for field in ("policy.checkpoint", "rm.init_checkpoint", "rm.base_checkpoint", "rm.test_checkpoint"):
+        section, key = field.split(".")
+        if fileio.is_remote(c[section][key]):
+            problem = fileio.remote_backend_problem(c[section][key])
+            if problem:
+                err(field, problem)
 
     # Data.
     if c.data.kind not in ("synthetic", "hh"):

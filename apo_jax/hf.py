@@ -24,6 +24,7 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from apo_jax import fileio
 from apo_jax.models import LlamaConfig
 
 WEIGHTS_NAME = "model.safetensors"
@@ -126,8 +127,44 @@ def _wanted_entries(config: LlamaConfig, keys: set[str]):
 # Reading.
 
 
+def _download_remote(url: str) -> str:
+    """A local copy of the checkpoint directory at `url` (gs://...), cached under
+    $APO_JAX_CACHE (default ~/.cache/apo_jax)/remote/<bucket>/<path>.
+
+    Each process downloads into its own temporary directory and renames it into place; a copy
+    already there (from an earlier run, or another process on this host) is reused.
+    """
+    src = fileio.path(url)
+    if not is_saved(url):
+        what = "no such checkpoint" if not src.exists() else f"no {CONFIG_NAME} with safetensors weights"
+        raise CheckpointError(f"{url}: {what}")
+    cache = os.path.join(os.environ.get("APO_JAX_CACHE", os.path.expanduser("~/.cache/apo_jax")), "remote",
+                         url.split("://", 1)[1].strip("/"))
+    if os.path.isfile(os.path.join(cache, CONFIG_NAME)):
+        return cache
+    os.makedirs(os.path.dirname(cache), exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".download-", dir=os.path.dirname(cache))
+    try:
+        for f in src.iterdir():
+            if f.is_dir():
+                continue  # a checkpoint directory is flat
+            with open(os.path.join(tmp, f.name), "wb") as out:
+                out.write(f.read_bytes())
+        try:
+            os.rename(tmp, cache)
+        except OSError:
+            if not os.path.isfile(os.path.join(cache, CONFIG_NAME)):
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return cache
+
+
 def resolve_checkpoint_dir(path_or_hub_id: str) -> str:
-    """A local directory for a path or hub id; hub ids go through `huggingface_hub`."""
+    """A local directory for a path, `gs://` URL or hub id; hub ids go through `huggingface_hub`,
+    object-store checkpoints are copied once into a local cache."""
+    if fileio.is_remote(path_or_hub_id):
+        return _download_remote(path_or_hub_id)
     if os.path.isdir(path_or_hub_id):
         return path_or_hub_id
     if os.path.exists(path_or_hub_id):
@@ -333,6 +370,8 @@ def save_pretrained(
         )
         if config.pad_token_id is None:
             logging.warning("%s: reward model exported without pad_token_id; HF pools the last token", path)
+    if fileio.is_remote(path):
+        return _save_remote(path, hf_config, tensors, tokenizer, max_shard_bytes)
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=parent)
@@ -353,6 +392,35 @@ def save_pretrained(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return path
+
+
+def _save_remote(path: str, hf_config: dict, tensors: Mapping[str, np.ndarray], tokenizer: Any,
+                 max_shard_bytes: int) -> str:
+    """`save_pretrained` to object storage: written locally, then uploaded with config.json last.
+
+    Object stores have no directory rename; `is_saved` (config.json and the weights present)
+    is what marks the export complete, and an old export is removed before the upload starts.
+    """
+    target = fileio.path(path)
+    with tempfile.TemporaryDirectory(prefix="apo_jax-export-") as tmp:
+        _write_shards(tmp, tensors, max_shard_bytes)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if target.exists():
+            target.rmtree()
+        target.mkdir(parents=True, exist_ok=True)
+        for name in sorted(os.listdir(tmp)):
+            with open(os.path.join(tmp, name), "rb") as f:
+                (target / name).write_bytes(f.read())
+        (target / CONFIG_NAME).write_text(json.dumps(hf_config, indent=2, sort_keys=True))
+    return path
+
+
+def is_saved(path: str) -> bool:
+    """Whether `path` (local or gs://) holds a complete `save_pretrained` export."""
+    target = fileio.path(path)
+    return (target / CONFIG_NAME).exists() and any(
+        (target / name).exists() for name in (WEIGHTS_NAME, INDEX_NAME))
 
 
 def _write_shards(out_dir: str, tensors: Mapping[str, np.ndarray], max_shard_bytes: int) -> None:

@@ -17,11 +17,10 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import logging
 import os
 import time
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -29,7 +28,7 @@ import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
 
-from apo_jax import checkpointing, evaluation, hf, models, reporting, sampler, sharding, train
+from apo_jax import checkpointing, evaluation, fileio, hf, models, reporting, sampler, sharding, train
 from apo_jax.data import batching, pipeline, tokenize
 from apo_jax.metrics import MetricsWriter
 
@@ -67,17 +66,17 @@ class Game:
 
     def __init__(self, cfg: ml_collections.ConfigDict):
         self.cfg = cfg
-        self.run_dir = os.path.abspath(cfg.run_dir)
-        os.makedirs(self.run_dir, exist_ok=True)
+        self.run_dir = os.fspath(fileio.path(cfg.run_dir))  # local: absolute; gs://...: as given
+        fileio.makedirs(self.run_dir)
         self.is_main = jax.process_index() == 0
         self.mesh = sharding.make_mesh(sharding.MeshConfig(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor))
-        self.state = checkpointing.LoopState(os.path.join(self.run_dir, "loop_state.json"))
-        self.store = checkpointing.ModelStore(os.path.join(self.run_dir, "models"))
+        self.state = checkpointing.LoopState(fileio.join(self.run_dir, "loop_state.json"))
+        self.store = checkpointing.ModelStore(fileio.join(self.run_dir, "models"))
         self.metrics = MetricsWriter(self.run_dir)
         self._cache: dict[str, ModelSlot] = {}
         if self.is_main:
-            with open(os.path.join(self.run_dir, "config.json"), "w") as f:
-                json.dump(cfg.to_dict(), f, indent=1, sort_keys=True, default=str)
+            fileio.write_json(fileio.join(self.run_dir, "config.json"), cfg.to_dict(), indent=1, sort_keys=True,
+                              default=str)
         self.status("preparing data")
         self.data = pipeline.prepare(cfg, self.run_dir)
         self.tokenizer = self.data.tokenizer
@@ -100,8 +99,9 @@ class Game:
         return result
 
     def _path(self, *parts: str) -> str:
-        path = os.path.join(self.run_dir, *parts)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
+        """A path under the run dir (a string: local or gs://); its parent exists afterwards."""
+        path = fileio.join(self.run_dir, *parts)
+        fileio.makedirs(fileio.path(path).parent)
         return path
 
     def runtime(self, which: str) -> dict[str, Any]:
@@ -129,6 +129,14 @@ class Game:
         heads = sorted(k for k in ("lm_head", "score") if k in params)
         self.state.mark_done(f"model:{name}", {"config": _config_to_json(config), "heads": heads})
         self._cache[name] = ModelSlot(config, params)
+        self._drop_train_checkpoints(name)
+
+    def _drop_train_checkpoints(self, phase: str) -> None:
+        """Deletes a training phase's step checkpoints once its model is saved and recorded."""
+        _sync(f"drop ckpt/{phase}")  # no process still reads them
+        ckpt_dir = fileio.path(fileio.join(self.run_dir, "ckpt", phase))
+        if self.is_main and ckpt_dir.exists():
+            ckpt_dir.rmtree()
 
     def have_model(self, name: str) -> bool:
         return self.state.done(f"model:{name}")
@@ -157,6 +165,7 @@ class Game:
         params = self.train_sft("policy_pretrain", config, params, self.data.demonstrations, cfg.policy.pretrain,
                                 lr=cfg.policy.pretrain.lr)
         self.save_model("policy_0", config, params)
+        self._drop_train_checkpoints("policy_pretrain")
 
     def rm_init(self) -> tuple[models.LlamaConfig, Any]:
         """The RM starting point: an HF LM/RM checkpoint, or the initial policy's weights."""
@@ -202,7 +211,7 @@ class Game:
             step_fn = train.make_sft_train_step(config, opt, self.mesh, normalize=cfg.sft.normalize,
                                                 grad_accum=opt_cfg.grad_accum)
         it = batching.BatchIterator(len(examples), batch_size, seed=phase_seed(cfg.seed, name))
-        ckpt = checkpointing.TrainCheckpointer(self._path("ckpt", name, ""), save_every=cfg.checkpoint.save_every_steps,
+        ckpt = checkpointing.TrainCheckpointer(fileio.join(self.run_dir, "ckpt", name), save_every=cfg.checkpoint.save_every_steps,
                                                max_to_keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save,
                                                preemption_check_every=cfg.log_every_steps)
         start = ckpt.latest_step() or 0
@@ -267,9 +276,14 @@ class Game:
         slot = self.model(policy)
         cfg = self.cfg
         bs = cfg.sampling.batch_size
-        done = _count_lines(path) // num_samples if os.path.exists(path) else 0
+        done = len(fileio.complete_lines(path)) // num_samples
         done -= done % bs  # resume at a batch boundary (a torn last batch is redone)
-        _truncate_lines(path, done * num_samples)
+        if self.is_main:
+            # Atomic, so other processes counting the lines meanwhile see the old or the new file.
+            fileio.truncate_lines(path, done * num_samples)
+        # Locally each batch is appended and fsynced; on GCS the object is rewritten at most once a
+        # minute (a restart redoes the batches that had not reached the bucket).
+        out_file = fileio.Appender(path, flush_every_s=60.0) if self.is_main else None
         key = phase_key(cfg.seed, name)
         n_batches = -(-len(prompts) // bs)
         ids = pipeline.prompt_ids(self.tokenizer, prompts, cfg.data)
@@ -294,11 +308,13 @@ class Game:
                                                     cfg.sampling.stop_strings)
                     lines.append({"prompt_id": rec["prompt_id"], "prompt": rec["prompt"], "sample": s,
                                   "response": text, "num_tokens": int(lengths[i, s])})
-            if self.is_main:
-                _append_jsonl(path, lines)
+            if out_file is not None:
+                out_file.write_jsonl(lines)
             _fault_point(name, b + 1)
             bar.update(len(recs))
         bar.close()
+        if out_file is not None:
+            out_file.close()
         _sync(name)  # every process reads the file next; process 0 must have finished writing it
         self.state.mark_done(name, {"path": path, "count": len(prompts) * num_samples})
         return path
@@ -308,10 +324,10 @@ class Game:
         name = f"scores:{rm}:{tag}"
         path = self._path("scores", f"{rm}__{tag}.jsonl")
         if self.state.done(name):
-            return np.asarray([r["score"] for r in _read_jsonl(path)], np.float32)
+            return np.asarray([r["score"] for r in fileio.read_jsonl(path)], np.float32)
         scores = self.score_pairs_text(self.model(rm), [(r["prompt"], r["response"]) for r in rows])
         if self.is_main:
-            _write_jsonl(path, [{"prompt_id": r["prompt_id"], "sample": r["sample"], "score": float(s)}
+            fileio.write_jsonl(path, [{"prompt_id": r["prompt_id"], "sample": r["sample"], "score": float(s)}
                                 for r, s in zip(rows, scores)])
         _sync(name)  # the file is complete before any process marks the phase done
         self.state.mark_done(name, {"path": path})
@@ -332,7 +348,7 @@ class Game:
 
     def best_of_s(self, rm: str, samples_path: str, policy: str, out_name: str) -> list[dict]:
         """Best-of-S answers per prompt by `rm`; written to best/<out_name>.jsonl."""
-        rows = _read_jsonl(samples_path)
+        rows = fileio.read_jsonl(samples_path)
         scores = self.score(rm, rows, f"{policy}_llm")
         s = self.cfg.apo.num_samples
         scores_ps = scores.reshape(-1, s)
@@ -343,7 +359,7 @@ class Game:
             chosen.append({"prompt_id": r["prompt_id"], "prompt": r["prompt"], "response": r["response"],
                            "score": float(scores_ps[p, k])})
         if self.is_main:
-            _write_jsonl(self._path("best", f"{out_name}.jsonl"), chosen)
+            fileio.write_jsonl(self._path("best", f"{out_name}.jsonl"), chosen)
         if self.data.true_reward is not None:
             # How much of the best-of-S headroom the RM finds: r* of its picks against the mean
             # sample and the oracle's pick (the synthetic world only).
@@ -382,14 +398,14 @@ class Game:
     def evaluate_policy(self, policy: str, schedule: str, rnd: int) -> dict:
         def run():
             path = self.sample(policy, "test", self.data.test_prompts, self.cfg.sampling.test, 1)
-            rows = _read_jsonl(path)
+            rows = fileio.read_jsonl(path)
             scores = self.score("rm_test", rows, f"{policy}_test")
             rec = {"kind": "policy_eval", "policy": policy, "schedule": schedule, "round": rnd,
                    "avg_score": float(np.mean(scores)), "num_answers": len(rows)}
             if self.data.true_reward is not None:
                 rec["true_reward"] = float(np.mean([self.data.true_reward(r["prompt"], r["response"]) for r in rows]))
             if self.is_main:
-                _write_jsonl(self._path("answers", f"{policy}_test.jsonl"),
+                fileio.write_jsonl(self._path("answers", f"{policy}_test.jsonl"),
                              [{"prompt_id": r["prompt_id"], "prompt": r["prompt"], "response": r["response"]}
                               for r in rows])
             self.metrics.write(rec)
@@ -438,7 +454,7 @@ class Game:
                     rm = f"rm_apo_r{rnd}" if sched == "apo" or rnd == 1 else f"rm_apo_seq_r{rnd}"
                     if not self.have_model(rm):
                         gold_samples = self.sample(prev_policy, "gold", d.gold, cfg.sampling.train, s)
-                        apo_pairs = pipeline.apo_pairs(d.gold, _read_jsonl(gold_samples))
+                        apo_pairs = pipeline.apo_pairs(d.gold, fileio.read_jsonl(gold_samples))
                         self.train_reward_model(rm, init, list(d.rm_pairs) + apo_pairs, cfg.rm.apo)
                 rm_of[sched] = rm
                 if rm not in evaluated:  # round 1's apo and apo_seq RMs are one model
@@ -462,8 +478,7 @@ class Game:
         exports = self.export(schedules, rm_of, policy_of)
         summary_path = self._path("summary.json")
         if self.is_main:
-            with open(summary_path, "w") as f:
-                json.dump({"records": records, "outputs": outputs, "exports": exports}, f, indent=1)
+            fileio.write_json(summary_path, {"records": records, "outputs": outputs, "exports": exports}, indent=1)
         self.metrics.close()
         return self._summary_text(outputs, exports, summary_path)
 
@@ -480,23 +495,23 @@ class Game:
         out = {}
         names = dict.fromkeys(["rm_base", "rm_test"] + [rm_of[s] for s in schedules] + [policy_of[s] for s in schedules])
         for name in names:
-            path = os.path.join(self.run_dir, "export", name)
-            if not os.path.exists(path):
+            path = fileio.join(self.run_dir, "export", name)
+            if not hf.is_saved(path):
                 slot = self.model(name)
                 hf.save_pretrained(path, slot.config, slot.params, tokenizer=self.tokenizer)
             out[name] = path
         return out
 
     def _summary_text(self, outputs: dict[str, str], exports: dict[str, str], summary_path: str) -> str:
-        lines = ["", open(outputs["tables"]).read() if outputs else "", "apo_jax: run finished. Outputs in "
+        lines = ["", fileio.read_text(outputs["tables"]) if outputs else "", "apo_jax: run finished. Outputs in "
                  f"{self.run_dir}:"]
         for key, path in outputs.items():
             lines.append(f"  {key:16s} {path}")
         lines.append(f"  {'summary':16s} {summary_path}")
         lines.append(f"  {'metrics':16s} {self.metrics.jsonl_path}")
-        lines.append(f"  {'samples':16s} {os.path.join(self.run_dir, 'samples')}")
-        lines.append(f"  {'best-of-S':16s} {os.path.join(self.run_dir, 'best')}")
-        lines.append(f"  {'HF exports':16s} {os.path.join(self.run_dir, 'export')} ({len(exports)} models)")
+        lines.append(f"  {'samples':16s} {fileio.join(self.run_dir, 'samples')}")
+        lines.append(f"  {'best-of-S':16s} {fileio.join(self.run_dir, 'best')}")
+        lines.append(f"  {'HF exports':16s} {fileio.join(self.run_dir, 'export')} ({len(exports)} models)")
         lines.append(f"Compiled programs this process: {len(train._STEP_CACHE)} train steps, "
                      f"{sampler.COMPILES['prefill']} prefill, {sampler.COMPILES['decode']} decode "
                      "(one per model shape, length bucket and sampling setting).")
@@ -581,43 +596,6 @@ def _gather(x: jax.Array) -> np.ndarray:
 
         return np.asarray(multihost_utils.process_allgather(x, tiled=True))
     return np.asarray(x)
-
-
-def _read_jsonl(path: str) -> list[dict]:
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
-def _write_jsonl(path: str, rows: Iterable[dict]) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
-
-
-def _append_jsonl(path: str, rows: Iterable[dict]) -> None:
-    with open(path, "a") as f:
-        for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _count_lines(path: str) -> int:
-    with open(path, "rb") as f:
-        return sum(1 for line in f if line.endswith(b"\n"))
-
-
-def _truncate_lines(path: str, n: int) -> None:
-    if not os.path.exists(path) or jax.process_index() != 0:
-        return
-    with open(path, "rb") as f:
-        lines = [line for line in f if line.endswith(b"\n")][:n]
-    # Atomic, so other processes counting the lines meanwhile see the old or the new file.
-    with open(path + ".tmp", "wb") as f:
-        f.writelines(lines)
-    os.replace(path + ".tmp", path)
 
 
 def _sync(tag: str) -> None:

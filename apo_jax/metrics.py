@@ -17,6 +17,8 @@ from typing import Any, Mapping
 import jax
 import numpy as np
 
+from apo_jax import fileio
+
 # ------------------------------------------------------------------------------------------
 # CRC-32C (Castagnoli), as TFRecord framing requires.
 
@@ -81,13 +83,15 @@ class MetricsWriter:
 
     def __init__(self, run_dir: str):
         self.enabled = jax.process_index() == 0
-        self.jsonl_path = os.path.join(run_dir, "metrics.jsonl")
-        self.tb_dir = os.path.join(run_dir, "tensorboard")
-        self._events = None
+        self.jsonl_path = fileio.join(run_dir, "metrics.jsonl")
+        self.tb_dir = fileio.join(run_dir, "tensorboard")
+        self._jsonl = self._events = None
         if self.enabled:
-            os.makedirs(self.tb_dir, exist_ok=True)
             name = f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}"
-            self._events = open(os.path.join(self.tb_dir, name), "ab")
+            # Locally every record is appended at once; on GCS the objects are rewritten at most
+            # every 30 s and at close (GCS cannot append).
+            self._jsonl = fileio.Appender(self.jsonl_path, flush_every_s=30.0)
+            self._events = fileio.Appender(fileio.join(self.tb_dir, name), flush_every_s=30.0)
             self._events.write(tfrecord(encode_file_version_event(time.time())))
 
     def write(self, record: Mapping[str, Any], *, step: int | None = None, tb_prefix: str | None = None) -> None:
@@ -95,19 +99,20 @@ class MetricsWriter:
         if not self.enabled:
             return
         clean = {k: _plain(v) for k, v in record.items()}
-        with open(self.jsonl_path, "a") as f:
-            f.write(json.dumps(clean, sort_keys=True) + "\n")
-        if tb_prefix is not None and self._events is not None:
+        self._jsonl.write(json.dumps(clean, sort_keys=True) + "\n")
+        if tb_prefix is not None:
             now = time.time()
-            for key, value in clean.items():
-                if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-                    self._events.write(tfrecord(encode_scalar_event(now, int(step or 0), f"{tb_prefix}/{key}", value)))
-            self._events.flush()
+            events = b"".join(
+                tfrecord(encode_scalar_event(now, int(step or 0), f"{tb_prefix}/{key}", value))
+                for key, value in clean.items()
+                if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value))
+            self._events.write(events)
 
     def close(self) -> None:
-        if self._events is not None:
-            self._events.close()
-            self._events = None
+        for f in (self._jsonl, self._events):
+            if f is not None:
+                f.close()
+        self._jsonl = self._events = None
 
 
 def _plain(v: Any) -> Any:
@@ -119,7 +124,4 @@ def _plain(v: Any) -> Any:
 
 
 def read_jsonl(path: str) -> list[dict[str, Any]]:
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return fileio.read_jsonl(path, missing_ok=True)

@@ -11,14 +11,16 @@ Inputs are the evaluation records the loop writes to `metrics.jsonl`:
 
 from __future__ import annotations
 
+import io
 import math
-import os
 from typing import Any, Iterable, Sequence
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+
+from apo_jax import fileio  # noqa: E402
 
 SCHEDULE_LABELS = {
     "rjs": "RJS (RM_Base)",
@@ -93,9 +95,8 @@ def figure2(
     out_dir: str,
 ) -> tuple[str, str]:
     """Figure 2's two plots as PNG: RM accuracy against -ECE on Dev; average score per round."""
-    os.makedirs(out_dir, exist_ok=True)
-    calib_path = os.path.join(out_dir, "figure2_rm_accuracy_vs_ece.png")
-    score_path = os.path.join(out_dir, "figure2_policy_scores.png")
+    calib_path = fileio.join(out_dir, "figure2_rm_accuracy_vs_ece.png")
+    score_path = fileio.join(out_dir, "figure2_policy_scores.png")
 
     fig, ax = plt.subplots(figsize=(6, 4.5))
     for schedule in dict.fromkeys(r["schedule"] for r in rm_records):
@@ -112,8 +113,7 @@ def figure2(
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(calib_path, dpi=120)
-    plt.close(fig)
+    _save_png(fig, calib_path)
 
     fig, ax = plt.subplots(figsize=(6, 4.5))
     base = {r["round"]: r for r in policy_records if r["schedule"] == "base"}
@@ -129,8 +129,7 @@ def figure2(
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(score_path, dpi=120)
-    plt.close(fig)
+    _save_png(fig, score_path)
     return calib_path, score_path
 
 
@@ -138,9 +137,14 @@ def write_reports(records: Sequence[dict[str, Any]], out_dir: str) -> dict[str, 
     """Writes tables.md and the two Figure 2 PNGs; returns their paths by name."""
     rm = [r for r in records if r.get("kind") == "rm_eval"]
     pol = [r for r in records if r.get("kind") == "policy_eval"]
-    os.makedirs(out_dir, exist_ok=True)
-    tables_path = os.path.join(out_dir, "tables.md")
-    with open(tables_path, "w") as f:
-        f.write(table2(rm) + "\n" + table3(pol))
+    tables_path = fileio.join(out_dir, "tables.md")
+    fileio.write_text(tables_path, table2(rm) + "\n" + table3(pol))
     calib, scores = figure2(rm, pol, out_dir)
     return {"tables": tables_path, "figure2_rm": calib, "figure2_policy": scores}
+
+
+def _save_png(fig: Any, path: str) -> None:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    plt.close(fig)
+    fileio.write_bytes(path, buf.getvalue())

@@ -10,14 +10,15 @@ process's block of a global batch, padded to the length bucket of the global bat
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
+import tempfile
 from typing import Any, Callable, Sequence
 
 import ml_collections
 import numpy as np
 
+from apo_jax import fileio
 from apo_jax.data import batching, hh, tokenize
 
 log = logging.getLogger("apo_jax")
@@ -49,18 +50,26 @@ def prepare(cfg: ml_collections.ConfigDict, run_dir: str) -> Data:
     if d.kind == "synthetic":
         from apo_jax.data import synthetic
 
-        world_dir = os.path.join(run_dir, "world")
         import jax
         from jax.experimental import multihost_utils
 
-        # One writer (write_world's contract): process 0 writes or verifies the world, then the
-        # others find it complete and only read it.
-        if jax.process_index() == 0:
+        if fileio.is_remote(run_dir):
+            # The world's readers (gzip, the tokenizer) need local files, and the world is a pure
+            # function of its config and seed: each process writes its own local copy.
+            world_dir = os.path.join(tempfile.gettempdir(), "apo_jax_world",
+                                     f"{synthetic.config_hash(synthetic.resolve_config(d.synthetic), cfg.seed)}"
+                                     f"-p{jax.process_index()}")
             reports["world"] = synthetic.write_world(d.synthetic, cfg.seed, world_dir)
-        if jax.process_count() > 1:
-            multihost_utils.sync_global_devices("apo_jax: synthetic world")
-        if jax.process_index() != 0:
-            reports["world"] = synthetic.write_world(d.synthetic, cfg.seed, world_dir)  # reused
+        else:
+            world_dir = os.path.join(run_dir, "world")
+            # One writer (write_world's contract): process 0 writes or verifies the world, then the
+            # others find it complete and only read it.
+            if jax.process_index() == 0:
+                reports["world"] = synthetic.write_world(d.synthetic, cfg.seed, world_dir)
+            if jax.process_count() > 1:
+                multihost_utils.sync_global_devices("apo_jax: synthetic world")
+            if jax.process_index() != 0:
+                reports["world"] = synthetic.write_world(d.synthetic, cfg.seed, world_dir)  # reused
         train_src = test_src = os.path.join(world_dir, "hh")
         gold_path = os.path.join(world_dir, "gold.jsonl")
         tokenizer_path = os.path.join(world_dir, "tokenizer")
@@ -80,7 +89,7 @@ def prepare(cfg: ml_collections.ConfigDict, run_dir: str) -> Data:
                 dev_pairs=splits.dev_pairs, test_pairs=splits.test_pairs, test_prompts=splits.test_prompts,
                 all_train_pairs=splits.all_train_pairs, demonstrations=demonstrations, true_reward=true_reward,
                 reports=reports)
-    _write_split_files(data, os.path.join(run_dir, "data"))
+    _write_split_files(data, fileio.join(run_dir, "data"))
     return data
 
 
@@ -90,15 +99,14 @@ def _write_split_files(data: Data, out_dir: str) -> None:
 
     if jax.process_index() != 0:
         return
-    os.makedirs(out_dir, exist_ok=True)
     for name in ("rm_pairs", "gold", "llm_prompts", "dev_pairs", "test_pairs", "test_prompts"):
-        path = os.path.join(out_dir, f"{name}.jsonl")
-        if not os.path.exists(path):
-            _write_jsonl(path, getattr(data, name))
+        path = fileio.join(out_dir, f"{name}.jsonl")
+        if not fileio.exists(path):
+            fileio.write_jsonl(path, getattr(data, name))
     counts = {name: len(getattr(data, name)) for name in ("rm_pairs", "gold", "llm_prompts", "dev_pairs",
                                                             "test_pairs", "test_prompts", "all_train_pairs")}
-    with open(os.path.join(out_dir, "splits.json"), "w") as f:
-        json.dump({"counts": counts, "reports": data.reports}, f, indent=1, default=str)
+    fileio.write_json(fileio.join(out_dir, "splits.json"), {"counts": counts, "reports": data.reports}, indent=1,
+                      default=str)
 
 
 # ------------------------------------------------------------------------------------------
@@ -226,20 +234,7 @@ def true_order_accuracy(data: Data, pairs: Sequence[dict], good: np.ndarray, bad
 
 
 def _read_jsonl(path: str) -> list[dict]:
-    out = []
-    with open(path) as f:
-        for i, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    out.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise hh.DataError(f"{path}: line {i}: not valid JSON ({e.msg})") from None
-    return out
-
-
-def _write_jsonl(path: str, rows: Sequence[dict]) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    try:
+        return fileio.read_jsonl(path)
+    except ValueError as e:
+        raise hh.DataError(str(e)) from None
