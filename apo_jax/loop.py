@@ -218,6 +218,7 @@ class Game:
         if start:
             state, data_state = ckpt.restore(start, state)
             it.restore(data_state)
+            self.metrics.rewind(name, start)  # the steps after the checkpoint are logged again
             self.status(f"{name}: resumed at step {start}/{total}")
         else:
             self.status(f"{name}: {total} steps of {kind.upper()} on {len(examples)} examples, batch {batch_size}")

@@ -108,11 +108,32 @@ class MetricsWriter:
                 if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value))
             self._events.write(events)
 
+    def rewind(self, phase: str, step: int) -> None:
+        """Drops the JSONL records of `phase` logged after `step` (and a torn last line): a phase
+        resumed from its step-`step` checkpoint logs those steps again."""
+        if not self.enabled:
+            return
+        self._jsonl.flush()
+        raw = fileio.read_bytes(self.jsonl_path) if fileio.exists(self.jsonl_path) else b""
+        keep = [line for line in fileio.complete_lines(self.jsonl_path) if not _logged_after(line, phase, step)]
+        if b"".join(keep) != raw:
+            fileio.write_bytes(self.jsonl_path, b"".join(keep))
+            self._jsonl = fileio.Appender(self.jsonl_path, flush_every_s=self._jsonl.flush_every_s)
+
     def close(self) -> None:
         for f in (self._jsonl, self._events):
             if f is not None:
                 f.close()
         self._jsonl = self._events = None
+
+
+def _logged_after(line: bytes, phase: str, step: int) -> bool:
+    try:
+        rec = json.loads(line)
+    except ValueError:
+        return True
+    return isinstance(rec, dict) and rec.get("phase") == phase and isinstance(rec.get("step"), int) and (
+        rec["step"] > step)
 
 
 def _plain(v: Any) -> Any:

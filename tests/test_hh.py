@@ -363,6 +363,20 @@ def test_gold_uses_the_file_and_falls_back_to_chosen(tmp_path):
     assert got[order[1]] == (first_chosen[order[1]], "hh_chosen")
 
 
+def test_gold_keeps_the_source_collect_gold_wrote(tmp_path):
+    rm = hh.make_splits(TRAIN, TEST, n_rm=4, n_dev=0, seed=3).rm_pairs
+    order = list(dict.fromkeys(p["prompt_id"] for p in rm))
+    gold = write(tmp_path / "gold.jsonl", [
+        {"prompt_id": order[0], "response": "a", "source": "endpoint"},
+        {"prompt_id": order[1], "response": "b", "source": "why_followup"},
+        {"prompt_id": order[2], "response": "c", "source": "hh_chosen"},  # collect_gold's own fallback
+    ])
+    records, report = hh.load_gold(str(gold), rm)
+    assert [r["source"] for r in records[:3]] == ["endpoint", "why_followup", "hh_chosen"]
+    assert records[3]["source"] == "hh_chosen" and records[2]["response"] == "c"
+    assert report == {"total": len(order), "from_file": 3, "fallback_chosen": len(order) - 3, "unused_in_file": 0}
+
+
 @pytest.mark.parametrize("bad, message", [
     ("{not json", "not valid JSON"),
     ({"response": "x"}, "missing field 'prompt_id' (or 'prompt')"),

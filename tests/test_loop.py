@@ -49,6 +49,7 @@ def test_two_rounds_on_a_sharded_mesh_write_every_output(reference_run):
     for rel in ("tables.md", "figure2_rm_accuracy_vs_ece.png", "figure2_policy_scores.png", "metrics.jsonl",
                 "summary.json", "config.json", "data/rm_pairs.jsonl"):
         assert os.path.getsize(os.path.join(run, rel)) > 0, rel
+    assert not os.listdir(os.path.join(run, "ckpt"))  # step checkpoints go once each model is saved
     records = _records(run)
     policies = {(r["schedule"], r["round"]) for r in records if r["kind"] == "policy_eval"}
     assert policies == {("base", 0)} | {(s, r) for s in ("rjs", "apo", "apo_seq", "ablation") for r in (1, 2)}
@@ -126,3 +127,12 @@ def test_killed_in_each_phase_kind_and_restarted_ends_with_identical_metrics(ref
     samples = os.path.join(run_dir, "samples", "policy_0_llm.jsonl")
     ref_samples = os.path.join(reference_run, "samples", "policy_0_llm.jsonl")
     assert open(samples).read() == open(ref_samples).read()  # no duplicated or lost batch
+    # The training curves of the resumed phases are logged once per step, as in the reference.
+    assert _train_steps(run_dir) == _train_steps(reference_run)
+    assert not os.listdir(os.path.join(run_dir, "ckpt"))  # finished phases leave no step checkpoints
+
+
+def _train_steps(run_dir: str) -> list[tuple[str, int]]:
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        recs = [json.loads(line) for line in f]
+    return sorted((r["phase"], r["step"]) for r in recs if "step" in r)

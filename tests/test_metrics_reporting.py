@@ -43,6 +43,19 @@ def test_metrics_writer_jsonl(tmp_path):
     assert len(list((tmp_path / "tensorboard").iterdir())) == 1
 
 
+
+def test_rewind_drops_the_steps_a_resumed_phase_logs_again(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    lines = [{"phase": "rm", "step": 1}, {"phase": "sft", "step": 5}, {"phase": "rm", "step": 2},
+             {"kind": "rm_eval", "name": "rm"}, {"phase": "rm", "step": 3}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in lines) + '{"phase": "rm", "st')  # torn by a crash
+    w = metrics.MetricsWriter(str(tmp_path))
+    w.rewind("rm", 1)
+    w.write({"phase": "rm", "step": 2, "loss": 0.1})
+    w.close()
+    assert metrics.read_jsonl(str(path)) == [lines[0], lines[1], lines[3], {"phase": "rm", "step": 2, "loss": 0.1}]
+
+
 RM = [
     {"kind": "rm_eval", "model": "RM_Base", "schedule": "rjs", "round": 0, "test_acc": 0.6, "test_ece": 0.05,
      "dev_acc": 0.61, "dev_ece": 0.04, "test_ece_weighted": 0.03, "dev_ece_weighted": 0.02},

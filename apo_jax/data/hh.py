@@ -9,7 +9,8 @@ Paper Section 4.1 and Table 1; SPEC.md section 2. Sources are the hub id `Anthro
 Records (see `records.py`):
 - pair:   {"prompt_id", "prompt", "chosen", "rejected", "subset"}
 - prompt: {"prompt_id", "prompt"} (test prompts also carry "chosen", an HH reference answer)
-- gold:   {"prompt_id", "prompt", "response", "source"}, source "file" or "hh_chosen"
+- gold:   {"prompt_id", "prompt", "response", "source"}: source "hh_chosen" for the fallback, else the
+          file's own "source" field (collect_gold's Appendix A path) or "file"
 
 Everything here is a pure function of its inputs (files, seed); no global state.
 """
@@ -466,28 +467,32 @@ def load_gold(path: str | None, rm_pairs: Sequence[dict]) -> tuple[list[dict], d
 
     Raises DataError naming file and line for a bad line, or two different responses for one prompt.
     """
-    gold: dict[str, tuple[str, int]] = {}
+    gold: dict[str, tuple[str, int, str]] = {}
     if path:
         if not os.path.isfile(path):
             raise DataError(f"{path}: no such gold-response file (use no path to fall back to HH chosen responses)")
         for n, raw in _read_lines(path):
             try:
-                pid, response = _gold_entry(_decode_json(raw))
+                obj = _decode_json(raw)
+                pid, response = _gold_entry(obj)
             except _BadRecord as e:
                 raise DataError(f"{path}:{n}: {e}") from None
             if pid in gold and gold[pid][0] != response:
                 raise DataError(f"{path}:{n}: prompt {pid} already has a different response on line {gold[pid][1]}; "
                                 f"expected one response per prompt")
-            gold.setdefault(pid, (response, n))
+            # collect_gold's files say which Appendix A path answered; other files are "file".
+            source = obj.get("source") if isinstance(obj.get("source"), str) and obj.get("source") else "file"
+            gold.setdefault(pid, (response, n, source))
 
     records = []
     for p in _distinct_prompts(rm_pairs, with_chosen=True):
         pid = p["prompt_id"]
         if pid in gold:
-            records.append({"prompt_id": pid, "prompt": p["prompt"], "response": gold[pid][0], "source": "file"})
+            records.append({"prompt_id": pid, "prompt": p["prompt"], "response": gold[pid][0],
+                            "source": gold[pid][2]})
         else:
             records.append({"prompt_id": pid, "prompt": p["prompt"], "response": p["chosen"], "source": "hh_chosen"})
-    from_file = sum(r["source"] == "file" for r in records)
+    from_file = sum(r["prompt_id"] in gold for r in records)
     report = {"total": len(records), "from_file": from_file, "fallback_chosen": len(records) - from_file,
               "unused_in_file": len(gold) - from_file}
     return records, report
