@@ -42,6 +42,12 @@ def remote_backend_problem(url: str) -> str | None:
     """
     import importlib.util
 
+    try:
+        # Orbax asks the storage client about gs:// buckets (step listing, deletion).
+        import google.cloud.storage  # noqa: F401
+    except ImportError as e:
+        return (f"{url!r} needs google-cloud-storage (for Orbax) and gcsfs (for etils.epath): "
+                f"pip install 'apo_jax[gcs]' ({type(e).__name__}: {e})")
     if importlib.util.find_spec("tensorflow") is not None:
         return None
     try:
@@ -52,6 +58,13 @@ def remote_backend_problem(url: str) -> str | None:
         return (f"{url!r} needs a GCS filesystem for etils.epath: pip install 'apo_jax[gcs]' (gcsfs) "
                 f"or tensorflow ({type(e).__name__}: {e})")
     return None
+
+
+def local_cache_dir(*parts: str) -> str:
+    """A directory on this host's disk for copies of remote things: $APO_JAX_CACHE (default
+    ~/.cache/apo_jax)/parts."""
+    root = os.environ.get("APO_JAX_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "apo_jax")
+    return os.path.join(root, *parts)
 
 
 def path(p: str | os.PathLike) -> epath.Path:

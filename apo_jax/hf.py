@@ -138,8 +138,7 @@ def _download_remote(url: str) -> str:
     if not is_saved(url):
         what = "no such checkpoint" if not src.exists() else f"no {CONFIG_NAME} with safetensors weights"
         raise CheckpointError(f"{url}: {what}")
-    cache = os.path.join(os.environ.get("APO_JAX_CACHE", os.path.expanduser("~/.cache/apo_jax")), "remote",
-                         url.split("://", 1)[1].strip("/"))
+    cache = fileio.local_cache_dir("remote", url.split("://", 1)[1].strip("/"))
     if os.path.isfile(os.path.join(cache, CONFIG_NAME)):
         return cache
     os.makedirs(os.path.dirname(cache), exist_ok=True)

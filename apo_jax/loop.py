@@ -95,6 +95,7 @@ class Game:
         if self.state.done(name):
             return self.state.result(name)
         result = fn()
+        self.metrics.flush()  # a finished phase's records reach storage before it counts as done
         self.state.mark_done(name, result)
         return result
 
@@ -126,6 +127,7 @@ class Game:
 
     def save_model(self, name: str, config: models.LlamaConfig, params: Any) -> None:
         self.store.save(name, params)
+        self.metrics.flush()  # the training curve reaches storage before the model counts as done
         heads = sorted(k for k in ("lm_head", "score") if k in params)
         self.state.mark_done(f"model:{name}", {"config": _config_to_json(config), "heads": heads})
         self._cache[name] = ModelSlot(config, params)
@@ -548,8 +550,11 @@ def preflight(cfg: ml_collections.ConfigDict) -> None:
 def run(cfg: ml_collections.ConfigDict) -> str:
     checkpointing.install_preemption_handler()
     game = Game(cfg)
-    with sharding.activation_sharding(None):
-        return game.play()
+    try:
+        with sharding.activation_sharding(None):
+            return game.play()
+    finally:
+        game.metrics.close()  # a preempted or failed run keeps the records it logged
 
 
 # ---------------------------------------------------------------------------------------------

@@ -120,6 +120,12 @@ class MetricsWriter:
             fileio.write_bytes(self.jsonl_path, b"".join(keep))
             self._jsonl = fileio.Appender(self.jsonl_path, flush_every_s=self._jsonl.flush_every_s)
 
+    def flush(self) -> None:
+        """Makes everything written so far durable (on GCS: rewrites the objects now)."""
+        for f in (self._jsonl, self._events):
+            if f is not None:
+                f.flush()
+
     def close(self) -> None:
         for f in (self._jsonl, self._events):
             if f is not None:

@@ -13,7 +13,8 @@ import pytest
 import torch
 import transformers
 
-from apo_jax import loop
+from apo_jax import checkpointing, loop
+from fake_gcs import fake_gcs_fixture  # noqa: F401  (the fixture "fake_gcs")
 from loop_fixtures import REPO, TINY, tiny_config
 
 MESH = {"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2}
@@ -136,3 +137,54 @@ def _train_steps(run_dir: str) -> list[tuple[str, int]]:
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         recs = [json.loads(line) for line in f]
     return sorted((r["phase"], r["step"]) for r in recs if "step" in r)
+
+
+def test_gcs_run_dir_preempted_and_resumed_ends_with_the_reference_results(reference_run, fake_gcs, monkeypatch,
+                                                                           tmp_path):
+    """run_dir=gs://...: Orbax checkpoints go through TensorStore's GCS driver, every other file
+    through epath; a preemption inside RM training saves to the bucket, and the restarted run
+    resumes from there (a replacement VM has only the bucket) and ends with the reference's numbers."""
+    monkeypatch.setenv("APO_JAX_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    url = fake_gcs.url("bucket", "runs/apo")
+    bucket_run = fake_gcs.root / "bucket" / "runs" / "apo"
+    cfg = tiny_config(run_dir=url, **{k.replace(".", "__"): v for k, v in MESH.items()})
+
+    def preempt(phase: str, step: int) -> None:
+        if (phase, step) == ("rm_base", 2):
+            checkpointing._SIGNALLED.set()  # what the SIGTERM handler does
+
+    monkeypatch.setattr(loop, "_fault_point", preempt)
+    try:
+        with pytest.raises(checkpointing.Preempted, match="rm_base step 3"):
+            loop.run(cfg)
+    finally:
+        checkpointing._SIGNALLED.clear()
+        checkpointing._PREEMPTED.clear()
+    assert sorted(p.name for p in (bucket_run / "ckpt" / "rm_base").iterdir() if p.name.isdigit()) == ["2", "3"]
+    assert any(r.kind == "upload" and "rm_base" in r.query.get("name", "") for r in fake_gcs.requests), \
+        "Orbax's arrays did not go through the GCS driver"
+
+    monkeypatch.setattr(loop, "_fault_point", lambda phase, step: None)
+    text = loop.run(cfg)
+    assert f"Outputs in {url}:" in text
+    summary = json.loads((bucket_run / "summary.json").read_text())
+    _assert_same_records(summary["records"], _records(reference_run))
+    assert _train_steps(str(bucket_run)) == _train_steps(reference_run)
+    for rel in ("tables.md", "figure2_policy_scores.png", "config.json", "data/splits.json",
+                "samples/policy_0_llm.jsonl", "export/rm_apo_seq_r2/config.json"):
+        assert (bucket_run / rel).stat().st_size > 0, rel
+    assert (bucket_run / "samples" / "policy_0_llm.jsonl").read_bytes() == open(
+        os.path.join(reference_run, "samples", "policy_0_llm.jsonl"), "rb").read()
+    assert not [p for p in (bucket_run / "ckpt").iterdir()]  # removed once the models were saved
+    assert not os.path.exists(tmp_path / "gs:")  # nothing written to a local "gs:" directory
+    # The export reads back through the gs:// checkpoint path (downloaded once into the cache).
+    from apo_jax import hf
+
+    local = hf.resolve_checkpoint_dir(f"{url}/export/rm_apo_seq_r2")
+    assert local.startswith(str(tmp_path / "cache"))
+    rm = transformers.LlamaForSequenceClassification.from_pretrained(local)
+    ref = transformers.LlamaForSequenceClassification.from_pretrained(
+        os.path.join(reference_run, "export", "rm_apo_seq_r2"))
+    for (k, a), (_, b) in zip(rm.state_dict().items(), ref.state_dict().items()):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=0, msg=k)

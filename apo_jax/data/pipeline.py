@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import tempfile
 from typing import Any, Callable, Sequence
 
 import ml_collections
@@ -56,9 +55,8 @@ def prepare(cfg: ml_collections.ConfigDict, run_dir: str) -> Data:
         if fileio.is_remote(run_dir):
             # The world's readers (gzip, the tokenizer) need local files, and the world is a pure
             # function of its config and seed: each process writes its own local copy.
-            world_dir = os.path.join(tempfile.gettempdir(), "apo_jax_world",
-                                     f"{synthetic.config_hash(synthetic.resolve_config(d.synthetic), cfg.seed)}"
-                                     f"-p{jax.process_index()}")
+            digest = synthetic.config_hash(synthetic.resolve_config(d.synthetic), cfg.seed)
+            world_dir = fileio.local_cache_dir("synthetic_world", f"{digest}-p{jax.process_index()}")
             reports["world"] = synthetic.write_world(d.synthetic, cfg.seed, world_dir)
         else:
             world_dir = os.path.join(run_dir, "world")
