@@ -7,19 +7,20 @@
 #
 # ACTION (default: all)
 #   up      create the slice (or reuse a READY one), copy this checkout to every worker, install it
-#           with jax[tpu], and mount the bucket on every worker (gcsfuse)
+#           with jax[tpu] and the [gcs] extra (gcsfs, google-cloud-storage)
 #   run     run the game on all workers at once; their output streams here (apo_jax's log lines
 #           say "[process i/n]"), and each worker's log is copied to <run_dir>/logs/<host>.log
-#   logs    copy the workers' logs to <run_dir>/logs/ again
+#   logs    copy the workers' logs to <run_dir>/logs/ again (gcloud storage cp)
 #   stop    SIGTERM the run on every worker: it saves a checkpoint at its next training step, exits
 #   delete  delete the slice (checkpoints and outputs stay in the bucket)
 #   all     up, then run; when a spot slice is preempted, recreate it and run the same command
 #           again (it resumes from the last Orbax checkpoint), up to --max-restarts times
 #           (default 0, or 10 with --spot); finally delete the slice if --delete was given
 #
-# The run directory is <bucket>/<name>. Every worker mounts the bucket at ~/apo_jax_bucket, so the
-# checkpoints (each worker writes its own shards), the loop state and the outputs all live in GCS
-# and outlive the slice: running the same command again, on this slice or a new one, resumes.
+# The run directory is <bucket>/<name>, a gs:// URL given to apo_jax as --config.run_dir: Orbax
+# writes the checkpoints there itself (each worker its own shards, through TensorStore's GCS
+# driver), and the loop state, samples, metrics, tables and exports go through etils.epath. All
+# of it outlives the slice: running the same command again, on this slice or a new one, resumes.
 # --dry-run prints each command (gcloud, and the local tar) as `+ command`, and runs none.
 set -euo pipefail
 
@@ -60,16 +61,9 @@ case "$MAX_RESTARTS" in *[!0-9]*) die "--max-restarts must be a number" ;; esac
 
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
 TARBALL="${TMPDIR:-/tmp}/apo_jax-$NAME.tar.gz"
-bucket_path="${BUCKET#gs://}"
-bucket_path="${bucket_path%/}"
-BUCKET_NAME="${bucket_path%%/*}"
-PREFIX=""
-if [ "$bucket_path" != "$BUCKET_NAME" ]; then PREFIX="${bucket_path#*/}"; fi
+RUN_DIR="${BUCKET%/}/$NAME"
 
 # Remote paths are expanded by each worker's shell, not here.
-# shellcheck disable=SC2016
-MOUNT='$HOME/apo_jax_bucket'
-RUN_DIR="$MOUNT/$NAME"
 # shellcheck disable=SC2016
 LOG='$HOME/apo_jax_logs/'"$NAME.log"
 
@@ -102,29 +96,16 @@ if [ -n "$PROJECT" ]; then WHERE+=(--project="$PROJECT"); fi
 
 on_all_workers() { run "${TPU[@]}" ssh "$NAME" "${WHERE[@]}" --worker=all --command="$1"; }
 
-# gcsfuse from Google's apt repository (TPU VM images do not ship it). Directory renames (Orbax
-# commits a checkpoint by renaming its temporary directory) need --rename-dir-limit; metadata is
-# not cached, so every worker sees what process 0 just wrote.
-KEYRING=/usr/share/keyrings/cloud.google.asc
-INSTALL_GCSFUSE="(command -v gcsfuse >/dev/null || (curl -fsSL https://packages.cloud.google.com/apt/doc/apt-key.gpg"
-INSTALL_GCSFUSE+=" | sudo tee $KEYRING >/dev/null && echo \"deb [signed-by=$KEYRING]"
-INSTALL_GCSFUSE+=" https://packages.cloud.google.com/apt gcsfuse-\$(lsb_release -cs) main\""
-INSTALL_GCSFUSE+=" | sudo tee /etc/apt/sources.list.d/gcsfuse.list >/dev/null"
-INSTALL_GCSFUSE+=" && sudo apt-get update -q && sudo apt-get install -y -q gcsfuse))"
-mount_args="--implicit-dirs --rename-dir-limit=1000000 --metadata-cache-ttl-secs=0"
-if [ -n "$PREFIX" ]; then mount_args+=" --only-dir=$(quote "$PREFIX")"; fi
-MOUNT_BUCKET="mkdir -p $MOUNT && (mountpoint -q $MOUNT || gcsfuse $mount_args $(quote "$BUCKET_NAME") $MOUNT)"
-
 SETUP="mkdir -p ~/apo_jax && tar -xzf ~/apo_jax-src.tar.gz -C ~/apo_jax && cd ~/apo_jax"
-SETUP+=" && python3 -m pip install -q -e . 'jax[tpu]' && $INSTALL_GCSFUSE && $MOUNT_BUCKET"
+SETUP+=" && python3 -m pip install -q -e '.[gcs]' 'jax[tpu]'"
 
 # Every worker runs the same command; jax.distributed.initialize() (APO_JAX_DISTRIBUTED=1) finds
 # the slice's other hosts from the TPU metadata.
-main_cmd="python3 -m apo_jax.main $(quote "--config=$CONFIG") --config.run_dir=$RUN_DIR"
+main_cmd="python3 -m apo_jax.main $(quote "--config=$CONFIG") $(quote "--config.run_dir=$RUN_DIR")"
 for arg in "${EXTRA[@]+"${EXTRA[@]}"}"; do main_cmd+=" $(quote "$arg")"; done
 # shellcheck disable=SC2016
-COPY_LOG="mkdir -p $RUN_DIR/logs && cp $LOG $RUN_DIR/logs/"'$(hostname).log'
-RUN="cd ~/apo_jax && $MOUNT_BUCKET && mkdir -p \$HOME/apo_jax_logs"
+COPY_LOG="gcloud storage cp $LOG $(quote "$RUN_DIR/logs")/"'$(hostname).log'
+RUN="cd ~/apo_jax && mkdir -p \$HOME/apo_jax_logs"
 RUN+=" && export APO_JAX_DISTRIBUTED=1 PYTHONUNBUFFERED=1 && set -o pipefail"
 RUN+=" && $main_cmd 2>&1 | tee -a $LOG; status=\$?; $COPY_LOG; exit \$status"
 
@@ -166,7 +147,7 @@ run_game() { on_all_workers "$RUN"; }
 case "$ACTION" in
   up) up ;;
   run) run_game ;;
-  logs) on_all_workers "$MOUNT_BUCKET && $COPY_LOG" ;;
+  logs) on_all_workers "$COPY_LOG" ;;
   stop) on_all_workers "pkill -TERM -f '^python3 -m apo_jax[.]main' || true" ;;
   delete) delete ;;
   all)
