@@ -78,6 +78,7 @@ _ENV_VARS = (
     "TENSORSTORE_GCS_HTTP_URL",
     "GOOGLE_AUTH_TOKEN_FOR_TESTING",
     "STORAGE_EMULATOR_HOST",
+    "FAKE_GCS_ROOT",
     "NO_PROXY",
     "no_proxy",
 )
@@ -1013,6 +1014,7 @@ def fake_gcs(root: str | os.PathLike) -> Iterator[FakeGcs]:
         os.environ["TENSORSTORE_GCS_HTTP_URL"] = srv.url
         os.environ["GOOGLE_AUTH_TOKEN_FOR_TESTING"] = "fake-gcs-token"
         os.environ["STORAGE_EMULATOR_HOST"] = srv.url
+        os.environ["FAKE_GCS_ROOT"] = str(root_path)  # for child processes: see `install_in_child`
         for k in ("NO_PROXY", "no_proxy"):
             existing = [x for x in (saved_env[k] or "").split(",") if x]
             os.environ[k] = ",".join(existing + ["127.0.0.1", "localhost", host])
@@ -1040,6 +1042,27 @@ def fake_gcs(root: str | os.PathLike) -> Iterator[FakeGcs]:
             else:
                 os.environ[k] = v
         _ACTIVE.release()
+
+
+def install_in_child() -> None:
+    """In a process started inside a `fake_gcs` context (it inherits the environment): points
+    this process's epath/fsspec `gs://` at the same directory and Orbax's storage client at the
+    parent's server. TensorStore finds the server through the inherited environment itself."""
+    global _FS_ROOT
+    root, url = os.environ["FAKE_GCS_ROOT"], os.environ["TENSORSTORE_GCS_HTTP_URL"]
+    _FS_ROOT = root
+    for proto in _PROTOCOLS:
+        fsspec.register_implementation(proto, FakeGcsFileSystem, clobber=True)
+    _clear_caches()
+    try:
+        import google.cloud.storage  # noqa: F401  (the real client: STORAGE_EMULATOR_HOST points it here)
+    except ImportError:
+        cloud = sys.modules.get("google.cloud") or types.ModuleType("google.cloud")
+        if not hasattr(cloud, "__path__"):
+            cloud.__path__ = []
+        stub = _make_storage_stub(types.SimpleNamespace(url=url))
+        sys.modules["google.cloud"], sys.modules["google.cloud.storage"] = cloud, stub
+        cloud.storage = stub
 
 
 try:

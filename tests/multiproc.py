@@ -40,12 +40,13 @@ def free_port() -> int:
 
 def run_processes(code: str, num_processes: int, devices_per_process: int, *, timeout: float = 300,
                   extra_env: dict[str, str] | None = None, args: list[str] | None = None,
-                  module: str | None = None, xla_flags: str = "") -> list[subprocess.CompletedProcess]:
+                  module: str | None = None, xla_flags: str = "", bootstrap: str = "") -> list[subprocess.CompletedProcess]:
     """Starts the processes, waits for all, returns their results (stdout/stderr as text).
 
     With `module`, runs `python -m module *args` instead of the snippet (the prelude's settings
     then come from the environment: XLA_FLAGS and JAX_PLATFORMS). Output goes to temporary files,
-    not pipes, so a chatty process never blocks the others on a full pipe. If the group is still
+    not pipes, so a chatty process never blocks the others on a full pipe. `bootstrap` is Python
+    run before the module (e.g. `fake_gcs.install_in_child()`). If the group is still
     running after `timeout` seconds, all are killed and TimeoutExpired carries each one's output.
     """
     port = free_port()
@@ -59,6 +60,9 @@ def run_processes(code: str, num_processes: int, devices_per_process: int, *, ti
         env.update(extra_env or {})
         if module is None:
             cmd = [sys.executable, "-c", PRELUDE % devices_per_process + code, *(args or [])]
+        elif bootstrap:
+            run = f"import runpy; runpy.run_module({module!r}, run_name='__main__', alter_sys=True)"
+            cmd = [sys.executable, "-c", f"{bootstrap}\n{run}", *(args or [])]
         else:
             cmd = [sys.executable, "-m", module, *(args or [])]
         out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
@@ -122,11 +126,11 @@ FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_
 
 
 def run_main(args: list[str], num_processes: int, devices_per_process: int, *, timeout: float = 600,
-             extra_env: dict[str, str] | None = None) -> list[subprocess.CompletedProcess]:
+             extra_env: dict[str, str] | None = None, bootstrap: str = "") -> list[subprocess.CompletedProcess]:
     """`python -m apo_jax.main *args` in one plain process (no jax.distributed) or in N processes."""
     if num_processes > 1:
         return run_processes("", num_processes, devices_per_process, module="apo_jax.main", args=args,
-                             timeout=timeout, extra_env=extra_env, xla_flags=FAST_COMPILE)
+                             timeout=timeout, extra_env=extra_env, xla_flags=FAST_COMPILE, bootstrap=bootstrap)
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1",
                XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process} {FAST_COMPILE}")
     for key in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "APO_JAX_FAULT"):

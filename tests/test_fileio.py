@@ -52,18 +52,38 @@ def test_appender_and_truncate_drop_a_torn_last_line(tmp_path):
     assert fileio.read_jsonl(path) == [{"i": 0}, {"i": 1}]
 
 
-def test_gs_run_dir_without_a_gcs_filesystem_fails_at_start_up(monkeypatch):
+def test_gs_run_dir_without_the_gcs_extra_fails_at_start_up(monkeypatch):
+    import importlib.util
+    import sys
+    import types
+
     import fsspec
+
+    # Neither google-cloud-storage (Orbax's) nor gcsfs (epath's) installed: what this machine has.
+    monkeypatch.setitem(sys.modules, "google.cloud.storage", None)  # `import` raises ImportError
+    with pytest.raises(config_lib.ConfigError) as info:
+        config_lib.validate(tiny_config(run_dir="gs://bucket/run"), 8)
+    assert "run_dir: 'gs://bucket/run' needs google-cloud-storage (for Orbax) and gcsfs" in str(info.value)
+    assert "pip install 'apo_jax[gcs]'" in str(info.value)
+
+    # The storage client present, the fsspec filesystem missing (and no TensorFlow).
+    google = sys.modules.get("google") or types.ModuleType("google")
+    cloud = types.ModuleType("google.cloud")
+    cloud.storage = types.ModuleType("google.cloud.storage")
+    monkeypatch.setitem(sys.modules, "google", google)
+    monkeypatch.setattr(google, "cloud", cloud, raising=False)
+    monkeypatch.setitem(sys.modules, "google.cloud", cloud)
+    monkeypatch.setitem(sys.modules, "google.cloud.storage", cloud.storage)
 
     def unavailable(protocol):
         raise ImportError("Install gcsfs to access Google Storage")
 
     monkeypatch.setattr(fsspec, "get_filesystem_class", unavailable)
-    monkeypatch.setattr("importlib.util.find_spec", lambda name: None)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(config_lib.ConfigError) as info:
-        config_lib.validate(tiny_config(run_dir="gs://bucket/run"), 8)
-    assert "run_dir: 'gs://bucket/run' needs a GCS filesystem" in str(info.value)
-    assert "pip install 'apo_jax[gcs]'" in str(info.value)
+        config_lib.validate(tiny_config(run_dir="gs://bucket/run", policy__checkpoint="gs://bucket/llama"), 8)
+    assert "run_dir: 'gs://bucket/run' needs a GCS filesystem for etils.epath" in str(info.value)
+    assert "policy.checkpoint: 'gs://bucket/llama' needs a GCS filesystem" in str(info.value)
 
 
 @pytest.mark.parametrize("run_dir, message", [

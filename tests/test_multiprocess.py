@@ -3,7 +3,8 @@
 Each run is `python -m apo_jax.main --config=configs/synthetic.py` + `loop_fixtures.TINY` + the
 apo_seq schedule alone (two rounds holding every kind of phase; `multiproc.TINY_GAME`) +
 `--config.mesh.fsdp=-1`, all processes sharing one run_dir, as on a pod or a cluster with shared
-storage. The reference is the same command in one process with 4 fake devices: the global mesh
+storage; the killed-and-restarted 2-process run keeps its run dir on gs:// (a fake GCS), as a TPU
+pod does. The reference is the same command in one process with 4 fake devices: the global mesh
 of the 2-process run, (data, fsdp, tensor) = (1, 4, 1). The 4-process run, (1, 8, 1), is compared
 with that same reference, which it shares to keep the file short: only the fsdp split, hence the
 order of float reductions, differs.
@@ -29,6 +30,7 @@ import os
 import pytest
 
 import multiproc
+from fake_gcs import fake_gcs_fixture  # noqa: F401  (the fixture "fake_gcs")
 
 TOL = 1e-5
 FAULT = "rm_base:3"  # inside RM training, after its step-2 checkpoint; policy_0 is in the model store
@@ -96,11 +98,15 @@ def _ok(procs) -> None:
         assert p.returncode == 0, f"process {i} exited {p.returncode}:\n{p.stderr[-4000:]}"
 
 
-def test_two_processes_killed_together_resume_and_match_one_process(reference, tmp_path):
-    run_dir = str(tmp_path / "run")
-    args = multiproc.tiny_main_args(run_dir)
+def test_two_processes_on_gcs_killed_together_resume_and_match_one_process(reference, fake_gcs):
+    """A pod's run: the run dir is a gs:// URL (a fake GCS: TensorStore's GCS driver over HTTP to
+    this test's server, epath through fsspec on the same files), every process writes its own
+    checkpoint shards there, and the restart reads only what the bucket holds."""
+    run_dir = str(fake_gcs.local_path("bucket", "runs/apo"))  # what the bucket holds, on disk
+    args = multiproc.tiny_main_args(fake_gcs.url("bucket", "runs/apo"))
+    bootstrap = "import fake_gcs; fake_gcs.install_in_child()"
 
-    killed = multiproc.run_main(args, 2, 2, extra_env={"APO_JAX_FAULT": FAULT})
+    killed = multiproc.run_main(args, 2, 2, extra_env={"APO_JAX_FAULT": FAULT}, bootstrap=bootstrap)
     assert killed[0].returncode == 42, killed[0].stderr[-4000:]
     for i, p in enumerate(killed):
         # Each process dies at the same step; one that loses the coordinator (process 0) first
@@ -114,7 +120,10 @@ def test_two_processes_killed_together_resume_and_match_one_process(reference, t
     _assert_each_process_wrote_its_shards(os.path.join(run_dir, "ckpt", "rm_base", "2", "state"), 2)
     _assert_each_process_wrote_its_shards(os.path.join(run_dir, "models", "policy_0"), 2)
 
-    resumed = multiproc.run_main(args, 2, 2)  # the same command again
+    uploads = {r.query.get("name", "") for r in fake_gcs.requests if r.kind == "upload"}
+    assert any("ocdbt.process_1" in name for name in uploads), "process 1's shards did not go through GCS"
+
+    resumed = multiproc.run_main(args, 2, 2, bootstrap=bootstrap)  # the same command again
     _ok(resumed)
     assert "rm_base: resumed at step 2/5" in resumed[0].stdout + resumed[0].stderr
     _assert_same_results(run_dir, reference)
