@@ -317,6 +317,7 @@ class Attention(nn.Module):
         mask_bts: jax.Array,
         cache: Cache | None,
         cache_index: jax.Array | int,
+        layer: jax.Array | int = 0,
     ) -> tuple[jax.Array, Cache | None]:
         cfg = self.config
         d, n, k, h = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -328,11 +329,16 @@ class Attention(nn.Module):
         v_btkh = sharding.constrain(v_btkh, sharding.ACT_KV_HEADS)
 
         if cache is not None:
-            # The cache holds every slot [0, S); this call writes slots [cache_index, cache_index+T).
-            start = (0, cache_index, 0, 0)
-            k_bskh = jax.lax.dynamic_update_slice(cache["k"], k_btkh.astype(cache["k"].dtype), start)
-            v_bskh = jax.lax.dynamic_update_slice(cache["v"], v_btkh.astype(cache["v"].dtype), start)
-            cache = {"k": k_bskh, "v": v_bskh}
+            # The stacked cache [L, B, S, K, h] holds every layer and slot; this call writes layer
+            # `layer`'s slots [cache_index, cache_index + T) in place (the cache is a loop carry, so
+            # XLA updates its buffer rather than copying it) and reads that layer back.
+            start = (layer, 0, cache_index, 0, 0)
+            cache = {
+                "k": jax.lax.dynamic_update_slice(cache["k"], k_btkh.astype(cache["k"].dtype)[None], start),
+                "v": jax.lax.dynamic_update_slice(cache["v"], v_btkh.astype(cache["v"].dtype)[None], start),
+            }
+            k_bskh = jax.lax.dynamic_index_in_dim(cache["k"], layer, 0, keepdims=False)
+            v_bskh = jax.lax.dynamic_index_in_dim(cache["v"], layer, 0, keepdims=False)
         else:
             k_bskh, v_bskh = k_btkh, v_btkh
         k_bskh = k_bskh.astype(cfg.compute_dtype)
@@ -381,13 +387,15 @@ class Block(nn.Module):
     config: LlamaConfig
 
     @nn.compact
-    def __call__(self, x_btd, cos_bth, sin_bth, mask_bts, cache, cache_index):
+    def __call__(self, carry, cos_bth, sin_bth, mask_bts, cache_index):
+        """carry: (hidden states, the whole stacked KV cache or None, this block's layer index)."""
+        x_btd, cache, layer = carry
         attn_out, cache = Attention(self.config, name="attn")(
-            RMSNorm(self.config, name="attn_norm")(x_btd), cos_bth, sin_bth, mask_bts, cache, cache_index
+            RMSNorm(self.config, name="attn_norm")(x_btd), cos_bth, sin_bth, mask_bts, cache, cache_index, layer
         )
         x_btd = sharding.constrain(x_btd + attn_out, sharding.ACT_EMBED)
         x_btd = x_btd + MLP(self.config, name="mlp")(RMSNorm(self.config, name="mlp_norm")(x_btd))
-        return sharding.constrain(x_btd, sharding.ACT_EMBED), cache
+        return (sharding.constrain(x_btd, sharding.ACT_EMBED), cache, layer + 1), None
 
 
 _REMAT = {
@@ -434,11 +442,15 @@ class LlamaModel(nn.Module):
             block,
             variable_axes={"params": 0},
             split_rngs={"params": True},
-            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast),
+            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
             length=cfg.num_hidden_layers,
             unroll=1 if cfg.scan_layers else cfg.num_hidden_layers,
         )
-        x_btd, cache = stack(cfg, name="layers")(x_btd, cos_bth, sin_bth, mask_bts, cache, cache_index)
+        # The KV cache rides in the carry, whole: each layer updates its slice in place. (As a
+        # scanned input/output it would be sliced into per-layer copies and restacked every call,
+        # a few full-cache copies per decoded token.)
+        (x_btd, cache, _), _ = stack(cfg, name="layers")(
+            (x_btd, cache, jnp.int32(0)), cos_bth, sin_bth, mask_bts, cache_index)
         return RMSNorm(cfg, name="final_norm")(x_btd), cache
 
 

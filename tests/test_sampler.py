@@ -51,6 +51,27 @@ def test_cached_decode_logits_equal_full_forward(lm):
     np.testing.assert_allclose(np.asarray(out.logprobs[:, 0]), ref_tok, atol=1e-4)
 
 
+def test_decode_updates_the_kv_cache_in_place():
+    """The decode loop's compiled program holds no full-cache temporary: the donated cache is
+    updated in place, each layer writing its slot into the stacked [L, B, S, K, h] buffer. (With
+    the cache as a scanned input/output of the layer stack, XLA sliced and restacked it: temporaries
+    of 1.5x the cache here, and 1.9x slower decoding on CPU.)"""
+    cfg = models.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=8,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                             eos_token_id=None, bos_token_id=1, pad_token_id=0)
+    params = models.init_params(cfg, jax.random.PRNGKey(0))
+    b, p, s, n = 2, 256, 2, 8
+    ids, mask = jnp.ones((b, p), jnp.int32), jnp.ones((b, p), jnp.int32)
+    cache, logits, kv_mask = sampler._prefill_fn(cfg, s, n, None)(params, ids, mask)
+    decode = sampler._decode_fn(cfg, n, 1.0, 0, 1.0, (), (), 0, None)
+    compiled = decode.lower(params, cache, logits, kv_mask, jnp.full((b * s,), p, jnp.int32),
+                            jax.random.PRNGKey(0)).compile()
+    memory = compiled.memory_analysis()
+    cache_bytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(cache))
+    assert memory.alias_size_in_bytes >= cache_bytes  # the donated cache is the output's buffer
+    assert memory.temp_size_in_bytes < 0.5 * cache_bytes, (memory.temp_size_in_bytes, cache_bytes)
+
+
 def test_fixed_rng_reproducible_and_samples_differ(lm):
     _, config, params = lm
     ids, mask = padded_batch(2, 6, config.vocab_size, "left", seed=7)
