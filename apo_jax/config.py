@@ -154,7 +154,8 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
             problem = fileio.remote_backend_problem(c.run_dir)
             if problem:
                 err("run_dir", problem)
-    for field in ("policy.checkpoint", "rm.init_checkpoint", "rm.base_checkpoint", "rm.test_checkpoint"):
+    for field in ("policy.checkpoint", "rm.init_checkpoint", "rm.base_checkpoint", "rm.test_checkpoint",
+                  "data.hh_train", "data.hh_test", "data.gold", "data.tokenizer"):
         section, key = field.split(".")
         if fileio.is_remote(c[section][key]):
             problem = fileio.remote_backend_problem(c[section][key])
@@ -171,7 +172,7 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
                 err(f"data.{field}", "empty; give a local HH-RLHF dir/file or the hub id Anthropic/hh-rlhf")
             elif not (os.path.exists(path) or _is_remote(path) or _looks_like_hub_id(path)):
                 err(f"data.{field}", f"{path!r} does not exist")
-        if c.data.gold and not os.path.exists(c.data.gold):
+        if c.data.gold and not (os.path.exists(c.data.gold) or fileio.is_remote(c.data.gold)):
             err("data.gold", f"{c.data.gold!r} does not exist (use '' to fall back to HH chosen responses)")
     for field in ("n_rm", "n_dev", "n_llm", "n_test"):
         if c.data[field] < 0:

@@ -67,6 +67,53 @@ def local_cache_dir(*parts: str) -> str:
     return os.path.join(root, *parts)
 
 
+def local_copy(url: str) -> str:
+    """A local path holding what `url` (gs://...: a file or a directory tree) holds, for readers
+    that need local files (gzip, tokenizers, safetensors). Copied once into
+    local_cache_dir("remote", bucket/path); a copy already there is reused. Each process copies
+    into its own temporary name and renames it into place, so processes sharing a host never see
+    a half-written copy. FileNotFoundError if `url` does not exist."""
+    import shutil
+    import tempfile
+
+    src = path(url)
+    if not src.exists():
+        raise FileNotFoundError(f"{url}: no such file or directory")
+    dest = local_cache_dir("remote", url.split("://", 1)[1].strip("/"))
+    if os.path.exists(dest):
+        return dest
+    os.makedirs(os.path.dirname(dest), exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(dest)}.part-", dir=os.path.dirname(dest))
+    try:
+        if src.is_dir():
+            out = os.path.join(tmp, "tree")
+            for f in _files_under(src):
+                rel = os.fspath(f)[len(os.fspath(src).rstrip("/")):].lstrip("/")
+                os.makedirs(os.path.dirname(os.path.join(out, rel)), exist_ok=True)
+                with open(os.path.join(out, rel), "wb") as w:
+                    w.write(f.read_bytes())
+            os.makedirs(out, exist_ok=True)
+        else:
+            out = os.path.join(tmp, "file")
+            with open(out, "wb") as w:
+                w.write(src.read_bytes())
+        try:
+            os.rename(out, dest)
+        except OSError:
+            if not os.path.exists(dest):  # not another process's finished copy: a real error
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def _files_under(directory: epath.Path) -> list[epath.Path]:
+    out = []
+    for child in directory.iterdir():
+        out.extend(_files_under(child) if child.is_dir() else [child])
+    return out
+
+
 def path(p: str | os.PathLike) -> epath.Path:
     """An epath for `p`: remote URLs as given, local paths made absolute (user-expanded)."""
     s = os.fspath(p)

@@ -128,35 +128,11 @@ def _wanted_entries(config: LlamaConfig, keys: set[str]):
 
 
 def _download_remote(url: str) -> str:
-    """A local copy of the checkpoint directory at `url` (gs://...), cached under
-    $APO_JAX_CACHE (default ~/.cache/apo_jax)/remote/<bucket>/<path>.
-
-    Each process downloads into its own temporary directory and renames it into place; a copy
-    already there (from an earlier run, or another process on this host) is reused.
-    """
-    src = fileio.path(url)
+    """A local copy (`fileio.local_copy`) of the checkpoint directory at `url` (gs://...)."""
     if not is_saved(url):
-        what = "no such checkpoint" if not src.exists() else f"no {CONFIG_NAME} with safetensors weights"
+        what = "no such checkpoint" if not fileio.exists(url) else f"no {CONFIG_NAME} with safetensors weights"
         raise CheckpointError(f"{url}: {what}")
-    cache = fileio.local_cache_dir("remote", url.split("://", 1)[1].strip("/"))
-    if os.path.isfile(os.path.join(cache, CONFIG_NAME)):
-        return cache
-    os.makedirs(os.path.dirname(cache), exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".download-", dir=os.path.dirname(cache))
-    try:
-        for f in src.iterdir():
-            if f.is_dir():
-                continue  # a checkpoint directory is flat
-            with open(os.path.join(tmp, f.name), "wb") as out:
-                out.write(f.read_bytes())
-        try:
-            os.rename(tmp, cache)
-        except OSError:
-            if not os.path.isfile(os.path.join(cache, CONFIG_NAME)):
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return cache
+    return fileio.local_copy(url)
 
 
 def resolve_checkpoint_dir(path_or_hub_id: str) -> str:

@@ -563,6 +563,22 @@ def new_reward_head(config: LlamaConfig, rng: jax.Array, std: float = 0.0) -> ja
     return kernel.astype(config.weight_dtype)
 
 
+def params_for_generation(config: LlamaConfig, params: Params) -> Params:
+    """The LM's parameters in the compute dtype (the reward head, read in float32, is dropped).
+
+    Every LM-path use of a parameter casts it to the compute dtype first (`_Proj`, `Embed`,
+    `RMSNorm`, the LM head), so sampling with these gives bit-identical results while each decode
+    step reads half the weight bytes of float32 master weights under bfloat16 compute. A no-op
+    (the same arrays) when the two dtypes agree. Shardings are kept.
+    """
+    lm = {k: v for k, v in params.items() if k != "score"}
+    if config.compute_dtype == config.weight_dtype:
+        return lm
+    dtype = config.compute_dtype
+    return jax.tree_util.tree_map(
+        lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, lm)
+
+
 # --------------------------------------------------------------------------------------------
 # KV-cache forward (the sampler's building block).
 

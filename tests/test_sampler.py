@@ -151,6 +151,28 @@ def test_sharded_sampling_equals_single_device(lm):
     np.testing.assert_allclose(np.asarray(sharded.logprobs), np.asarray(single.logprobs), atol=1e-4)
 
 
+def test_compute_dtype_weights_sample_exactly_like_float32_master_weights(lm):
+    _, config, params = lm
+    config = config.replace(dtype="bfloat16")  # float32 params, bfloat16 compute
+    mesh = sharding.make_mesh(sharding.MeshConfig(2, 2, 2))
+    params = sharding.shard_tree(params, mesh)
+    cast = models.params_for_generation(config, params)
+    leaves = jax.tree_util.tree_leaves(cast)
+    assert leaves and all(x.dtype == jnp.bfloat16 for x in leaves)
+    flat, cast_flat = jax.tree_util.tree_leaves_with_path(params), dict(jax.tree_util.tree_leaves_with_path(cast))
+    for path, x in flat:
+        assert cast_flat[path].sharding == x.sharding, path  # no resharding, no gather
+    ids, mask = padded_batch(4, 7, config.vocab_size, "left", seed=12)
+    kw = dict(num_samples=2, max_new_tokens=6, temperature=1.0, top_p=0.9, eos_token_id=None, mesh=mesh)
+    ref = sampler.generate(config, params, ids, mask, jax.random.PRNGKey(3), **kw)
+    got = sampler.generate(config, cast, ids, mask, jax.random.PRNGKey(3), **kw)
+    np.testing.assert_array_equal(np.asarray(got.tokens), np.asarray(ref.tokens))
+    np.testing.assert_array_equal(np.asarray(got.logprobs), np.asarray(ref.logprobs))
+    # Same compute and weight dtype: the very same arrays.
+    same = models.params_for_generation(config.replace(dtype="float32"), params)
+    assert all(a is b for a, b in zip(jax.tree_util.tree_leaves(same), jax.tree_util.tree_leaves(params)))
+
+
 def test_best_of_s_picks_argmax_of_independent_rewards(lm, tmp_path):
     _, config, params = lm
     rm_model = random_reward_model(seed=22)

@@ -74,8 +74,11 @@ def prepare(cfg: ml_collections.ConfigDict, run_dir: str) -> Data:
         demonstrations = _read_jsonl(os.path.join(world_dir, "demos.jsonl"))
         true_reward = synthetic.true_reward
     else:
-        train_src, test_src, gold_path = d.hh_train, d.hh_test, d.gold or None
-        tokenizer_path = d.tokenizer or cfg.policy.checkpoint
+        def local(p: str) -> str:  # gs:// inputs are copied once into the local cache
+            return fileio.local_copy(p) if p and fileio.is_remote(p) else p
+
+        train_src, test_src, gold_path = local(d.hh_train), local(d.hh_test), local(d.gold) or None
+        tokenizer_path = local(d.tokenizer or cfg.policy.checkpoint)
     train_pairs, train_report = hh.load_hh_pairs(train_src, "train", on_bad_line=d.on_bad_line)
     test_pairs, test_report = hh.load_hh_pairs(test_src, "test", on_bad_line=d.on_bad_line)
     reports["cleaning"] = [train_report.summary(), test_report.summary()]
