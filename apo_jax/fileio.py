@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from etils import epath
 
@@ -192,16 +192,30 @@ def read_jsonl(p: str | os.PathLike, *, missing_ok: bool = False) -> list[dict]:
 def complete_lines(p: str | os.PathLike) -> list[bytes]:
     """The newline-terminated lines of `p` (a torn last line from a crash is left out)."""
     target = path(p)
+    return _complete(target.read_bytes()) if target.exists() else []
+
+
+def _complete(data: bytes) -> list[bytes]:
+    return [line for line in data.splitlines(keepends=True) if line.endswith(b"\n")]
+
+
+def keep_lines(p: str | os.PathLike, select: Callable[[list[bytes]], list[bytes]]) -> bool:
+    """Rewrites `p` (atomically) to `select(its complete lines)`, and only if that changes it (a
+    torn last line is always dropped). Returns whether it was rewritten."""
+    target = path(p)
     if not target.exists():
-        return []
-    return [line for line in target.read_bytes().splitlines(keepends=True) if line.endswith(b"\n")]
+        return False
+    raw = target.read_bytes()
+    kept = b"".join(select(_complete(raw)))
+    if kept == raw:
+        return False
+    write_bytes(target, kept)
+    return True
 
 
 def truncate_lines(p: str | os.PathLike, n: int) -> None:
-    """Keeps the first `n` complete lines of `p` (atomically)."""
-    lines = complete_lines(p)
-    if exists(p):
-        write_bytes(p, b"".join(lines[:n]))
+    """Keeps the first `n` complete lines of `p`."""
+    keep_lines(p, lambda lines: lines[:n])
 
 
 class Appender:
@@ -244,10 +258,3 @@ class Appender:
 
     def close(self) -> None:
         self.flush()
-
-
-def append_jsonl(p: str | os.PathLike, rows: Iterable[dict]) -> None:
-    """Appends rows and makes them durable before returning (remote: one object rewrite)."""
-    appender = Appender(p, flush_every_s=0.0)
-    appender.write_jsonl(rows)
-    appender.close()

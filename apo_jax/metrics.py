@@ -114,10 +114,7 @@ class MetricsWriter:
         if not self.enabled:
             return
         self._jsonl.flush()
-        raw = fileio.read_bytes(self.jsonl_path) if fileio.exists(self.jsonl_path) else b""
-        keep = [line for line in fileio.complete_lines(self.jsonl_path) if not _logged_after(line, phase, step)]
-        if b"".join(keep) != raw:
-            fileio.write_bytes(self.jsonl_path, b"".join(keep))
+        if fileio.keep_lines(self.jsonl_path, lambda lines: [x for x in lines if not _logged_after(x, phase, step)]):
             self._jsonl = fileio.Appender(self.jsonl_path, flush_every_s=self._jsonl.flush_every_s)
 
     def flush(self) -> None:

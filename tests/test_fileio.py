@@ -48,7 +48,7 @@ def test_appender_and_truncate_drop_a_torn_last_line(tmp_path):
     assert fileio.complete_lines(path) == [b'{"i": 0}\n', b'{"i": 1}\n']
     fileio.truncate_lines(path, 1)
     assert open(path).read() == '{"i": 0}\n'
-    fileio.append_jsonl(path, [{"i": 1}])
+    fileio.Appender(path).write_jsonl([{"i": 1}])
     assert fileio.read_jsonl(path) == [{"i": 0}, {"i": 1}]
 
 
