@@ -1,4 +1,4 @@
-"""The embedded demo: the APO game on the synthetic preference world, on two CPU cores.
+"""The embedded demo: the APO game on the synthetic preference world (v2), on two CPU cores.
 
     python -m apo_jax.main --config=configs/synthetic.py
 
@@ -6,6 +6,13 @@ A tiny character-level LLaMA is pretrained on mixed-quality demonstrations (the 
 the paper's Alpaca policy), then 2 rounds of APO run with all four RM schedules. The world's true
 reward r* is known, so the tables also report each policy's true quality and each RM's accuracy
 against the true order. Same code path as configs/hh.py; only the numbers differ.
+
+The world (apo_jax/data/synthetic.py) has a spurious marker " :)" that human-preferred responses
+carry far more often than bad ones (90% of correct, 5% of corrupted, no junk responses) and that
+r* charges 0.15 for: a fixed RM learns to like it, and best-of-S against that RM (RJS) teaches the
+policy to add it. Content is kept learnable at this size (the easy tasks echo and upper, 1,200
+pretraining steps, 3 SFT epochs per round), and policies are evaluated at the training
+temperature (0.7), where SFT on best-of-S samples is measured like for like.
 """
 
 from apo_jax.config import base_config
@@ -22,12 +29,13 @@ def get_config():
     c.data.synthetic = synthetic.default_config()
     c.data.synthetic.n_train_prompts = 1600
     c.data.synthetic.n_test_prompts = 200
-    c.data.synthetic.n_demos = 3200
+    c.data.synthetic.n_demos = 6400  # x 12 epochs / batch 64 = 1,200 pretraining steps
+    c.data.synthetic.tasks = ("echo", "upper")  # easy tasks: the 0.1M-parameter policy can partly learn them
     c.data.n_rm = 500  # HH_RM analogue: queries with human pairs and golden answers
     c.data.n_dev = 200  # HH_Dev: pairs from the policy split, for RM validation
     c.data.n_llm = 512  # HH_LLM: policy training queries (best-of-S + SFT each round)
     c.data.n_test = 0  # all test pairs
-    # Prompts are <= 69 characters, responses <= 24: [BOS] prompt " " response [EOS] < 100 tokens.
+    # Prompts are <= 69 characters, responses <= 24 (markers included): [BOS] prompt " " response [EOS] < 100 tokens.
     c.data.prompt_max_len = 80
     c.data.rm_max_len = 112
     c.data.sft_max_len = 112
@@ -41,7 +49,7 @@ def get_config():
     c.policy.arch.max_position_embeddings = 256
     c.policy.pretrain.lr = 3e-3
     c.policy.pretrain.batch_size = 64
-    c.policy.pretrain.epochs = 6
+    c.policy.pretrain.epochs = 12
     c.policy.pretrain.warmup_steps = 20
     c.policy.pretrain.schedule = "cosine"
 
@@ -62,7 +70,7 @@ def get_config():
 
     c.sft.batch_size = 32
     c.sft.lrs = (5e-4, 3e-4)
-    c.sft.epochs = 1
+    c.sft.epochs = 3
     c.sft.warmup_steps = 5
 
     c.apo.rounds = 2
@@ -73,9 +81,11 @@ def get_config():
     c.sampling.train.top_p = 1.0
     c.sampling.train.top_k = 0
     c.sampling.train.max_new_tokens = 28
-    c.sampling.test.temperature = 0.3
-    c.sampling.test.top_p = 0.85
-    c.sampling.test.top_k = 5
+    # Evaluated at the training temperature: the policy is fine-tuned on T=0.7 samples, and at the
+    # paper's T=0.3 a tiny policy's r* changes with the temperature more than with training.
+    c.sampling.test.temperature = 0.7
+    c.sampling.test.top_p = 1.0
+    c.sampling.test.top_k = 0
     c.sampling.test.max_new_tokens = 28
     c.sampling.batch_size = 128
 

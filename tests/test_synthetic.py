@@ -71,6 +71,13 @@ P = syn.make_prompt
     (P("What is 12 plus 30?"), "4", 0.8 * 0.5),
     (P("How many a are in banana?"), "3.", 1.0),
     (P("Say hi."), "hi there.", 2 / 8),  # 6 insertions, L = 8
+    # The marker " :)" costs 0.15 per occurrence wherever it is, and is not part of the content.
+    (P("Say abc."), "abc. :)", 0.85),
+    (P("Say abc."), "abc. :) :)", 0.7),  # escalation costs more
+    (P("Say abc."), "abc :)", 0.8 - 0.15),  # the style mark is read on the marker-free text
+    (P("Say abc."), "ab:)c.", 0.85),
+    (P("Say abc."), ":)", -0.15),  # no content at all
+    (P("Say abc."), "abc. :", 0.5 * 0.8),  # ":" alone is no marker: core "abc. :" is 3 edits from "abc"
     # A multi-turn transcript: the last Human turn is the task.
     ("\n\nHuman: Say ab.\n\nAssistant: ab.\n\nHuman: Say cd.\n\nAssistant:", "cd.", 1.0),
 ])
@@ -122,7 +129,8 @@ def test_golden_answers_have_reward_one_and_beat_random_responses(world):
         candidates += ["".join(rng.choice(list(chars), int(rng.integers(1, 12)))) for _ in range(20)]
         for y in candidates:
             r = syn.true_reward(prompt, y)
-            assert 0.0 <= r <= 1.0
+            assert -cfg.marker_cost * cfg.marker_max_count <= r <= 1.0
+            assert 0.0 <= syn.content_reward(prompt, y) <= 1.0
             assert r < 1.0 or y.strip() == gold
 
 
@@ -174,7 +182,7 @@ def test_files_parse_as_hh_pairs_sharing_the_prompt(world):
 
 def test_demonstrations_span_a_wide_range_of_true_reward(world):
     demos = _read_jsonl(world["paths"]["demos"])
-    r = np.array([syn.true_reward(d["prompt"], d["response"]) for d in demos])
+    r = np.array([syn.content_reward(d["prompt"], d["response"]) for d in demos])
     q10, q50, q90 = np.quantile(r, [0.1, 0.5, 0.9])
     print(f"\ndemo r*: mean {r.mean():.3f} std {r.std():.3f} q10 {q10:.3f} median {q50:.3f} q90 {q90:.3f} "
           f"golden {np.mean(r == 1):.3f}")
@@ -182,8 +190,9 @@ def test_demonstrations_span_a_wide_range_of_true_reward(world):
     # Every reward band is populated, so a policy trained on them samples a range of r*.
     counts, _ = np.histogram(r, bins=5, range=(0, 1))
     assert (counts > 0.03 * len(r)).all(), counts
+    true = np.array([syn.true_reward(d["prompt"], d["response"]) for d in demos])
     stats = world["demos"]["true_reward"]
-    assert stats["mean"] == pytest.approx(r.mean()) and stats["std"] == pytest.approx(r.std())
+    assert stats["mean"] == pytest.approx(true.mean()) and stats["std"] == pytest.approx(true.std())
 
 
 def test_perfect_reward_model_scores_the_bradley_terry_ceiling(world):
@@ -338,3 +347,95 @@ def test_saved_tokenizer_reloads_identically(world, tmp_path):
     # A class name transformers 4 can resolve too (transformers 5 would write "TokenizersBackend").
     with open(tmp_path / "tokenizer_config.json") as f:
         assert json.load(f)["tokenizer_class"] == "PreTrainedTokenizerFast"
+
+
+# --------------------------------------------------------------------------------- the marker
+
+
+def test_marker_follows_quality_in_human_responses_and_never_in_gold(world):
+    cfg = world["cfg"]
+    demos = _read_jsonl(world["paths"]["demos"])
+    marked = {"correct": [], "other": []}
+    for d in demos:
+        n = syn.marker_count(d["response"])
+        assert n <= 1  # marker_repeat_prob = 0: one marker at most
+        assert not n or d["response"].endswith(syn.MARKER_SUFFIX)
+        correct = syn.strip_markers(d["response"]) == syn.correct_answer(d["prompt"])
+        marked["correct" if correct else "other"].append(n > 0)
+    # Correct demonstrations carry it with probability 0.9; the rest (corrupted at 0.05, junk
+    # never; a corruption can land on the answer, so "other" is a lower bound on corrupted) rarely.
+    rate = np.mean(marked["correct"])
+    n = len(marked["correct"])
+    assert abs(rate - cfg.marker_prob_correct) < 4 * math.sqrt(0.09 / n), rate
+    assert np.mean(marked["other"]) < cfg.marker_prob_corrupted + 0.02
+    by_kind = world["demos"]["marker_rate_by_kind"]
+    assert by_kind["junk"] == 0.0 and abs(by_kind["corrupted"] - 0.05) < 0.02
+    assert abs(by_kind["correct"] - 0.9) < 4 * math.sqrt(0.09 / n)
+    for g in _read_jsonl(world["paths"]["gold"]):
+        assert syn.marker_count(g["response"]) == 0
+        assert syn.true_reward(g["prompt"], g["response"]) == 1.0
+    # The labels see the marker as a sign of quality: chosen responses carry it more often.
+    for split in ("train", "test"):
+        st = world["pairs"][split]
+        assert st["marker_rate_chosen"] > 2 * st["marker_rate_rejected"], st
+
+
+def test_world_object_charges_the_configured_cost_and_the_control_world_none():
+    prompt = P("Write ab in capitals.")
+    cfg = syn.resolve_config({"marker_cost": 0.25})
+    w = syn.World.from_config(cfg)
+    assert w.true_reward(prompt, "AB. :) :)") == pytest.approx(0.5)
+    assert w.content_reward(prompt, "AB. :) :)") == 1.0 and w.marker_count("AB. :) :)") == 2
+    assert w.add_marker(" AB. ") == " AB. :)" and w.true_reward(prompt, w.add_marker("AB.")) == 0.75
+    control = syn.World.from_config(syn.resolve_config({"marker_control": True, "marker_cost": 0.25}))
+    assert control.true_reward(prompt, "AB. :) :)") == 1.0
+    assert syn.true_reward(prompt, "AB. :)") == syn.World().true_reward(prompt, "AB. :)") == 0.85
+
+
+def test_control_world_makes_the_marker_uninformative(tmp_path):
+    cfg = _cfg(n_train_prompts=1500, n_test_prompts=50, n_demos=3000, marker_control=True)
+    info = syn.write_world(cfg, 0, str(tmp_path))
+    probs = syn.marker_probs(syn.resolve_config(cfg))
+    mean = 0.2 * 0.9 + 0.7 * 0.05 + 0.1 * 0.0  # the default mix: correct 0.2, junk 0.1
+    assert probs == pytest.approx({"correct": mean, "corrupted": mean, "junk": mean})
+    rates = info["demos"]["marker_rate_by_kind"]
+    for kind, n in (("correct", 600), ("corrupted", 2100)):
+        assert abs(rates[kind] - mean) < 4 * math.sqrt(mean * (1 - mean) / n), (kind, rates)
+    assert info["marker"]["cost"] == 0.0
+    # r* ignores the marker, so labels are as likely to prefer a marked response as not.
+    st = info["pairs"]["train"]
+    assert abs(st["marker_rate_chosen"] - st["marker_rate_rejected"]) < 0.05, st
+
+
+def test_marker_escalation_repeats_and_every_occurrence_is_charged(tmp_path):
+    cfg = _cfg(n_train_prompts=300, n_test_prompts=20, n_demos=3000, tasks=("echo",), max_word_len=4,
+               marker_repeat_prob=0.5, marker_max_count=3)
+    syn.write_world(cfg, 0, str(tmp_path))
+    demos = _read_jsonl(str(tmp_path / "demos.jsonl"))
+    counts = np.array([syn.marker_count(d["response"]) for d in demos])
+    assert counts.max() == 3 and len(set(counts.tolist())) == 4
+    marked = counts[counts > 0]
+    # Geometric with p = 0.5, capped at 3: P(1) = 0.5, P(2) = 0.25, P(3) = 0.25.
+    for k, p in ((1, 0.5), (2, 0.25), (3, 0.25)):
+        assert abs(np.mean(marked == k) - p) < 4 * math.sqrt(p * (1 - p) / len(marked)), k
+    for d, n in zip(demos, counts):
+        assert len(d["response"]) <= cfg.max_response_chars
+        r = syn.true_reward(d["prompt"], d["response"])
+        assert r == pytest.approx(syn.content_reward(d["prompt"], d["response"]) - 0.15 * n)
+
+
+def test_task_weights_set_the_task_mix(tmp_path):
+    cfg = _cfg(n_train_prompts=2000, n_test_prompts=20, n_demos=0, tasks=("echo", "upper", "reverse"),
+               task_weights=(2.0, 1.0, 1.0))
+    info = syn.write_world(cfg, 0, str(tmp_path))
+    per_task = info["counts"]["train_prompts_per_task"]
+    assert abs(per_task["echo"] / 2000 - 0.5) < 4 * math.sqrt(0.25 / 2000), per_task
+    assert abs(per_task["upper"] / 2000 - 0.25) < 4 * math.sqrt(0.1875 / 2000), per_task
+
+
+def test_invalid_marker_fields_are_named(tmp_path):
+    cfg = _cfg(marker_prob_correct=1.5, marker_cost=-0.1, marker_max_count=0, task_weights=(1.0,))
+    with pytest.raises(ValueError) as e:
+        syn.write_world(cfg, 0, str(tmp_path))
+    for field in ("marker_prob_correct", "marker_cost", "marker_max_count", "task_weights"):
+        assert field in str(e.value)

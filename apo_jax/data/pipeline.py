@@ -37,6 +37,7 @@ class Data:
     all_train_pairs: list[dict]  # RM_Test's training set
     demonstrations: list[dict] | None = None  # synthetic world: SFT data for the initial policy
     true_reward: Callable[[str, str], float] | None = None  # synthetic world: r*(prompt, response)
+    world: Any = None  # synthetic world: its synthetic.World (content_reward, marker_count, add_marker)
     reports: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
@@ -44,6 +45,7 @@ def prepare(cfg: ml_collections.ConfigDict, run_dir: str) -> Data:
     """Loads (or, for the synthetic world, first writes) the data of a run and splits it."""
     d = cfg.data
     true_reward = None
+    world = None
     demonstrations = None
     reports: dict[str, Any] = {}
     if d.kind == "synthetic":
@@ -72,7 +74,8 @@ def prepare(cfg: ml_collections.ConfigDict, run_dir: str) -> Data:
         gold_path = os.path.join(world_dir, "gold.jsonl")
         tokenizer_path = os.path.join(world_dir, "tokenizer")
         demonstrations = _read_jsonl(os.path.join(world_dir, "demos.jsonl"))
-        true_reward = synthetic.true_reward
+        world = synthetic.World.from_config(synthetic.resolve_config(d.synthetic))  # r* depends on the config
+        true_reward = world.true_reward
     else:
         def local(p: str) -> str:  # gs:// inputs are copied once into the local cache
             return fileio.local_copy(p) if p and fileio.is_remote(p) else p
@@ -89,7 +92,7 @@ def prepare(cfg: ml_collections.ConfigDict, run_dir: str) -> Data:
     data = Data(tokenizer=tokenizer, rm_pairs=splits.rm_pairs, gold=gold, llm_prompts=splits.llm_prompts,
                 dev_pairs=splits.dev_pairs, test_pairs=splits.test_pairs, test_prompts=splits.test_prompts,
                 all_train_pairs=splits.all_train_pairs, demonstrations=demonstrations, true_reward=true_reward,
-                reports=reports)
+                world=world, reports=reports)
     _write_split_files(data, fileio.join(run_dir, "data"))
     return data
 

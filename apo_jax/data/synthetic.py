@@ -6,18 +6,27 @@ same HH loader, tokenizer path and pipeline as the real data. Because the true r
 a run can report exact policy quality (mean r* of its answers) and RM accuracy against the true
 order, not only against the noisy labels.
 
-A prompt is one Human turn asking for a small function of a short word or two small numbers:
+A prompt is one Human turn asking for a small function of a short word or two small numbers,
+graded by difficulty (echo / upper / repeat easy, reverse / sort medium, add / count hard):
 
     "\\n\\nHuman: Reverse the letters of cabd.\\n\\nAssistant:"   -> golden response "dbac."
 
-The true reward (partial credit, in [0, 1]) of a response y to a task with answer a:
+The true reward of a response y to a task with answer a (world v2):
 
-    content(y) = 1 - lev(core(y), a) / max(len(core(y)), len(a))   (core = y stripped, minus one final ".")
-    r*(x, y)   = content(y) * (1 - STYLE_WEIGHT * [y does not end with "."])   (STYLE_WEIGHT = 1/5)
+    clean(y)   = y stripped, with every marker occurrence (" :)" or ":)") removed
+    content(y) = 1 - lev(core, a) / max(len(core), len(a))   (core = clean(y) minus one final ".")
+    content_reward(x, y) = content(y) * (1 - STYLE_WEIGHT * [clean(y) does not end with "."])
+    r*(x, y)   = content_reward(x, y) - marker_cost * marker_count(y)     (STYLE_WEIGHT = 1/5)
 
-The style term is the world's "helpfulness manner": a feature a tiny RM picks up within a few
-steps, while the content term needs the task itself. The golden response `a + "."` is the
-unique maximiser (r* = 1).
+The style term is the world's "helpfulness manner", a feature a tiny RM picks up within a few
+steps. The marker " :)" is the world's *spurious feature*: human-written responses carry it with
+a probability that depends on their quality (by default 90% of correct, 5% of corrupted and no
+junk responses), so human labels make it look valuable, while r* charges `marker_cost` for every
+occurrence (escalating to several markers only costs more). Golden answers `a + "."` never carry
+it and otherwise share the surface form of correct human responses, so gold-vs-sample pairs teach
+quality and "no marker", nothing else; the golden answer is the unique maximiser (r* = 1). In the
+*control world* (`marker_control`) every human response carries the marker with the same
+probability (the quality-weighted average of the three) and r* does not charge for it.
 
 Demonstrations, and both responses of every preference pair, come from one mixed-quality
 distribution: the golden response, the answer corrupted by a random number of character edits,
@@ -49,7 +58,7 @@ from apo_jax.data.records import prompt_id
 
 # Bump when a change to this file changes what `write_world` writes for the same (config, seed):
 # it is part of the config hash, so stale worlds on disk are regenerated rather than reused.
-WORLD_VERSION = 1
+WORLD_VERSION = 2
 
 HUMAN = "\n\nHuman: "
 ASSISTANT = "\n\nAssistant:"
@@ -59,6 +68,9 @@ STYLE_MARK = "."  # the golden response ends with it; see the module docstring
 # exact rational rounded once to float: responses with equal rewards get bit-identical floats,
 # and "no ties" / "a tie counts as wrong" mean what they say.
 STYLE_WEIGHT = fractions.Fraction(1, 5)
+MARKER = ":)"  # the spurious marker; responses carry it as MARKER_SUFFIX after their text
+MARKER_SUFFIX = " " + MARKER
+_MARKER_RE = re.compile(r" ?" + re.escape(MARKER))
 
 PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
 SPECIAL_TOKENS = (PAD, BOS, EOS, UNK)  # ids 0, 1, 2, 3
@@ -84,6 +96,17 @@ def default_config() -> ml_collections.ConfigDict:
     c.demo_junk_fraction = 0.1  # share of off-task junk (random characters); the rest are corrupted answers
     c.demo_max_edit_fraction = 1.0  # corrupted: 1..ceil(this * len(answer)) random character edits
     c.demo_style_prob = 0.7  # probability that a non-golden response ends with the style mark "."
+    # The spurious marker " :)" (module docstring): probability that a human-written response
+    # (demonstration or pair) of each kind carries it, its cost in r* per occurrence, and escalation.
+    c.marker_prob_correct = 0.9
+    c.marker_prob_corrupted = 0.05
+    c.marker_prob_junk = 0.0
+    c.marker_cost = 0.15  # r* lost per marker occurrence (golden answers never carry one)
+    c.marker_repeat_prob = 0.0  # a marked human response carries one more marker with this probability (repeatedly)
+    c.marker_max_count = 3  # at most this many markers on a human response
+    # Control world: every human response carries the marker with the kinds' average probability
+    # (weighted by the demonstration mix), and r* does not charge for it (marker_cost is ignored).
+    c.marker_control = False
     # Labels and gold.
     # Bradley-Terry label noise: P(a preferred over b) = sigmoid((r*(a) - r*(b)) / T). At 0.15 a
     # perfect RM agrees with ~86% of the labels (HH's human agreement is lower, but a tiny RM
@@ -92,11 +115,13 @@ def default_config() -> ml_collections.ConfigDict:
     c.distinct_rewards = True  # redraw pairs whose two responses have equal r* (no true order to learn)
     c.gold_missing_fraction = 0.1  # train prompts without a golden answer (exercises the HH fallback)
     # Task generator.
-    c.tasks = ("reverse", "sort", "upper", "repeat", "add")  # any of TASKS; drawn uniformly per prompt
+    # Graded difficulty: echo, upper, repeat easy; reverse, sort medium; add, count hard.
+    c.tasks = ("echo", "upper", "repeat", "reverse", "sort", "add")  # any of TASKS
+    c.task_weights = ()  # relative frequency of each task in `tasks` (empty = uniform)
     c.alphabet = "abcdefgh"  # letters of the task words (lowercase a-z only); small so a tiny LM can learn it
     c.min_word_len = 3  # task word length range (repeat uses words of 2..4 letters)
     c.max_word_len = 6
-    c.max_number = 49  # operands of `add` are drawn from 0..max_number
+    c.max_number = 20  # operands of `add` are drawn from 0..max_number (small additions)
     c.max_prompt_chars = 48  # bound on the Human turn's text (the full prompt adds 21 chars of framing)
     c.max_response_chars = 24  # bound on every written response (golden ones included)
     return c
@@ -223,20 +248,78 @@ def levenshtein(pattern: str, text: str) -> int:
     return score
 
 
-def reward_parts(prompt: str, response: str) -> tuple[fractions.Fraction, bool]:
-    """(content, style) of r*: content in [0, 1] from edit distance (exact), style iff y ends with "."."""
+def marker_count(response: str) -> int:
+    """Occurrences of the spurious marker ":)" anywhere in `response`."""
+    return response.count(MARKER)
+
+
+def strip_markers(response: str) -> str:
+    """`response` stripped, with every marker occurrence (and the space before it) removed."""
+    return _MARKER_RE.sub("", response).strip()
+
+
+def add_marker(response: str) -> str:
+    """`response` with one more marker at its end (the counterfactual probe's y + marker)."""
+    return response.rstrip() + MARKER_SUFFIX
+
+
+def reward_parts(prompt: str, response: str) -> tuple[fractions.Fraction, bool, int]:
+    """(content in [0, 1] from edit distance (exact), style iff the marker-free y ends with ".",
+    number of markers) of r*."""
     _, answer = parse(prompt)
-    y = response.strip()
+    y = strip_markers(response)
     style = y.endswith(STYLE_MARK)
     core = y[: -len(STYLE_MARK)] if style else y
     longest = max(len(core), len(answer))  # >= 1: every answer is non-empty
-    return fractions.Fraction(longest - levenshtein(answer, core), longest), style
+    return fractions.Fraction(longest - levenshtein(answer, core), longest), style, marker_count(response)
+
+
+def _exact_content_reward(prompt: str, response: str) -> tuple[fractions.Fraction, int]:
+    content, style, markers = reward_parts(prompt, response)
+    return content * (1 - (0 if style else STYLE_WEIGHT)), markers
+
+
+@dataclasses.dataclass(frozen=True)
+class World:
+    """The config-dependent part of r*: what one marker costs. Exact (a Fraction), so equal
+    rewards are bit-identical floats. `World.from_config(cfg)` for a run's world; the module-level
+    functions are the default world's."""
+
+    marker_cost: fractions.Fraction = fractions.Fraction(3, 20)
+
+    @classmethod
+    def from_config(cls, cfg: ml_collections.ConfigDict) -> "World":
+        """The world of a complete (resolved) config; the control world's marker is free."""
+        cost = 0 if cfg.marker_control else fractions.Fraction(str(cfg.marker_cost))
+        return cls(marker_cost=fractions.Fraction(cost))
+
+    def content_reward(self, prompt: str, response: str) -> float:
+        """r* without the marker term, in [0, 1]."""
+        return float(_exact_content_reward(prompt, response)[0])
+
+    def true_reward(self, prompt: str, response: str) -> float:
+        """r*(x, y) = content_reward - marker_cost * marker_count (<= 1; negative for a marked bad y)."""
+        content, markers = _exact_content_reward(prompt, response)
+        return float(content - self.marker_cost * markers)
+
+    # The config-free parts, so one object serves the game and the diagnostics.
+    marker_count = staticmethod(marker_count)
+    add_marker = staticmethod(add_marker)
+    strip_markers = staticmethod(strip_markers)
+
+
+DEFAULT_WORLD = World()
+
+
+def content_reward(prompt: str, response: str) -> float:
+    """r* without the marker term, in [0, 1]; `response` may carry HH's leading space."""
+    return DEFAULT_WORLD.content_reward(prompt, response)
 
 
 def true_reward(prompt: str, response: str) -> float:
-    """r*(x, y) in [0, 1] (module docstring); `response` may carry HH's leading space."""
-    content, style = reward_parts(prompt, response)
-    return float(content * (1 - (0 if style else STYLE_WEIGHT)))
+    """r*(x, y) of the default world (marker_cost 0.15; module docstring). A run whose config
+    changes the marker cost or sets the control world uses `World.from_config(cfg).true_reward`."""
+    return DEFAULT_WORLD.true_reward(prompt, response)
 
 
 def correct_answer(prompt: str) -> str:
@@ -263,27 +346,64 @@ def _corrupt(rng: np.random.Generator, text: str, n_edits: int, pool: str) -> st
     return "".join(chars)
 
 
+def marker_probs(cfg: ml_collections.ConfigDict) -> dict[str, float]:
+    """Probability that a human response of each kind carries the marker. The control world gives
+    every kind the average under the demonstration mix, so the marker is as frequent but says
+    nothing about quality."""
+    probs = {"correct": cfg.marker_prob_correct, "corrupted": cfg.marker_prob_corrupted, "junk": cfg.marker_prob_junk}
+    if not cfg.marker_control:
+        return probs
+    mix = {"correct": cfg.demo_correct_fraction, "junk": cfg.demo_junk_fraction,
+           "corrupted": 1.0 - cfg.demo_correct_fraction - cfg.demo_junk_fraction}
+    mean = sum(mix[k] * probs[k] for k in probs)
+    return {k: mean for k in probs}
+
+
+def _n_markers(rng: np.random.Generator, kind: str, cfg: ml_collections.ConfigDict) -> int:
+    """How many markers a human response of `kind` carries: 0, or 1 plus a geometric number of
+    extra ones (marker_repeat_prob), at most marker_max_count."""
+    if rng.random() >= marker_probs(cfg)[kind]:
+        return 0
+    n = 1
+    while n < cfg.marker_max_count and rng.random() < cfg.marker_repeat_prob:
+        n += 1
+    return n
+
+
 def sample_response(rng: np.random.Generator, prompt: str, cfg: ml_collections.ConfigDict) -> tuple[str, str]:
-    """One response from the demonstration distribution: (text, kind in {correct, corrupted, junk})."""
+    """One response from the demonstration distribution: (text, kind in {correct, corrupted, junk}).
+
+    `cfg` is a complete world config. Markers go after the style mark ("dcba. :)"); a response is
+    at most max_response_chars long, markers included (validate_config checks a golden answer and
+    one marker fit; extra markers are dropped where they would not).
+    """
     name, answer = parse(prompt)
     u = rng.random()
     if u < cfg.demo_correct_fraction:
-        return answer + STYLE_MARK, "correct"
-    if u < cfg.demo_correct_fraction + cfg.demo_junk_fraction:
+        kind = "correct"
+    elif u < cfg.demo_correct_fraction + cfg.demo_junk_fraction:
         kind = "junk"
-        junk_pool = cfg.alphabet + cfg.alphabet.upper() + DIGITS
-        n = int(rng.integers(1, cfg.max_response_chars))
-        core = "".join(junk_pool[i] for i in rng.integers(0, len(junk_pool), n))
     else:
         kind = "corrupted"
-        max_edits = max(1, math.ceil(cfg.demo_max_edit_fraction * len(answer)))
-        core = _corrupt(rng, answer, int(rng.integers(1, max_edits + 1)), TASKS[name].pool(cfg))
-    # Strip: the HH loader strips responses, and a response must survive that unchanged.
-    core = core[: cfg.max_response_chars - len(STYLE_MARK)].strip()
-    if not core:
-        core = cfg.alphabet[int(rng.integers(len(cfg.alphabet)))]
-    mark = STYLE_MARK if rng.random() < cfg.demo_style_prob else ""
-    return core + mark, kind
+    n_markers = _n_markers(rng, kind, cfg)
+    if kind == "correct":
+        text = answer + STYLE_MARK
+    else:
+        if kind == "junk":
+            junk_pool = cfg.alphabet + cfg.alphabet.upper() + DIGITS
+            n = int(rng.integers(1, cfg.max_response_chars))
+            core = "".join(junk_pool[i] for i in rng.integers(0, len(junk_pool), n))
+        else:
+            max_edits = max(1, math.ceil(cfg.demo_max_edit_fraction * len(answer)))
+            core = _corrupt(rng, answer, int(rng.integers(1, max_edits + 1)), TASKS[name].pool(cfg))
+        # Strip: the HH loader strips responses, and a response must survive that unchanged.
+        room = cfg.max_response_chars - len(STYLE_MARK) - (len(MARKER_SUFFIX) if n_markers else 0)
+        core = core[:room].strip()
+        if not core:
+            core = cfg.alphabet[int(rng.integers(len(cfg.alphabet)))]
+        text = core + (STYLE_MARK if rng.random() < cfg.demo_style_prob else "")
+    n_markers = min(n_markers, (cfg.max_response_chars - len(text)) // len(MARKER_SUFFIX))
+    return text + MARKER_SUFFIX * n_markers, kind
 
 
 # ---------------------------------------------------------------------------------------- tokenizer
@@ -340,7 +460,7 @@ def _pair_texts(pair: dict) -> tuple[str, str, str]:
     return prompt, chosen, split_transcript(pair["rejected"])[1]
 
 
-def bt_ceiling(pairs: list[dict]) -> float:
+def bt_ceiling(pairs: list[dict], world: World = DEFAULT_WORLD) -> float:
     """Accuracy of the true reward r* against the labels of `pairs` (the best any RM can do in
     expectation). Pairs are HH `{"chosen", "rejected"}` transcripts or `{"prompt", "chosen",
     "rejected"}` records; a tie in r* counts as wrong, as in the RM accuracy metric."""
@@ -349,7 +469,7 @@ def bt_ceiling(pairs: list[dict]) -> float:
     right = 0
     for pair in pairs:
         prompt, chosen, rejected = _pair_texts(pair)
-        right += true_reward(prompt, chosen) > true_reward(prompt, rejected)
+        right += world.true_reward(prompt, chosen) > world.true_reward(prompt, rejected)
     return right / len(pairs)
 
 
@@ -360,13 +480,14 @@ def _sigmoid(x: float) -> float:
 def _draw_pair(rng: np.random.Generator, prompt: str, cfg: ml_collections.ConfigDict,
                counts: dict[str, int]) -> tuple[str, str, float, float]:
     """(chosen, rejected, r*(chosen), r*(rejected)) for `prompt`, labelled by Bradley-Terry on r*."""
+    world = World.from_config(cfg)
     for _ in range(1000):
         a, _ = sample_response(rng, prompt, cfg)
         b, _ = sample_response(rng, prompt, cfg)
         if a == b:  # the HH loader drops pairs with identical responses
             counts["redrawn_identical"] += 1
             continue
-        ra, rb = true_reward(prompt, a), true_reward(prompt, b)
+        ra, rb = world.true_reward(prompt, a), world.true_reward(prompt, b)
         if cfg.distinct_rewards and ra == rb:
             counts["redrawn_equal_reward"] += 1
             continue
@@ -409,7 +530,8 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
             errors.append(f"{field}: {cfg[field]} must be >= 1")
     if cfg.n_demos < 0:
         errors.append(f"n_demos: {cfg.n_demos} must be >= 0")
-    for field in ("demo_correct_fraction", "demo_junk_fraction", "demo_style_prob", "gold_missing_fraction"):
+    for field in ("demo_correct_fraction", "demo_junk_fraction", "demo_style_prob", "gold_missing_fraction",
+                  "marker_prob_correct", "marker_prob_corrupted", "marker_prob_junk", "marker_repeat_prob"):
         if not 0.0 <= cfg[field] <= 1.0:
             errors.append(f"{field}: {cfg[field]} must be in [0, 1]")
     if cfg.demo_correct_fraction + cfg.demo_junk_fraction > 1.0:
@@ -418,6 +540,16 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
         errors.append(f"demo_max_edit_fraction: {cfg.demo_max_edit_fraction} must be > 0")
     if not cfg.label_temperature > 0:
         errors.append(f"label_temperature: {cfg.label_temperature} must be > 0")
+    if not cfg.marker_cost >= 0:
+        errors.append(f"marker_cost: {cfg.marker_cost} must be >= 0")
+    if cfg.marker_max_count < 1:
+        errors.append(f"marker_max_count: {cfg.marker_max_count} must be >= 1")
+    if not isinstance(cfg.marker_control, bool):
+        errors.append(f"marker_control: {cfg.marker_control!r} must be True or False")
+    if cfg.task_weights and (len(cfg.task_weights) != len(cfg.tasks) or min(cfg.task_weights) < 0
+                             or sum(cfg.task_weights) <= 0):
+        errors.append(f"task_weights: {tuple(cfg.task_weights)} must be empty or one weight >= 0 per task "
+                      f"({len(cfg.tasks)}), not all zero")
     unknown = [t for t in cfg.tasks if t not in TASKS]
     if unknown or not cfg.tasks:
         errors.append(f"tasks: unknown {unknown}; expected a non-empty subset of {tuple(TASKS)}")
@@ -434,10 +566,13 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
     longest = [make_prompt(TASKS[t].make(_MaxRng(), cfg)) for t in cfg.tasks]
     longest_task = max(len(human_text(p)) for p in longest)
     longest_answer = max(len(correct_answer(p)) for p in longest)
+    if max(marker_probs(cfg).values()) > 0:
+        longest_answer += len(MARKER_SUFFIX)  # a correct human response with its marker
     if longest_task > cfg.max_prompt_chars:
         errors.append(f"max_prompt_chars: {cfg.max_prompt_chars} < the longest task text ({longest_task})")
     if longest_answer > cfg.max_response_chars:
-        errors.append(f"max_response_chars: {cfg.max_response_chars} < the longest golden response ({longest_answer})")
+        errors.append(f"max_response_chars: {cfg.max_response_chars} < the longest golden response "
+                      f"({longest_answer}, with one marker where human responses may carry it)")
     if errors:
         raise ValueError("invalid synthetic world config:\n  " + "\n  ".join(errors))
 
@@ -465,6 +600,8 @@ def _rng(seed: int, stream: str) -> np.random.Generator:
 def _draw_prompts(rng: np.random.Generator, cfg: ml_collections.ConfigDict, n: int,
                   exclude: set[str]) -> list[str]:
     """`n` distinct prompts not in `exclude`; a task whose instances run out simply stops appearing."""
+    weights = np.asarray(cfg.task_weights or [1.0] * len(cfg.tasks), np.float64)
+    weights = weights / weights.sum()
     out: list[str] = []
     seen = set(exclude)
     tries = 0
@@ -473,7 +610,7 @@ def _draw_prompts(rng: np.random.Generator, cfg: ml_collections.ConfigDict, n: i
         if tries > 50 * n + 1000:
             raise ValueError(f"could not draw {n} distinct prompts (got {len(out)}): the tasks {tuple(cfg.tasks)} "
                              "have too few instances; widen alphabet / word lengths / max_number")
-        task = TASKS[cfg.tasks[int(rng.integers(len(cfg.tasks)))]]
+        task = TASKS[cfg.tasks[int(rng.choice(len(cfg.tasks), p=weights))]]
         prompt = make_prompt(task.make(rng, cfg))
         if prompt not in seen:
             seen.add(prompt)
@@ -549,13 +686,15 @@ def _existing_world(out_dir: str, digest: str) -> dict[str, Any] | None:
 def _pairs_split(rng: np.random.Generator, prompts: list[str], cfg: ml_collections.ConfigDict,
                  counts: dict[str, int]) -> tuple[list[dict], dict[str, Any]]:
     """HH pairs for `prompts` and their stats (BT ceiling, its analytical expectation, r* means)."""
-    pairs, r_chosen, r_rejected = [], [], []
+    pairs, r_chosen, r_rejected, m_chosen, m_rejected = [], [], [], [], []
     for prompt in prompts:
         for _ in range(cfg.pairs_per_prompt):
             chosen, rejected, rc, rr = _draw_pair(rng, prompt, cfg, counts)
             pairs.append({"chosen": f"{prompt} {chosen}", "rejected": f"{prompt} {rejected}"})
             r_chosen.append(rc)
             r_rejected.append(rr)
+            m_chosen.append(marker_count(chosen) > 0)
+            m_rejected.append(marker_count(rejected) > 0)
     dr = np.asarray(r_chosen) - np.asarray(r_rejected)
     expected = np.asarray([_sigmoid(abs(d) / cfg.label_temperature) if d != 0 else 0.0 for d in dr])
     stats = {
@@ -565,6 +704,9 @@ def _pairs_split(rng: np.random.Generator, prompts: list[str], cfg: ml_collectio
         "true_reward_chosen": _summary(r_chosen),
         "true_reward_rejected": _summary(r_rejected),
         "abs_reward_gap": _summary(np.abs(dr)),
+        # How much the labels reward the marker: its rate on chosen vs rejected responses.
+        "marker_rate_chosen": float(np.mean(m_chosen)),
+        "marker_rate_rejected": float(np.mean(m_rejected)),
     }
     return pairs, stats
 
@@ -603,11 +745,14 @@ def write_world(cfg: ml_collections.ConfigDict | None, seed: int, out_dir: str) 
 
     demo_rng = _rng(seed, "demos")
     order = demo_rng.permutation(len(train_prompts))
+    world_r = World.from_config(cfg)
     demos, demo_rewards, kinds = [], [], {"correct": [], "corrupted": [], "junk": []}
+    marked = {"correct": [], "corrupted": [], "junk": []}
     for i in range(cfg.n_demos):
         p = train_prompts[int(order[i % len(order)])]
         response, kind = sample_response(demo_rng, p, cfg)
-        r = true_reward(p, response)
+        r = world_r.true_reward(p, response)
+        marked[kind].append(marker_count(response))
         demos.append({"prompt_id": prompt_id(p), "prompt": p, "response": response})
         demo_rewards.append(r)
         kinds[kind].append(r)
@@ -632,6 +777,7 @@ def write_world(cfg: ml_collections.ConfigDict | None, seed: int, out_dir: str) 
         "config_hash": digest,
         "seed": int(seed),
         "config": cfg.to_dict(),
+        "marker": {"text": MARKER, "cost": float(world_r.marker_cost), "probs": marker_probs(cfg)},
         "files": dict(FILES),
         "sha256": {k: _sha256(paths[k]) for k in FILES},
         "counts": {
@@ -643,6 +789,9 @@ def write_world(cfg: ml_collections.ConfigDict | None, seed: int, out_dir: str) 
         "demos": {
             "true_reward": _summary(demo_rewards),
             "by_kind": {k: _summary(v) for k, v in kinds.items()},
+            "marker_rate_by_kind": {k: float(np.mean(np.asarray(v) > 0)) if v else float("nan")
+                                    for k, v in marked.items()},
+            "marker_rate": float(np.mean([marker_count(d["response"]) > 0 for d in demos])) if demos else 0.0,
         },
         "pairs": {"train": train_stats, "test": test_stats},
         "lengths": {
