@@ -146,6 +146,24 @@ class LlamaConfig:
     def replace(self, **changes: Any) -> "LlamaConfig":
         return dataclasses.replace(self, **changes)
 
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-able dict of every field (the inverse of `from_json`)."""
+        d = dataclasses.asdict(self)
+        d["rope_scaling"] = [list(kv) for kv in self.rope_scaling] if self.rope_scaling else None
+        if isinstance(self.eos_token_id, tuple):
+            d["eos_token_id"] = list(self.eos_token_id)
+        return d
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> "LlamaConfig":
+        """The config `to_json` wrote (lists back to the tuples a hashable config needs)."""
+        d = dict(d)
+        if d.get("rope_scaling"):
+            d["rope_scaling"] = tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in d["rope_scaling"])
+        if isinstance(d.get("eos_token_id"), list):
+            d["eos_token_id"] = tuple(d["eos_token_id"])
+        return cls(**d)
+
     @classmethod
     def from_hf(cls, hf: Mapping[str, Any], **runtime: Any) -> "LlamaConfig":
         """Builds a config from a HF LLaMA `config.json` dict (transformers 4.x or 5.x layout)."""
@@ -609,3 +627,89 @@ def cached_forward(
     q_slots = cache_index + jnp.arange(t)
     mask_bts = (jnp.arange(s)[None, :] <= q_slots[:, None])[None] & kv_mask_bs.astype(bool)[:, None, :]
     return LlamaModel(config).apply({"params": params["model"]}, input_ids_bt, positions_bt, mask_bts, cache, cache_index)
+
+
+# --------------------------------------------------------------------------------------------
+# Token log-probabilities without [B, T, V] float32 logits (SFT and DPO objectives).
+
+# Each chunk's float32 logits [B, C, V] stay under this many elements (64 MiB); the default chunk
+# length is derived from it, so a 128K vocabulary gets shorter chunks than a 32K one.
+_LOGITS_CHUNK_ELEMENTS = 1 << 24
+
+
+def _default_chunk(batch: int, length: int, vocab: int) -> int:
+    per_position = max(batch * vocab, 1)
+    chunk = max(_LOGITS_CHUNK_ELEMENTS // per_position, 8)
+    return min(chunk, max(length, 1))
+
+
+def token_logprobs(
+    config: LlamaConfig,
+    params: Params,
+    input_ids: jax.Array,
+    attention_mask: jax.Array,
+    *,
+    chunk_size: int | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """(logp_bt, argmax_bt) of a left- or right-padded batch [B, T].
+
+    logp_bt float32 [B, T]: logp_bt[:, t] = log p(input_ids[:, t] | input_ids[:, :t]) for t >= 1,
+    0 at t = 0. argmax_bt bool [B, T]: whether input_ids[:, t] is the model's argmax prediction
+    from position t - 1 (False at t = 0). Positions under padding get values too; callers mask.
+
+    The LM head and log-softmax run over `chunk_size` positions at a time (default: a length
+    that keeps each chunk's float32 logits near 64 MiB) inside a `lax.scan` whose body is
+    rematerialised, so neither the forward nor the backward ever holds [B, T, V] float32 logits:
+    the backward recomputes one chunk's logits, turns them into that chunk's gradient, and
+    accumulates the LM-head gradient across chunks.
+    """
+    b, t = input_ids.shape
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size={chunk_size}; expected a positive number of positions")
+    hidden_btd = hidden_states(config, params, input_ids, attention_mask)
+    if t < 2:
+        return jnp.zeros((b, t), jnp.float32), jnp.zeros((b, t), bool)
+    n = t - 1  # position t - 1 predicts token t
+    chunk = chunk_size or _default_chunk(b, n, config.vocab_size)
+    chunk = min(chunk, n)
+    chunks = -(-n // chunk)
+    pad = chunks * chunk - n
+    # [chunks, B, C, ...]: the scan runs over chunks; padded tail positions are dropped below.
+    h_cbcd = jnp.pad(hidden_btd[:, :-1], ((0, 0), (0, pad), (0, 0)))
+    h_cbcd = h_cbcd.reshape(b, chunks, chunk, -1).transpose(1, 0, 2, 3)
+    y_cbc = jnp.pad(input_ids[:, 1:], ((0, 0), (0, pad))).reshape(b, chunks, chunk).transpose(1, 0, 2)
+    w_dv = lm_head_kernel(config, params).astype(config.compute_dtype)
+
+    @jax.checkpoint
+    def one_chunk(h_bcd: jax.Array, y_bc: jax.Array) -> tuple[jax.Array, jax.Array]:
+        logits_bcv = jnp.einsum("bcd,dv->bcv", h_bcd, w_dv, preferred_element_type=jnp.float32)
+        logits_bcv = sharding.constrain(logits_bcv, sharding.ACT_VOCAB)
+        target_bc = jnp.take_along_axis(logits_bcv, y_bc[..., None], axis=-1)[..., 0]
+        logp_bc = target_bc - jax.nn.logsumexp(logits_bcv, axis=-1)
+        hit_bc = jnp.argmax(logits_bcv, axis=-1) == y_bc
+        return logp_bc, hit_bc
+
+    def body(carry: None, xs: tuple[jax.Array, jax.Array]) -> tuple[None, tuple[jax.Array, jax.Array]]:
+        return carry, one_chunk(*xs)
+
+    _, (logp_cbc, hit_cbc) = jax.lax.scan(body, None, (h_cbcd, y_cbc))
+    logp_bn = logp_cbc.transpose(1, 0, 2).reshape(b, chunks * chunk)[:, :n]
+    hit_bn = hit_cbc.transpose(1, 0, 2).reshape(b, chunks * chunk)[:, :n]
+    logp_bt = jnp.concatenate([jnp.zeros((b, 1), jnp.float32), logp_bn], axis=1)
+    argmax_bt = jnp.concatenate([jnp.zeros((b, 1), bool), hit_bn], axis=1)
+    return logp_bt, argmax_bt
+
+
+def sequence_logprobs(
+    config: LlamaConfig,
+    params: Params,
+    input_ids: jax.Array,
+    attention_mask: jax.Array,
+    response_mask: jax.Array,
+) -> jax.Array:
+    """[B] float32: sum over positions t with response_mask[:, t] == 1 of log p(ids[t] | ids[:t]).
+
+    The policy log-likelihood of a response given its prompt (DPO's log pi(y|x)); t = 0 adds 0.
+    """
+    logp_bt, _ = token_logprobs(config, params, input_ids, attention_mask)
+    return jnp.sum(logp_bt * response_mask.astype(jnp.float32), axis=-1)

@@ -137,3 +137,71 @@ def test_config_rejects_bad_fields():
         models.LlamaConfig.from_hf({"model_type": "llama", "vocab_size": 8, "hidden_size": 8,
                                     "intermediate_size": 8, "num_hidden_layers": 1, "num_attention_heads": 2,
                                     "rope_scaling": {"rope_type": "yarn", "factor": 2.0}})
+
+
+def _torch_token_logprobs(model, ids, mask):
+    """HF reference: log p(ids[t] | ids[:t]) [B, T-1] and whether ids[t] is the argmax."""
+    logits = model(torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask),
+                   position_ids=torch_positions(mask)).logits.float()
+    logp = torch.log_softmax(logits[:, :-1], dim=-1)
+    target = torch.tensor(ids[:, 1:], dtype=torch.long)
+    token = torch.gather(logp, -1, target[..., None])[..., 0]
+    return token, logp.argmax(-1) == target
+
+
+@pytest.mark.parametrize("side,chunk_size", [("left", None), ("right", 5), ("left", 1), ("right", 64)],
+                         ids=["left-auto", "right-uneven", "left-one", "right-whole"])
+def test_token_and_sequence_logprobs_match_transformers(tmp_path, side, chunk_size):
+    model = random_causal_lm(seed=17, num_key_value_heads=1, tie_word_embeddings=True)
+    config, params = _load(tmp_path, model)
+    ids, mask = padded_batch(3, 23, model.config.vocab_size, side, seed=6)
+    with torch.no_grad():
+        ref_token, ref_hit = _torch_token_logprobs(model, ids, mask)
+    logp, hit = jax.jit(lambda p: models.token_logprobs(config, p, ids, mask, chunk_size=chunk_size))(params)
+    assert logp.shape == ids.shape and logp.dtype == jnp.float32 and hit.dtype == jnp.bool_
+    np.testing.assert_array_equal(np.asarray(logp[:, 0]), 0.0)
+    assert not np.asarray(hit[:, 0]).any()
+    real = mask[:, 1:].astype(bool)  # a real target predicted from a real position
+    real &= mask[:, :-1].astype(bool)
+    np.testing.assert_allclose(np.asarray(logp[:, 1:])[real], ref_token.numpy()[real], atol=1e-4, rtol=0)
+    np.testing.assert_array_equal(np.asarray(hit[:, 1:])[real], ref_hit.numpy()[real])
+
+    # A response mask over the last 6 real tokens of each row.
+    response = np.zeros_like(mask)
+    for i in range(len(mask)):
+        last = np.nonzero(mask[i])[0][-6:]
+        response[i, last] = 1
+    ref_seq = np.sum(np.where(response[:, 1:] == 1, ref_token.numpy(), 0.0), axis=1)
+    seq = jax.jit(models.sequence_logprobs, static_argnums=0)(config, params, ids, mask, response)
+    assert seq.shape == (3,) and seq.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(seq), ref_seq, atol=2e-4, rtol=0)
+
+
+def test_chunked_logprob_gradients_match_torch_autograd(tmp_path):
+    """The rematerialised chunk scan's backward equals PyTorch's gradient of the summed response
+    log-probabilities (LM head, embedding and a layer weight)."""
+    model = random_causal_lm(seed=19)
+    config, params = _load(tmp_path, model)
+    ids, mask = padded_batch(2, 14, model.config.vocab_size, "right", seed=8)
+    response = mask.copy()
+    response[:, :4] = 0
+    token, _ = _torch_token_logprobs(model, ids, mask)
+    (token * torch.tensor(response[:, 1:], dtype=torch.float32)).sum().backward()
+
+    # Chunks of 3 over 13 predicted positions: an uneven last chunk, padded and dropped.
+    grad = jax.jit(jax.grad(lambda p: jnp.sum(
+        models.token_logprobs(config, p, ids, mask, chunk_size=3)[0] * response)))(params)
+    np.testing.assert_allclose(np.asarray(grad["lm_head"]["kernel"]),
+                               model.lm_head.weight.grad.numpy().T, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(grad["model"]["embed"]["embedding"]),
+                               model.model.embed_tokens.weight.grad.numpy(), atol=1e-5)
+    down = np.asarray(grad["model"]["layers"]["mlp"]["down_proj"]["kernel"][1])
+    np.testing.assert_allclose(down, model.model.layers[1].mlp.down_proj.weight.grad.numpy().T, atol=1e-5)
+
+
+def test_token_logprobs_rejects_bad_chunk_size():
+    config = models.LlamaConfig(vocab_size=16, hidden_size=8, intermediate_size=8, num_hidden_layers=1,
+                                num_attention_heads=2, num_key_value_heads=1)
+    ids = jnp.ones((1, 4), jnp.int32)
+    with pytest.raises(ValueError, match="chunk_size=0"):  # checked before any parameter is read
+        models.token_logprobs(config, {}, ids, ids, chunk_size=0)
