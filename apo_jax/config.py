@@ -66,7 +66,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.sft_max_len = 1024
     c.data.prompt_max_len = 512
     c.data.buckets = (128, 256, 512, 1024)
-    c.data.append_eos = True
+    # Where the RM reads the reward: "last_token" (the last response token, as the official APO code;
+    # exports score the same in transformers) or "eos" (an appended EOS; pre-#16 behaviour).
+    c.data.reward_position = "last_token"
     c.data.on_bad_line = "raise"  # raise | skip
     c.data.synthetic = ml_collections.ConfigDict()  # the synthetic world's own settings (data.synthetic)
 
@@ -192,6 +194,8 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
             for line in str(e).splitlines()[1:]:
                 field, _, problem = line.strip().partition(": ")
                 err(f"data.synthetic.{field}", problem)
+    if c.data.reward_position not in ("last_token", "eos"):
+        err("data.reward_position", f"{c.data.reward_position!r}; expected 'last_token' or 'eos'")
     if c.data.on_bad_line not in ("raise", "skip"):
         err("data.on_bad_line", f"{c.data.on_bad_line!r}; expected 'raise' or 'skip'")
 

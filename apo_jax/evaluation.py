@@ -1,9 +1,12 @@
-"""Reward-model evaluation (paper Section 4.1): preference accuracy and calibration (ECE).
+"""Reward-model evaluation (paper Section 4.1): preference accuracy and calibration (ECE),
+and `score_texts`, the stable entry point for scoring texts with a trained or exported RM.
 
-Host-side NumPy: these run once per evaluation over a few thousand scores.
+The metrics are host-side NumPy: they run once per evaluation over a few thousand scores.
 """
 
 from __future__ import annotations
+
+from typing import Sequence
 
 import numpy as np
 
@@ -50,3 +53,41 @@ def expected_calibration_error(r_good, r_bad, num_bins: int = 10, weighted: bool
     if weighted:
         return float(np.sum(counts * gaps) / np.sum(counts))
     return float(np.sum(gaps) / num_bins)
+
+
+def score_texts(rm_dir: str, prompts: Sequence[str], responses: Sequence[str], *,
+                batch_size: int = 16) -> np.ndarray:
+    """float32 rewards [N] of (prompt, response) texts by the reward model in `rm_dir`.
+
+    `rm_dir` is an apo_jax export (`run_dir/export/rm_*`) or any Hugging Face
+    `LlamaForSequenceClassification(num_labels=1)` directory (local, gs:// or hub id) with its
+    tokenizer. Texts are scored exactly as the game scores them: `prompt + " " + response`
+    through the directory's tokenizer (`data.pipeline.score_set`), the reward read at the last
+    token (`models.rewards`), batches of `batch_size` (rounded up to a multiple of the devices)
+    on a mesh over all local devices, one compiled program per length bucket. An export made
+    with `data.reward_position="eos"` has a tokenizer that appends the EOS itself.
+    """
+    import jax
+    import ml_collections
+
+    from apo_jax import hf, scoring, sharding
+    from apo_jax.data import tokenize
+
+    prompts, responses = list(prompts), list(responses)
+    if len(prompts) != len(responses):
+        raise ValueError(f"score_texts: {len(prompts)} prompts but {len(responses)} responses")
+    if batch_size < 1:
+        raise ValueError(f"score_texts: batch_size {batch_size} must be >= 1")
+    mesh = sharding.make_mesh(sharding.MeshConfig(1, -1, 1), jax.local_devices())
+    config, params = hf.load_pretrained(rm_dir, mesh=mesh)
+    if "score" not in params:
+        raise hf.CheckpointError(f"{rm_dir}: has no score.weight; expected a reward model "
+                                 "(LlamaForSequenceClassification, num_labels=1)")
+    tokenizer = tokenize.load_tokenizer(rm_dir)
+    max_len = int(config.max_position_embeddings)
+    buckets = tuple(sorted({min(2 ** k, max_len) for k in range(4, max_len.bit_length() + 1)}))
+    # The game's RM data settings; the tokenizer itself adds what an "eos" export needs.
+    data_cfg = ml_collections.ConfigDict(dict(rm_max_len=max_len, buckets=buckets, reward_position="last_token"))
+    n = mesh.devices.size
+    batch = -(-batch_size // n) * n
+    return scoring.score_texts_with(config, params, tokenizer, list(zip(prompts, responses)), data_cfg, mesh, batch)

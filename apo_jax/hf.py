@@ -175,22 +175,58 @@ def read_config(ckpt_dir: str) -> dict[str, Any]:
         with open(path) as f:
             return json.load(f)
     except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: line {e.lineno}: not valid JSON ({e.msg})") from None
+        raise CheckpointError(f"{path}: line {e.lineno} column {e.colno}: not valid JSON ({e.msg})") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: unreadable ({e})") from None
 
 
-def _safetensors_files(ckpt_dir: str) -> dict[str, str]:
-    """Map tensor name -> file holding it."""
+_MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors format's own limit
+
+
+def safetensors_header(path: str) -> dict[str, Any]:
+    """Tensor name -> {dtype, shape, data_offsets} of a safetensors file, from its header alone.
+
+    Raises CheckpointError naming the file when the header is cut, not JSON, or describes
+    tensors beyond the end of the file (a truncated download or copy).
+    """
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            head = f.read(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else -1
+            if n < 0 or n > min(size - 8, _MAX_HEADER_BYTES):
+                raise CheckpointError(f"{path}: not a safetensors file (corrupt or truncated header; {size} bytes)")
+            raw = f.read(n)
+    except OSError as e:
+        raise CheckpointError(f"{path}: unreadable ({e.strerror or e})") from None
+    try:
+        header = json.loads(raw.decode("utf-8"))
+        if not isinstance(header, dict):
+            raise ValueError("not an object")
+    except (UnicodeDecodeError, ValueError) as e:
+        raise CheckpointError(f"{path}: not a safetensors file (its header is not valid JSON: {e})") from None
+    tensors = {k: v for k, v in header.items() if k != "__metadata__"}
+    end = max((int(v.get("data_offsets", (0, 0))[1]) for v in tensors.values() if isinstance(v, dict)), default=0)
+    if 8 + n + end > size:
+        raise CheckpointError(f"{path}: truncated ({size} bytes; its tensors need {8 + n + end})")
+    return tensors
+
+
+def safetensors_files(ckpt_dir: str) -> dict[str, str]:
+    """Map tensor name -> file holding it (headers checked; pickled weights refused)."""
     index = os.path.join(ckpt_dir, INDEX_NAME)
     if os.path.exists(index):
-        with open(index) as f:
-            weight_map = json.load(f).get("weight_map")
+        try:
+            with open(index) as f:
+                weight_map = json.load(f).get("weight_map")
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{index}: line {e.lineno} column {e.colno}: not valid JSON ({e.msg})") from None
         if not isinstance(weight_map, dict):
             raise CheckpointError(f"{index}: has no 'weight_map' object")
         return {k: os.path.join(ckpt_dir, v) for k, v in weight_map.items()}
     single = os.path.join(ckpt_dir, WEIGHTS_NAME)
     if os.path.exists(single):
-        with safe_open(single, framework="numpy") as f:
-            return {k: single for k in f.keys()}
+        return {k: single for k in safetensors_header(single)}
     pickled = [n for n in os.listdir(ckpt_dir) if n.endswith((".bin", ".pt", ".pth"))]
     if pickled:
         raise CheckpointError(
@@ -222,7 +258,7 @@ def load_pretrained(
         config = LlamaConfig.from_hf(hf_config, **runtime)
     except (ValueError, TypeError) as e:
         raise CheckpointError(f"{os.path.join(ckpt_dir, CONFIG_NAME)}: {e}") from None
-    files = _safetensors_files(ckpt_dir)
+    files = safetensors_files(ckpt_dir)
     keys = set(files)
     handles: dict[str, Any] = {}
 
@@ -231,6 +267,7 @@ def load_pretrained(
         if fname not in handles:
             if not os.path.exists(fname):
                 raise CheckpointError(f"{fname}: listed in {INDEX_NAME} for {key} but missing")
+            safetensors_header(fname)  # a clear message for a corrupt shard, before safe_open's
             handles[fname] = safe_open(fname, framework="numpy")
         return handles[fname].get_tensor(key)
 
@@ -306,6 +343,7 @@ def save_pretrained(
     *,
     tokenizer: Any = None,
     max_shard_bytes: int = 5 * 1024**3,
+    reward_position: str = "last_token",
 ) -> str:
     """Writes `config.json` + safetensors (sharded above `max_shard_bytes`) that transformers loads.
 
@@ -314,7 +352,16 @@ def save_pretrained(
     of `config.param_dtype`. The directory is written under a temporary name and renamed into
     place, so an interrupted save never leaves a half-written checkpoint at `path`. In a
     multi-process run every process must call this (arrays are gathered) and only process 0 writes.
+
+    A reward model with a `tokenizer` is written so that the standard transformers usage,
+    `model(**tokenizer(prompt + " " + response, return_tensors="pt"))` (single or `padding=True`
+    batches), scores what apo_jax scores: `config.json`'s `pad_token_id` is the tokenizer's pad id
+    (transformers pools the last non-pad token), and with `reward_position="eos"` the tokenizer's
+    post-processor appends EOS, as apo_jax's RM inputs do (see `export_tokenizer`). Files are
+    readable by other users (0644/0755 under the usual umask).
     """
+    if reward_position not in REWARD_POSITIONS:
+        raise ValueError(f"reward_position: {reward_position!r}; expected one of {REWARD_POSITIONS}")
     is_rm = _get_path(params, ("score", "kernel")) is not None
     tensors: dict[str, np.ndarray] = {}
     for hf_key, tree_path, kind in KEY_TABLE:
@@ -343,10 +390,18 @@ def save_pretrained(
             label2id={"LABEL_0": 0},
             problem_type="regression",
         )
-        if config.pad_token_id is None:
+        pad = getattr(tokenizer, "pad_token_id", None) if tokenizer is not None else None
+        if pad is not None:
+            hf_config["pad_token_id"] = int(pad)  # the id the exported tokenizer pads with
+        elif config.pad_token_id is None:
             logging.warning("%s: reward model exported without pad_token_id; HF pools the last token", path)
+        if reward_position == "eos" and tokenizer is not None and pad is not None and pad in config.eos_token_ids:
+            logging.warning("%s: pad == EOS (%d) with data.reward_position='eos': transformers pools the last "
+                            "non-pad token, before the EOS, so its scores differ from apo_jax's; use 'last_token'",
+                            path, pad)
+    append_eos = is_rm and reward_position == "eos"
     if fileio.is_remote(path):
-        return _save_remote(path, hf_config, tensors, tokenizer, max_shard_bytes)
+        return _save_remote(path, hf_config, tensors, tokenizer, max_shard_bytes, append_eos)
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=parent)
@@ -355,7 +410,8 @@ def save_pretrained(
             json.dump(hf_config, f, indent=2, sort_keys=True)
         _write_shards(tmp, tensors, max_shard_bytes)
         if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
+            export_tokenizer(tokenizer, tmp, append_eos=append_eos)
+        _readable_by_all(tmp)
         if os.path.exists(path):
             backup = path.rstrip("/") + ".old"
             shutil.rmtree(backup, ignore_errors=True)
@@ -370,7 +426,7 @@ def save_pretrained(
 
 
 def _save_remote(path: str, hf_config: dict, tensors: Mapping[str, np.ndarray], tokenizer: Any,
-                 max_shard_bytes: int) -> str:
+                 max_shard_bytes: int, append_eos: bool = False) -> str:
     """`save_pretrained` to object storage: written locally, then uploaded with config.json last.
 
     Object stores have no directory rename; `is_saved` (config.json and the weights present)
@@ -380,7 +436,7 @@ def _save_remote(path: str, hf_config: dict, tensors: Mapping[str, np.ndarray], 
     with tempfile.TemporaryDirectory(prefix="apo_jax-export-") as tmp:
         _write_shards(tmp, tensors, max_shard_bytes)
         if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
+            export_tokenizer(tokenizer, tmp, append_eos=append_eos)
         if target.exists():
             target.rmtree()
         target.mkdir(parents=True, exist_ok=True)
@@ -389,6 +445,52 @@ def _save_remote(path: str, hf_config: dict, tensors: Mapping[str, np.ndarray], 
                 (target / name).write_bytes(f.read())
         (target / CONFIG_NAME).write_text(json.dumps(hf_config, indent=2, sort_keys=True))
     return path
+
+
+REWARD_POSITIONS = ("last_token", "eos")
+
+
+def export_tokenizer(tokenizer: Any, out_dir: str, *, append_eos: bool = False) -> None:
+    """`tokenizer.save_pretrained(out_dir)`, loadable by transformers 4 and 5 alike.
+
+    transformers 5 records its own generic class name ("TokenizersBackend"), unknown to
+    transformers 4; "PreTrainedTokenizerFast" loads the same tokenizer.json under both.
+    `append_eos` chains a template that appends EOS to the post-processor (after BOS etc.), so
+    plain `tokenizer(text)` gives the `... [EOS]` inputs an RM read at EOS was trained on.
+    """
+    tokenizer.save_pretrained(out_dir)
+    config_path = os.path.join(out_dir, "tokenizer_config.json")
+    if os.path.exists(config_path):
+        with open(config_path) as f:
+            tok_config = json.load(f)
+        if tok_config.get("tokenizer_class") == "TokenizersBackend":
+            tok_config["tokenizer_class"] = "PreTrainedTokenizerFast"
+            with open(config_path, "w") as f:
+                json.dump(tok_config, f, indent=2, sort_keys=True)
+                f.write("\n")
+    if append_eos:
+        import tokenizers
+
+        tok_path = os.path.join(out_dir, "tokenizer.json")
+        eos, eos_id = tokenizer.eos_token, tokenizer.eos_token_id
+        if eos is None or not os.path.exists(tok_path):
+            raise CheckpointError(f"{out_dir}: cannot make the tokenizer append EOS (no EOS token or no tokenizer.json)")
+        core = tokenizers.Tokenizer.from_file(tok_path)
+        template = tokenizers.processors.TemplateProcessing(
+            single=f"$A {eos}", pair=f"$A $B {eos}", special_tokens=[(eos, eos_id)])
+        old = core.post_processor
+        core.post_processor = tokenizers.processors.Sequence([old, template]) if old is not None else template
+        core.save(tok_path)
+
+
+def _readable_by_all(directory: str) -> None:
+    """Dirs 0777 and files 0666 less the umask (tempfile made the dir 0700)."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    for root, dirs, files in os.walk(directory):
+        os.chmod(root, 0o777 & ~umask)
+        for name in files:
+            os.chmod(os.path.join(root, name), 0o666 & ~umask)
 
 
 def is_saved(path: str) -> bool:

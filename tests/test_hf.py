@@ -155,3 +155,94 @@ def test_save_over_existing_checkpoint_is_atomic(tmp_path):
     # The earlier export is intact and nothing temporary is left behind.
     _load_strict(transformers.LlamaForCausalLM, out)
     assert sorted(os.listdir(tmp_path)) == ["out", "src"]
+
+
+# ------------------------------------------------------------------------------------------
+# An exported RM scores in plain transformers what apo_jax scores (issue #16, TRL #937).
+
+PROMPTS = ["\n\nHuman: What is the capital of France?\n\nAssistant:", "\n\nHuman: Tell me a joke.\n\nAssistant:",
+           "\n\nHuman: How do I bake bread?\n\nAssistant:"]
+RESPONSES = ["The capital of France is Paris.", "Why did the chicken cross the road?", "Mix flour and water."]
+
+
+def _game_scores(tok_dir, config, params, reward_position):
+    """What the game computes: its tokenizer loader, `score_set`, `models.rewards`."""
+    import ml_collections
+
+    from apo_jax.data import pipeline, tokenize
+
+    tok = tokenize.load_tokenizer(tok_dir)
+    d = ml_collections.ConfigDict(dict(rm_max_len=64, buckets=(32, 64), reward_position=reward_position))
+    batch = pipeline.score_set(tok, list(zip(PROMPTS, RESPONSES)), d).batch(np.arange(len(PROMPTS)), local=False)
+    return np.asarray(models.rewards(config, params, batch["input_ids"], batch["input_mask"]))
+
+
+@pytest.mark.parametrize("pad_is_eos,reward_position", [(False, "last_token"), (True, "last_token"), (False, "eos")])
+def test_exported_rm_scores_the_same_in_transformers(tmp_path, pad_is_eos, reward_position):
+    from tok_fixtures import llama_like_tokenizer
+
+    tok = llama_like_tokenizer()
+    if pad_is_eos:
+        tok.pad_token = tok.eos_token  # SmolLM2-style: pad id == EOS id
+    assert (tok.pad_token_id == tok.eos_token_id) == pad_is_eos
+    tok.save_pretrained(tmp_path / "tok")
+    src = random_reward_model(seed=7, vocab_size=len(tok), bos_token_id=tok.bos_token_id,
+                              eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    src.save_pretrained(tmp_path / "src")
+    config, params = hf.load_pretrained(str(tmp_path / "src"))
+    ours = _game_scores(str(tmp_path / "tok"), config, params, reward_position)
+    out = str(tmp_path / "export")
+    old_umask = os.umask(0o022)
+    try:
+        hf.save_pretrained(out, config, params, tokenizer=tok, reward_position=reward_position)
+    finally:
+        os.umask(old_umask)
+    # Readable by other users; a tokenizer class transformers 4 knows too.
+    assert oct(os.stat(out).st_mode & 0o777) == oct(0o755)
+    assert {oct(os.stat(os.path.join(out, n)).st_mode & 0o777) for n in os.listdir(out)} == {oct(0o644)}
+    with open(os.path.join(out, "tokenizer_config.json")) as f:
+        assert json.load(f)["tokenizer_class"] == "PreTrainedTokenizerFast"
+
+    # The standard transformers usage, one text at a time and as a padded batch.
+    hf_tok = transformers.AutoTokenizer.from_pretrained(out)
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(out).eval()
+    texts = [f"{p} {r}" for p, r in zip(PROMPTS, RESPONSES)]
+    with torch.no_grad():
+        single = np.asarray([model(**hf_tok(t, return_tensors="pt")).logits[0, 0].item() for t in texts])
+        batched = model(**hf_tok(texts, return_tensors="pt", padding=True)).logits[:, 0].numpy()
+    np.testing.assert_allclose(single, ours, atol=1e-4)
+    np.testing.assert_allclose(batched, ours, atol=1e-4)
+    # The reward is read where the config says: an appended EOS, or the last response token.
+    last_ids = [hf_tok(t)["input_ids"][-1] for t in texts]
+    assert all((i == tok.eos_token_id) == (reward_position == "eos") for i in last_ids), last_ids
+    assert len(set(np.round(ours, 4))) == len(ours)  # distinct scores: a wrong position would show
+
+
+def test_score_texts_api_matches_the_game_on_an_hf_rm_dir(tmp_path):
+    from apo_jax import evaluation
+    from tok_fixtures import llama_like_tokenizer
+
+    tok = llama_like_tokenizer()
+    src = random_reward_model(seed=8, vocab_size=len(tok))
+    src.save_pretrained(tmp_path / "rm")
+    tok.save_pretrained(tmp_path / "rm")  # a plain HF RM dir, not an apo_jax export
+    config, params = hf.load_pretrained(str(tmp_path / "rm"))
+    ours = _game_scores(str(tmp_path / "rm"), config, params, "last_token")
+    got = evaluation.score_texts(str(tmp_path / "rm"), PROMPTS, RESPONSES, batch_size=2)
+    assert got.shape == (3,) and got.dtype == np.float32
+    np.testing.assert_allclose(got, ours, atol=1e-5)
+    with pytest.raises(ValueError, match="3 prompts but 2 responses"):
+        evaluation.score_texts(str(tmp_path / "rm"), PROMPTS, RESPONSES[:2])
+
+
+def test_corrupt_safetensors_header_is_named(tmp_path):
+    src = random_causal_lm(seed=9)
+    src.save_pretrained(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(b"\xff" * 8 + data[8:])  # a header length far beyond the file
+    with pytest.raises(hf.CheckpointError, match=r"model\.safetensors: not a safetensors file"):
+        hf.load_pretrained(str(tmp_path))
+    weights.write_bytes(data[: len(data) // 2])  # a truncated copy
+    with pytest.raises(hf.CheckpointError, match=r"model\.safetensors: truncated"):
+        hf.load_pretrained(str(tmp_path))

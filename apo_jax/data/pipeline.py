@@ -166,11 +166,12 @@ def _pad_id(tokenizer: Any) -> int:
 
 
 def rm_set(tokenizer: Any, pairs: Sequence[dict], d: ml_collections.ConfigDict) -> TokenizedSet:
-    """RM pairs -> chosen/rejected inputs `[BOS] prompt response [EOS]`, row weight and APO flag."""
+    """RM pairs -> chosen/rejected inputs `[BOS] prompt response` (+ `[EOS]` when
+    data.reward_position == "eos"; the reward is read at the last token), row weight and APO flag."""
     chosen = tokenize.encode_responses(tokenizer, [(p["prompt"], p["chosen"]) for p in pairs], d.rm_max_len,
-                                       append_eos=d.append_eos)
+                                       append_eos=d.reward_position == "eos")
     rejected = tokenize.encode_responses(tokenizer, [(p["prompt"], p["rejected"]) for p in pairs], d.rm_max_len,
-                                         append_eos=d.append_eos)
+                                         append_eos=d.reward_position == "eos")
     extras = {
         "weight": np.asarray([p.get("weight", 1.0) for p in pairs], np.float32),
         "is_apo": np.asarray([int(p.get("is_apo", 0)) for p in pairs], np.int32),
@@ -188,7 +189,7 @@ def sft_set(tokenizer: Any, examples: Sequence[dict], d: ml_collections.ConfigDi
 
 def score_set(tokenizer: Any, texts: Sequence[tuple[str, str]], d: ml_collections.ConfigDict) -> TokenizedSet:
     """(prompt, response) texts for RM scoring, encoded exactly like RM training inputs."""
-    enc = tokenize.encode_responses(tokenizer, list(texts), d.rm_max_len, append_eos=d.append_eos)
+    enc = tokenize.encode_responses(tokenizer, list(texts), d.rm_max_len, append_eos=d.reward_position == "eos")
     return TokenizedSet("score", {"input": enc}, {}, tuple(d.buckets), _pad_id(tokenizer))
 
 
