@@ -470,7 +470,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unknown arguments {bad}; only --config.<field>=<value> overrides are passed to the runs")
     if args.seeds < 1:
         parser.error(f"--seeds: {args.seeds} must be >= 1")
-    if not os.path.isfile(args.config):
+    if not os.path.isfile(args.config.split(":")[0]):  # "file.py:arg" passes arg to get_config
         parser.error(f"--config: no such file {args.config}")
     seeds = list(range(args.first_seed, args.first_seed + args.seeds))
     study, status = run_study(args.config, seeds, args.out, overrides)

@@ -1,10 +1,18 @@
 """The synthetic preference world at a size for one GPU (the controlled experiment).
 
-    python -m apo_jax.main --config=configs/synthetic_gpu.py
+    python -m apo_jax.main --config=configs/synthetic_gpu.py        # S = 4
+    python -m apo_jax.main --config=configs/synthetic_gpu.py:8      # S = 8
+    python -m apo_jax.study --config=configs/synthetic_gpu.py --seeds=5 --out=runs/gpu_study
 
-Ten times the demo's data, a ~20M-parameter character-level LLaMA with bfloat16 compute and cuDNN
-attention, three rounds of all four schedules. It starts from configs/synthetic.py and changes only
-numbers: the same code path as the CPU demo and configs/hh.py.
+Ten times the demo's data, a ~18M-parameter character-level LLaMA (6 layers, width 512) with
+bfloat16 compute and cuDNN attention, all six graded tasks (easy ones weighted up), 2,000 test
+prompts and test pairs, three rounds of RJS, APO, APO-seq, the ablation and (where the game has
+it) the oracle arm. It starts from configs/synthetic.py and changes only numbers: the same code
+path as the CPU demo and configs/hh.py.
+
+Expected runtime (an ESTIMATE, not measured: no GPU was available when this config was written):
+about 30-60 minutes per seed on one H100/H200 at S = 4 and roughly 1.5x that at S = 8, dominated
+by sampling (S x 8,000 policy queries + S x 5,000 gold queries per round and schedule).
 """
 
 import importlib.util
@@ -19,18 +27,23 @@ def _demo_config():
     return module.get_config()
 
 
-def get_config():
+def get_config(num_samples: str = "4"):
+    from apo_jax import schedules
+
     c = _demo_config()
-    c.run_dir = "runs/synthetic_gpu"
+    c.run_dir = f"runs/synthetic_gpu_s{int(num_samples)}"
 
     w = c.data.synthetic
     w.n_train_prompts = 16_000
-    w.n_test_prompts = 1_000
-    w.n_demos = 40_000
-    w.max_number = 199  # enough distinct `add` prompts for this many train prompts
+    w.n_test_prompts = 2_000
+    w.n_demos = 64_000
+    w.tasks = ("echo", "upper", "repeat", "reverse", "sort", "add")  # graded: easy, medium, hard
+    w.task_weights = (2.0, 2.0, 1.0, 1.0, 1.0, 1.0)
+    w.max_number = 99  # enough distinct `add` prompts for this many train prompts
     c.data.n_rm = 5_000
-    c.data.n_dev = 1_000
+    c.data.n_dev = 2_000
     c.data.n_llm = 8_000
+    c.data.n_test = 0
     c.data.buckets = (64, 80, 96, 112)
 
     c.policy.arch.hidden_size = 512
@@ -45,7 +58,7 @@ def get_config():
         m.remat_policy = "none"
     c.policy.pretrain.lr = 1e-3
     c.policy.pretrain.batch_size = 128
-    c.policy.pretrain.epochs = 8
+    c.policy.pretrain.epochs = 8  # 4,000 steps
 
     for opt in (c.rm.base, c.rm.test):
         opt.lr = 2e-4
@@ -57,6 +70,10 @@ def get_config():
     c.sft.lrs = (3e-4, 2e-4, 1e-4)
 
     c.apo.rounds = 3
+    c.apo.num_samples = int(num_samples)
+    c.rm.apo_weight = 0.1 / c.apo.num_samples * 10  # the demo's per-pair weight, kept tied to S
+    c.apo.schedules = ("rjs", "apo", "apo_seq", "ablation") + (("oracle",) if "oracle" in schedules.SCHEDULES
+                                                                  else ())
     c.sampling.batch_size = 512
     c.eval.batch_size = 512
     c.checkpoint.save_every_steps = 200
