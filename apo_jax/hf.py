@@ -454,7 +454,8 @@ def export_tokenizer(tokenizer: Any, out_dir: str, *, append_eos: bool = False) 
     """`tokenizer.save_pretrained(out_dir)`, loadable by transformers 4 and 5 alike.
 
     transformers 5 records its own generic class name ("TokenizersBackend"), unknown to
-    transformers 4; "PreTrainedTokenizerFast" loads the same tokenizer.json under both.
+    transformers 4; "PreTrainedTokenizerFast" loads the same tokenizer.json under both, and
+    `model_input_names` keeps transformers 4 from adding `token_type_ids` (LLaMA takes none).
     `append_eos` chains a template that appends EOS to the post-processor (after BOS etc.), so
     plain `tokenizer(text)` gives the `... [EOS]` inputs an RM read at EOS was trained on.
     """
@@ -463,8 +464,12 @@ def export_tokenizer(tokenizer: Any, out_dir: str, *, append_eos: bool = False) 
     if os.path.exists(config_path):
         with open(config_path) as f:
             tok_config = json.load(f)
+        before = dict(tok_config)
         if tok_config.get("tokenizer_class") == "TokenizersBackend":
             tok_config["tokenizer_class"] = "PreTrainedTokenizerFast"
+        # transformers 4's generic fast tokenizer also returns token_type_ids, which LLaMA refuses.
+        tok_config["model_input_names"] = ["input_ids", "attention_mask"]
+        if tok_config != before:
             with open(config_path, "w") as f:
                 json.dump(tok_config, f, indent=2, sort_keys=True)
                 f.write("\n")
