@@ -202,16 +202,13 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
     # Models.
     for name in ("policy", "rm"):
         m = c[name]
-        for field, allowed in (("param_dtype", ("float32", "bfloat16")), ("dtype", ("float32", "bfloat16")),
+        # dtype / attention_impl "auto": chosen for the device at start-up (apo_jax.devices).
+        for field, allowed in (("param_dtype", ("float32", "bfloat16")), ("dtype", ("float32", "bfloat16", "auto")),
                                ("remat_policy", models.REMAT_POLICIES),
-                               ("attention_impl", models.ATTENTION_IMPLS)):
+                               ("attention_impl", (*models.ATTENTION_IMPLS, "auto"))):
             if m[field] not in allowed:
                 err(f"{name}.{field}", f"{m[field]!r}; expected one of {allowed}")
-    for field in ("policy.checkpoint", "rm.init_checkpoint", "rm.base_checkpoint", "rm.test_checkpoint"):
-        section, key = field.split(".")
-        path = c[section][key]
-        if path and not (os.path.isdir(path) or _is_remote(path) or _looks_like_hub_id(path)):
-            err(field, f"{path!r} is neither a checkpoint directory nor a hub id")
+    # Checkpoint paths and contents are checked by apo_jax.preflight (resolved, headers read).
     if c.data.kind == "hh" and not c.policy.checkpoint:
         err("policy.checkpoint", "required for HH-RLHF runs (an HF LLaMA dir or hub id, e.g. Alpaca-7B)")
 

@@ -47,7 +47,7 @@ def test_missing_paths_are_named(tmp_path):
     c.data.hh_train = str(tmp_path / "nowhere")
     c.data.hh_test = str(tmp_path / "nowhere")
     c.data.gold = str(tmp_path / "gold.jsonl")
-    c.policy.checkpoint = str(tmp_path / "no-model")
+    c.policy.checkpoint = str(tmp_path / "no-model")  # checked by apo_jax.preflight (tests/test_errors.py)
     with pytest.raises(config_lib.ConfigError) as e:
         config_lib.validate(c, num_devices=1)
     msg = str(e.value)

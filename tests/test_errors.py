@@ -94,3 +94,27 @@ def test_non_finite_loss_is_one_line_pointing_to_a_new_run_dir(tmp_path):
     assert "rm_base: non-finite loss or gradient at step 3" in line and "new run_dir" in line, line
     # The lock was released on the way out: the next run (in a new run dir or this one) may start.
     assert (tmp_path / "run" / "run.lock").read_text() == ""
+
+
+def test_preflight_lists_every_bad_checkpoint_by_field(tmp_path):
+    """In-process: missing dirs, pickles only, and an LM given as a reward model, all at once."""
+    from apo_jax import config as config_lib
+    from apo_jax import hf, preflight
+    from hf_fixtures import random_causal_lm
+
+    random_causal_lm(seed=0).save_pretrained(tmp_path / "lm")
+    (tmp_path / "pickled").mkdir()
+    (tmp_path / "pickled" / "config.json").write_text((tmp_path / "lm" / "config.json").read_text())
+    (tmp_path / "pickled" / "pytorch_model.bin").write_bytes(b"\x80\x04not unpickled")
+    c = config_lib.base_config()
+    c.policy.checkpoint = str(tmp_path / "lm")  # fine
+    c.rm.init_checkpoint = str(tmp_path / "pickled")
+    c.rm.base_checkpoint = str(tmp_path / "lm")  # an LM, not an RM
+    c.rm.test_checkpoint = str(tmp_path / "no-such-dir")
+    with pytest.raises(hf.CheckpointError) as e:
+        preflight.preflight(c)
+    lines = str(e.value).splitlines()
+    assert lines[0] == "cannot start:" and len(lines) == 4, lines
+    assert "rm.init_checkpoint:" in lines[1] and "pickled weights" in lines[1], lines
+    assert "rm.base_checkpoint:" in lines[2] and "has no score.weight" in lines[2], lines
+    assert "rm.test_checkpoint:" in lines[3] and "no-such-dir" in lines[3], lines
