@@ -230,3 +230,34 @@ def test_gcs_lease_renews_in_the_background(fake_gcs):
     with pytest.raises(rundir.RunDirLocked):
         rundir.GcsLease(url).acquire()  # past the first expiry, still held: renewed
     lease.release()
+
+
+def _verdict(stdout: str) -> str:
+    return next((line for line in stdout.splitlines() if line.startswith(("OPEN", "REFUSED"))), stdout)
+
+
+def test_multi_process_run_locks_on_process_0_and_all_share_its_verdict(tmp_path):
+    from multiproc import run_processes
+
+    code = (
+        "from apo_jax import config as config_lib, rundir\n"
+        "c = config_lib.base_config(); c.run_dir = sys.argv[1]\n"
+        "try:\n"
+        "    lock = rundir.open_run(c)\n"
+        "    print('OPEN', type(lock).__name__, flush=True)\n"
+        "except rundir.RunDirError as e:\n"
+        "    print('REFUSED', e, flush=True)\n"
+    )
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    holder = rundir.LocalLock(str(run_dir))
+    holder.acquire()  # another run holds the dir: both processes stop, none hangs
+    results = run_processes(code, 2, 1, args=[str(run_dir)], timeout=240)
+    outs = [_verdict(r.stdout) for r in results]
+    assert all(r.returncode == 0 for r in results), [r.stderr[-2000:] for r in results]
+    assert outs[0].startswith("REFUSED") and f"pid {os.getpid()} " in outs[0], outs
+    assert outs[1].startswith("REFUSED") and "process 0 could not open the run dir" in outs[1], outs
+    holder.release()
+    outs = [_verdict(r.stdout) for r in run_processes(code, 2, 1, args=[str(run_dir)], timeout=240)]
+    assert outs == ["OPEN LocalLock", "OPEN NoneType"], outs  # only process 0 holds the lock
+    assert (run_dir / rundir.FINGERPRINT_NAME).exists()
