@@ -6,20 +6,21 @@ setup(
     version="0.1.0",
     description="Adversarial Preference Optimization (APO) for LLaMA models in JAX/Flax",
     packages=find_packages(include=["apo_jax", "apo_jax.*"]),
-    python_requires=">=3.10",
+    python_requires=">=3.11",  # jax, flax, orbax and numpy of the tested set need 3.11
     install_requires=[
-        "jax>=0.6.0",
-        "flax>=0.10.0",
-        "optax>=0.2.4",
-        "orbax-checkpoint>=0.11.0",
-        "etils[epath]>=1.7",  # comes with orbax; run-dir I/O (local or gs://) goes through epath
-        "transformers>=4.46.0",
+        # Floors: the versions CI tests (constraints.txt pins them; older ones have never run).
+        "jax>=0.10.2",
+        "flax>=0.12.8",
+        "optax>=0.2.8",
+        "orbax-checkpoint>=0.12.8",
+        "etils[epath]>=1.15.0",  # comes with orbax; run-dir I/O (local or gs://) goes through epath
+        "transformers>=5.24.0",
         "datasets>=3.0.0",
-        "numpy>=1.26",
-        "ml-collections>=0.1.1",
+        "numpy>=2.4.6",
+        "ml-collections>=1.1.0",
         "absl-py>=2.0",
-        "safetensors>=0.4.3",
-        "huggingface-hub>=0.24",
+        "safetensors>=0.8.0",
+        "huggingface-hub>=2.4.0",
         "tqdm>=4.66",
         "matplotlib>=3.8",
     ],

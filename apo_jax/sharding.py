@@ -134,14 +134,23 @@ def make_mesh(config: MeshConfig | None = None, devices: Sequence[jax.Device] | 
 def maybe_initialize_distributed() -> None:
     """Calls `jax.distributed.initialize()` when this is one process of a multi-process run.
 
-    Detected from the usual launchers' environment: JAX_COORDINATOR_ADDRESS (explicit),
-    SLURM (several tasks), a TPU pod (TPU_WORKER_HOSTNAMES listing several hosts), or
-    APO_JAX_DISTRIBUTED=1 (JAX's own detection). Log records are then tagged `[process i/n]`.
+    Detected from the usual launchers' environment: JAX_COORDINATOR_ADDRESS (explicit), a SLURM
+    job step of several tasks (`srun`), a TPU pod (TPU_WORKER_HOSTNAMES listing several hosts),
+    or APO_JAX_DISTRIBUTED=1 (JAX's own detection). Log records are then tagged `[process i/n]`.
     """
     if _distributed_initialized():
         return
-    explicit = os.environ.get("JAX_COORDINATOR_ADDRESS")
-    if (explicit or int(os.environ.get("SLURM_NTASKS", "1")) > 1) and os.environ.get("JAX_PLATFORMS", "") == "cpu":
+    env = os.environ
+    explicit = env.get("JAX_COORDINATOR_ADDRESS")
+    # SLURM_NTASKS > 1 also holds inside `salloc` and in the batch script itself, where only this
+    # one process runs (initialize would wait for the others forever): only a job step started by
+    # srun (SLURM_STEP_ID; the batch/extern/interactive pseudo-steps count from 4294967290) has
+    # all of its tasks running. APO_JAX_DISTRIBUTED=1 opts in without one.
+    step = env.get("SLURM_STEP_ID", "")
+    in_step = step.isdigit() and int(step) < 4294967290
+    slurm = (int(env.get("SLURM_STEP_NUM_TASKS") or env.get("SLURM_NTASKS") or "1") > 1
+             and (in_step or env.get("APO_JAX_DISTRIBUTED") == "1"))
+    if (explicit or slurm) and env.get("JAX_PLATFORMS", "") == "cpu":
         # Cross-process collectives on CPU (tests, CPU clusters) need gloo, chosen before initialize.
         try:
             jax.config.update("jax_cpu_collectives_implementation", "gloo")
@@ -150,13 +159,12 @@ def maybe_initialize_distributed() -> None:
     if explicit:
         jax.distributed.initialize(
             coordinator_address=explicit,
-            num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
-            process_id=int(os.environ["JAX_PROCESS_ID"]),
+            num_processes=int(env["JAX_NUM_PROCESSES"]),
+            process_id=int(env["JAX_PROCESS_ID"]),
         )
-    elif int(os.environ.get("SLURM_NTASKS", "1")) > 1:
-        jax.distributed.initialize(local_device_ids=slurm_local_device_ids(os.environ))
-    elif (len(os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",")) > 1
-          or os.environ.get("APO_JAX_DISTRIBUTED") == "1"):
+    elif slurm:
+        jax.distributed.initialize(local_device_ids=slurm_local_device_ids(env))
+    elif len(env.get("TPU_WORKER_HOSTNAMES", "").split(",")) > 1 or env.get("APO_JAX_DISTRIBUTED") == "1":
         # APO_JAX_DISTRIBUTED=1: JAX finds the other processes itself (a Cloud TPU VM slice reads
         # them from the metadata server; launch/tpu_pod.sh sets it).
         jax.distributed.initialize()

@@ -5,9 +5,10 @@
     python -m apo_jax.study --config=configs/synthetic_gpu.py --seeds=5 --out=runs/gpu_study
 
 Ten times the demo's data, a ~18M-parameter character-level LLaMA (6 layers, width 512) with
-bfloat16 compute and cuDNN attention, all six graded tasks (easy ones weighted up), 2,000 test
-prompts and test pairs, three rounds of RJS, APO, APO-seq, the ablation and (where the game has
-it) the oracle arm. It starts from configs/synthetic.py and changes only numbers: the same code
+"auto" compute dtype and attention (chosen from the GPU at start-up by apo_jax.devices: bfloat16
+and cuDNN attention on sm80+ such as A100/L4/H100, float32 and XLA attention on Colab's T4),
+all six graded tasks (easy ones weighted up), 2,000 test prompts and test pairs, three rounds of
+RJS, APO, APO-seq, the ablation and (where the game has it) the oracle arm. It starts from configs/synthetic.py and changes only numbers: the same code
 path as the CPU demo and configs/hh.py.
 
 Expected runtime (an ESTIMATE, not measured: no GPU was available when this config was written):
@@ -53,8 +54,8 @@ def get_config(num_samples: str = "4"):
     c.policy.arch.num_key_value_heads = 4
     for m in (c.policy, c.rm):
         m.param_dtype = "float32"
-        m.dtype = "bfloat16"
-        m.attention_impl = "cudnn"
+        m.dtype = "auto"
+        m.attention_impl = "auto"
         m.remat_policy = "none"
     c.policy.pretrain.lr = 1e-3
     c.policy.pretrain.batch_size = 128

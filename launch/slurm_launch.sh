@@ -3,11 +3,16 @@
 #
 #   launch/slurm_launch.sh --nodes 2 --gpus-per-node 8 --config configs/hh.py \
 #       --run-dir /shared/runs/apo-hh [--per gpu|host] [--partition P] [--account A] \
-#       [--time 48:00:00] [--cpus-per-task N] [--dry-run] [-- --config.field=value ...]
+#       [--time D-HH:MM:SS] [--cpus-per-task N] [--dry-run] [-- --config.field=value ...]
 #
 # --per gpu (default): one process per GPU; --per host: one process per node driving all of
-# its GPUs. --dry-run prints the sbatch command and the srun command the job will run, as
-# `+ command` lines, and submits nothing.
+# its GPUs. Defaults sized from the partition (--partition, or the cluster's default one), read
+# with `sinfo`: --cpus-per-task = its nodes' CPUs (the smallest node) / tasks per node;
+# --time = its time limit (none when that is infinite or sinfo is missing: the partition's
+# default applies). A game longer than the limit saves and requeues itself before the limit
+# (see slurm_gpu.sbatch).
+# --dry-run prints the sbatch command and the srun command the job will run, as `+ command`
+# lines, and submits nothing.
 set -euo pipefail
 
 NODES="" GPUS="" PER=gpu PARTITION="" ACCOUNT="" TIME="" CPUS="" CONFIG="" RUN_DIR="" DRY_RUN=0 EXTRA=()
@@ -41,6 +46,29 @@ case "$PER" in
   host) TASKS=1 ;;
   *) die "--per must be gpu or host, not $PER" ;;
 esac
+for pair in "--nodes:$NODES" "--gpus-per-node:$GPUS" "--cpus-per-task:${CPUS:-1}"; do
+  case "${pair#*:}" in ''|*[!0-9]*|0) die "${pair%%:*} must be a positive number, not '${pair#*:}'" ;; esac
+done
+
+if [ -z "$CPUS" ] || { [ -z "$TIME" ] && command -v sinfo > /dev/null 2>&1; }; then
+  # The partition's smallest node (CPUs) and its time limit; the default partition is marked '*'.
+  command -v sinfo > /dev/null 2>&1 || die "sinfo is not available to size --cpus-per-task from the" \
+    "partition: pass --cpus-per-task"
+  read -r node_cpus limit < <(sinfo --noheader --format="%P %c %l" | awk -v want="$PARTITION" '
+    { name = $1; is_default = sub(/\*$/, "", name) }
+    (want == "" && is_default) || name == want {
+      cpus = $2 + 0; if (min == "" || cpus < min) min = cpus; limit = $3 }
+    END { if (min != "") print min, limit }') || true
+  [ -n "${node_cpus:-}" ] || die "sinfo lists no partition ${PARTITION:-marked as default}: pass --partition," \
+    "or --cpus-per-task and --time"
+  if [ -z "$CPUS" ]; then
+    CPUS=$((node_cpus / TASKS))
+    if [ "$CPUS" -lt 1 ]; then CPUS=1; fi
+  fi
+  if [ -z "$TIME" ] && [ "$limit" != infinite ] && [ "$limit" != UNLIMITED ]; then TIME="$limit"; fi
+  echo "slurm_launch.sh: partition ${PARTITION:-(default)}: $node_cpus CPUs per node, time limit $limit" \
+    "(sinfo) -> --cpus-per-task=$CPUS${TIME:+ --time=$TIME}" >&2
+fi
 
 quote() {
   # POSIX shell quoting, the same as Python's shlex.quote (so tests can compare command lines).
@@ -57,8 +85,7 @@ job=("$CONFIG")
 if [ -n "$RUN_DIR" ]; then job+=("--config.run_dir=$RUN_DIR"); fi
 job+=("${EXTRA[@]+"${EXTRA[@]}"}")
 
-cmd=(sbatch --nodes="$NODES" --ntasks-per-node="$TASKS" --gpus-per-node="$GPUS")
-if [ -n "$CPUS" ]; then cmd+=(--cpus-per-task="$CPUS"); fi
+cmd=(sbatch --nodes="$NODES" --ntasks-per-node="$TASKS" --gpus-per-node="$GPUS" --cpus-per-task="$CPUS")
 if [ -n "$PARTITION" ]; then cmd+=(--partition="$PARTITION"); fi
 if [ -n "$ACCOUNT" ]; then cmd+=(--account="$ACCOUNT"); fi
 if [ -n "$TIME" ]; then cmd+=(--time="$TIME"); fi
