@@ -221,6 +221,8 @@ def main(argv: list[str]) -> None:
 
 def run() -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    # apo_jax uses transformers for tokenizers only: its "PyTorch was not found" advice is noise here.
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     app.run(main, flags_parser=parse_flags)
 
 

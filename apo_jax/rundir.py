@@ -417,11 +417,11 @@ def open_run(cfg: ml_collections.ConfigDict, *, allow_changes: Sequence[str] = (
             _make_run_dir(run_dir)
             lock = lock_for(run_dir, lease_ttl_s=lease_ttl_s)
             lock.acquire()
+            notes = check_fingerprint(cfg, run_dir, allow_changes)
             if lock.took_over is not None:
-                log.info("apo_jax: took over %s's lock on %s (it is no longer running)",
-                         lock.took_over.describe(), run_dir)
-            for note in check_fingerprint(cfg, run_dir, allow_changes):
-                log.info("apo_jax: %s", note)
+                notes.insert(0, f"took over the lock of {lock.took_over.describe()} on {run_dir} (no longer running)")
+            for note in notes:  # status lines, like the game's (stdout)
+                print(f"apo_jax: {note}", flush=True)
         except RunDirError as e:
             error = e
             if lock is not None:

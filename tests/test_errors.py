@@ -118,3 +118,18 @@ def test_preflight_lists_every_bad_checkpoint_by_field(tmp_path):
     assert "rm.init_checkpoint:" in lines[1] and "pickled weights" in lines[1], lines
     assert "rm.base_checkpoint:" in lines[2] and "has no score.weight" in lines[2], lines
     assert "rm.test_checkpoint:" in lines[3] and "no-such-dir" in lines[3], lines
+
+
+def test_rerun_with_another_seed_is_refused_through_main(tmp_path):
+    """The fingerprint through the real entry point (each run stops at preflight, before the game)."""
+    ckpt = tmp_path / "bad"
+    ckpt.mkdir()  # no config.json: every run below stops at preflight, after the run-dir check
+    base = ["--config=configs/synthetic.py", f"--config.run_dir={tmp_path}/run", f"--config.policy.checkpoint={ckpt}"]
+    first = _one_line(*_run(*base))
+    assert "policy.checkpoint" in first and "config.json" in first, first
+    assert _one_line(*_run(*base)) == first  # unchanged: passes the run-dir check again
+    line = _one_line(*_run(*base, "--config.seed=1"))
+    assert "seed 0 -> 1" in line and "--config.run_dir" in line and "--allow_config_change" in line, line
+    more = _run(*base, "--config.apo.rounds=3", "--config.sft.lrs=(5e-4, 3e-4, 2e-4)",
+                "--allow_config_change=apo.rounds,sft.lrs")
+    assert _one_line(*more) == first  # the documented override passes the check
