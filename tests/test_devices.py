@@ -189,3 +189,18 @@ def test_post_install_check_on_cpu_reports_the_device_count(tmp_path):
         "apo_jax.devices: FAILED: no-such-package-apo: not installed (constraints pin 1.0)",
         "apo_jax.devices: FAILED: jax.device_count() is 8, expected 16 (the slice's chips; 8 on this host)",
     ]
+
+
+def test_main_resolves_auto_at_start_up_and_logs_it(tmp_path):
+    """`python -m apo_jax.main` with "auto" fields: the choice is logged right after validation
+    (the run then stops at preflight on a missing checkpoint, before any training)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "JAX_COORDINATOR", "TPU_WORKER"))}
+    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8", PYTHONPATH=REPO)
+    proc = subprocess.run(
+        [sys.executable, "-m", "apo_jax.main", f"--config={REPO}/configs/synthetic.py", "--config.policy.dtype=auto",
+         "--config.policy.attention_impl=auto", "--config.rm.attention_impl=auto",
+         f"--config.run_dir={tmp_path}/run", f"--config.rm.base_checkpoint={tmp_path}/missing"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert "devices: policy: auto -> dtype=float32, attention_impl=xla on cpu (cpu)" in proc.stderr, proc.stderr[-3000:]
+    assert "devices: rm: auto -> attention_impl=xla on cpu (cpu)" in proc.stderr
+    assert proc.returncode == 2 and "rm.base_checkpoint" in proc.stderr  # stopped before any work

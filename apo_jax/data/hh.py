@@ -159,7 +159,7 @@ def _decode_json(raw: bytes) -> object:
     try:
         return json.loads(raw.decode("utf-8"))
     except UnicodeDecodeError as e:
-        raise _BadRecord(f"not valid UTF-8 ({e.reason} at byte {e.start}); expected UTF-8 JSON") from None
+        raise _BadRecord(f"not valid UTF-8 ({e.reason} at byte {e.start + 1}); expected UTF-8 JSON") from None
     except json.JSONDecodeError as e:
         raise _BadRecord(f"not valid JSON ({e.msg} at column {e.colno}); expected one JSON object per line") from None
 
