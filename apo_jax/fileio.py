@@ -185,7 +185,7 @@ def read_jsonl(p: str | os.PathLike, *, missing_ok: bool = False) -> list[dict]:
             try:
                 out.append(json.loads(line))
             except json.JSONDecodeError as e:
-                raise ValueError(f"{p}: line {i} column {e.colno}: not valid JSON ({e.msg})") from None
+                raise ValueError(f"{p}: line {i}: not valid JSON ({e.msg} at column {e.colno})") from None
     return out
 
 

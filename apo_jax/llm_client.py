@@ -571,7 +571,7 @@ def read_jsonl(path: str) -> list[dict[str, Any]]:
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}: line {i} column {e.colno}: not valid JSON ({e.msg})") from None
+                raise ValueError(f"{path}: line {i}: not valid JSON ({e.msg} at column {e.colno})") from None
             if not isinstance(rec, dict):
                 raise ValueError(f"{path}: line {i}: not a JSON object")
             out.append(rec)
