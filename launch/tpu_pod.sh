@@ -160,7 +160,10 @@ PID="$HOME_DIR/run.pid"
 EXIT="$HOME_DIR/run.exit"
 ALIVE="[ -f $PID ] && kill -0 \"\$(cat $PID)\" 2>/dev/null"
 # shellcheck disable=SC2016
-FREE='pids=$(sudo lsof -t /dev/accel* /dev/vfio/* 2>/dev/null | sort -u); if [ -n "$pids" ]; then echo "apo_jax: freeing the TPU on $(hostname) from PIDs" $pids; sudo kill -9 $pids; sleep 2; fi; sudo rm -f /tmp/libtpu_lockfile'
+FREE='pids=$(sudo lsof -t /dev/accel* /dev/vfio/* 2>/dev/null | sort -u); if [ -n "$pids" ]; then'
+# shellcheck disable=SC2016
+FREE+=' echo "apo_jax: freeing the TPU on $(hostname) from PIDs" $pids; sudo kill -9 $pids; sleep 2; fi;'
+FREE+=' sudo rm -f /tmp/libtpu_lockfile'
 BUSY="if $ALIVE; then echo \"apo_jax: a game is running on \$(hostname); tpu_pod.sh stop first\"; exit 1; fi"
 # shellcheck disable=SC2016
 COPY_LOG="gcloud storage cp $LOG $(quote "$RUN_DIR/logs")/"'$(hostname).log'
@@ -172,11 +175,13 @@ for arg in "${EXTRA[@]+"${EXTRA[@]}"}"; do main_cmd+=" $(quote "$arg")"; done
 INNER="echo \"apo_jax: source \$(cat $HOME_DIR/SOURCE), started \$(date -u +%FT%TZ) on \$(hostname)\""
 if [ ${#ENVS[@]} -gt 0 ]; then INNER+="; . $HOME_DIR/env"; fi
 INNER+="; export APO_JAX_DISTRIBUTED=1 PYTHONUNBUFFERED=1; $main_cmd; echo \$? > $EXIT"
-START="mkdir -p $HOME_DIR/logs && cd $HOME_DIR/src && if $ALIVE; then echo \"apo_jax: already running on \$(hostname)\";"
+START="mkdir -p $HOME_DIR/logs && cd $HOME_DIR/src && if $ALIVE; then"
+START+=" echo \"apo_jax: already running on \$(hostname)\";"
 START+=" else $FREE; rm -f $EXIT; setsid nohup bash -c $(quote "$INNER") >> $LOG 2>&1 < /dev/null &"
 START+=" echo \$! > $PID; fi"
 if [ ${#ENVS[@]} -eq 0 ]; then START="rm -f $HOME_DIR/env && $START"; fi
-STATUS="$COPY_LOG > /dev/null 2>&1; h=\$(hostname); if [ -f $EXIT ]; then echo \"apo_jax-status \$h exit \$(cat $EXIT)\";"
+STATUS="$COPY_LOG > /dev/null 2>&1; h=\$(hostname);"
+STATUS+=" if [ -f $EXIT ]; then echo \"apo_jax-status \$h exit \$(cat $EXIT)\";"
 STATUS+=" elif $ALIVE; then echo \"apo_jax-status \$h running\"; else echo \"apo_jax-status \$h lost\"; fi"
 STOP="p=\$(cat $PID 2>/dev/null) || exit 0; pkill -TERM -P \"\$p\"; for _ in \$(seq $GRACE_SECONDS); do"
 STOP+=" kill -0 \"\$p\" 2>/dev/null || exit 0; sleep 1; done; echo \"apo_jax: still running on \$(hostname)"
@@ -316,7 +321,8 @@ watch_game() {
     show "${SSH[@]}" --command="$STATUS"
     if out="$("${SSH[@]}" --command="$STATUS" 2>&1)"; then unreachable=0; else unreachable=$((unreachable + 1)); fi
     out="${out//$'\r'/}"
-    running="$(count running "$out")" failed="$(count 'exit [1-9][0-9]*|lost' "$out")" done_ok="$(count 'exit 0' "$out")"
+    running="$(count running "$out")" done_ok="$(count 'exit 0' "$out")"
+    failed="$(count 'exit [1-9][0-9]*|lost' "$out")"
     say "$(date -u +%FT%TZ) workers: $running running, $done_ok finished, $failed failed" \
       "(logs: $RUN_DIR/logs/)"
     if [ "$failed" -gt 0 ]; then

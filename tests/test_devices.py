@@ -79,7 +79,8 @@ def test_resolve_config_replaces_only_auto_fields_and_logs_the_choice(caplog):
         lines = devices.resolve_config(c, _device("gpu", "NVIDIA A100-SXM4-80GB", "8.0"))
     assert (c.policy.dtype, c.policy.attention_impl) == ("bfloat16", "cudnn")
     assert (c.rm.dtype, c.rm.attention_impl) == ("float32", "xla")  # float32 kept -> no cuDNN
-    assert lines[0].startswith("policy: auto -> dtype=bfloat16, attention_impl=cudnn on NVIDIA A100-SXM4-80GB (gpu, sm80)")
+    assert lines[0].startswith(
+        "policy: auto -> dtype=bfloat16, attention_impl=cudnn on NVIDIA A100-SXM4-80GB (gpu, sm80)")
     assert lines[1].startswith("rm: auto -> attention_impl=xla on")
     assert "devices: policy: auto -> dtype=bfloat16" in caplog.text
     # Nothing to do on a config without "auto" (the CPU demo keeps its numbers).
@@ -98,7 +99,8 @@ def test_validate_still_rejects_other_values():
 def test_synthetic_gpu_config_asks_for_auto():
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("synthetic_gpu_cfg", os.path.join(REPO, "configs", "synthetic_gpu.py"))
+    path = os.path.join(REPO, "configs", "synthetic_gpu.py")
+    spec = importlib.util.spec_from_file_location("synthetic_gpu_cfg", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     c = module.get_config()

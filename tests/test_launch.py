@@ -212,7 +212,8 @@ def test_tpu_pod_ships_only_commits_unless_allowed(pod_repo, tmp_path):
     proc = _pod(str(dirty), tmp_path, *args, "--allow-dirty")
     assert proc.returncode == 0, proc.stderr
     cmds = _commands(proc.stdout)
-    commit = subprocess.run(["git", "-C", str(dirty), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    commit = subprocess.run(["git", "-C", str(dirty), "rev-parse", "HEAD"], capture_output=True,
+                            text=True).stdout.strip()
     tar = [c for c in cmds if c[0] == "tar"]
     assert tar and tar[0][-3:] == ["-C", str(dirty), "."]
     assert [c for c in cmds if c[:3] == ["gcloud", "storage", "cp"]][0][-1] == \
@@ -316,6 +317,75 @@ def test_tpu_pod_remote_commands_start_detached_report_and_stop(pod_repo, tmp_pa
     assert text.startswith("apo_jax: source abc123, started ")
     assert ("game -m apo_jax.main --config=configs/hh.py --config.run_dir=gs://b/apo --config.seed=7 "
             "distributed=1\nsaved\n") in text
+
+
+# A gcloud stand-in for the launcher's own logic: each `queued-resources describe` answers the
+# next line of describe.txt (a state, or empty: no such resource), each worker status check the
+# next line of status.txt ('|' separates the workers' lines); every call is logged.
+_FAKE_GCLOUD = """echo "gcloud $*" >> "$FAKE/calls.log"
+answer() {
+  n=$(cat "$FAKE/$1.n" 2>/dev/null || echo 0); echo $((n + 1)) > "$FAKE/$1.n"; sed -n "$((n + 1))p" "$FAKE/$1.txt"
+}
+case "$*" in
+  *"queued-resources describe"*) answer describe ;;
+  *"--command=gcloud storage cp"*"apo_jax-status"*) answer status | tr '|' '\\n' ;;
+esac
+"""
+
+
+def _pod_with_fake_gcloud(pod_repo, tmp_path, describe: list[str], status: list[str], action: str, *args: str):
+    fake = tmp_path / "fake"
+    fake.mkdir()
+    (fake / "describe.txt").write_text("\n".join(describe) + "\n")
+    (fake / "status.txt").write_text("\n".join(status) + "\n")
+    _shim(fake, "gcloud", _FAKE_GCLOUD)
+    (tmp_path / "home" / ".ssh").mkdir(parents=True)
+    (tmp_path / "home" / ".ssh" / "google_compute_engine").write_text("key")
+    proc = _pod(pod_repo, tmp_path, action, "--name", "apo", "--zone", "z", "--bucket", "gs://b", "--sync-seconds", "0",
+                "--poll-seconds", "0", *args, env={"FAKE": str(fake), "PATH": f"{fake}:{os.environ['PATH']}"})
+    calls = []
+    for line in (fake / "calls.log").read_text().splitlines():
+        words = line.split()
+        if words[3] == "queued-resources":
+            calls.append(f"qr {words[4]}")
+        elif words[1:3] == ["storage", "cp"]:
+            calls.append("stage")
+        else:  # ssh --command=...: which remote command
+            command = line.split("--command=", 1)[1]
+            calls.append("ssh " + ("status" if "apo_jax-status" in command else "start" if "setsid" in command
+                                   else "setup" if "uv venv" in command else "stop" if "pkill" in command
+                                   else "logs" if command.startswith("gcloud storage cp") else command))
+    return proc, calls
+
+
+def test_tpu_pod_all_recreates_a_preempted_slice_and_resumes(pod_repo, tmp_path):
+    """A spot slice is queued, runs, loses a worker (preempted: the queued resource is SUSPENDED),
+    every worker is stopped, the slice is requested again, the same source installed and the game
+    started again; it finishes, and --delete removes the slice."""
+    proc, calls = _pod_with_fake_gcloud(
+        pod_repo, tmp_path,
+        ["", "WAITING_FOR_RESOURCES", "ACTIVE", "SUSPENDED", "SUSPENDED", "ACTIVE"],
+        ["apo_jax-status w0 running|apo_jax-status w1 running", "apo_jax-status w0 running|apo_jax-status w1 lost",
+         "apo_jax-status w0 exit 0|apo_jax-status w1 exit 0"],
+        "all", "--accelerator", "v4-16", "--spot", "--delete")
+    assert proc.returncode == 0, proc.stderr
+    assert calls == [
+        "qr describe", "qr create", "qr describe", "qr describe",  # queued, waited for, ACTIVE
+        "stage", "ssh setup", "ssh start", "ssh status", "ssh status",  # w1 lost
+        "ssh stop", "ssh logs", "qr describe",  # stopped everywhere; the slice is SUSPENDED
+        "qr describe", "qr delete", "qr create", "qr describe",  # requested again
+        "ssh setup", "ssh start", "ssh status",  # the same tarball (no second stage), resumed, finished
+        "qr delete",
+    ]
+    assert "restart 1 of 10" in proc.stderr and "workers: 0 running, 2 finished, 0 failed" in proc.stderr
+
+
+def test_tpu_pod_stops_every_worker_when_one_fails_on_an_active_slice(pod_repo, tmp_path):
+    proc, calls = _pod_with_fake_gcloud(pod_repo, tmp_path, ["ACTIVE"],
+                                        ["apo_jax-status w0 running|apo_jax-status w1 exit 1"], "run", "--spot")
+    assert proc.returncode == 1
+    assert calls == ["ssh start", "ssh status", "ssh stop", "ssh logs"]
+    assert "apo_jax-status w1 exit 1" in proc.stderr and "stopping it on all workers" in proc.stderr
 
 
 # ------------------------------------------------------------------------------------------------ SLURM
