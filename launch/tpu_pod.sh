@@ -355,8 +355,13 @@ case "$ACTION" in
       watch_game || status=$?
       if [ "$status" -eq 0 ]; then break; fi
       state="$(qr_state)"
-      if [ "$state" = ACTIVE ] && [ "$status" -eq 1 ]; then
-        say "the game failed on an ACTIVE slice (see <run_dir>/logs/); not restarting"
+      if [ "$state" = ACTIVE ]; then
+        if [ "$status" -eq 1 ]; then
+          say "the game failed on an ACTIVE slice (see $RUN_DIR/logs/); not restarting"
+        else
+          say "the workers of the ACTIVE slice $NAME do not answer; the game may still run there" \
+            "(tpu_pod.sh watch / logs / stop)"
+        fi
         exit 1
       fi
       if [ "$restarts" -ge "$MAX_RESTARTS" ]; then
