@@ -277,6 +277,9 @@ def test_tpu_pod_remote_commands_start_detached_report_and_stop(pod_repo, tmp_pa
     """The worker-side start / status / stop commands, run here with a stand-in game: the start
     returns at once and the game outlives it, a second start is refused while it runs, status
     reports it (and copies the log), and stop's SIGTERM ends it with its exit status recorded."""
+    missing = [tool for tool in ("setsid", "pkill") if shutil.which(tool) is None]
+    if missing:
+        pytest.skip(f"{' and '.join(missing)} not installed (util-linux / procps; every TPU VM image has them)")
     (tmp_path / "home" / ".ssh").mkdir(parents=True)
     (tmp_path / "home" / ".ssh" / "google_compute_engine").write_text("key")
     cmds = _commands(_pod(pod_repo, tmp_path, "run", "--name", "apo", "--zone", "z", "--bucket", "gs://b",
