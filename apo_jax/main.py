@@ -96,7 +96,12 @@ def parse_flags(argv: list[str]) -> list[str]:
     try:
         return flags.FLAGS(argv)
     except flags.Error as e:
-        fail(str(e).splitlines()[0] + " (see --helpshort)")
+        text = str(e)
+        if "Error whilst parsing config file" in text:  # the file raised TypeError/ValueError
+            config_path = _config_arg(argv)
+            last = [line.strip() for line in text.splitlines() if line.strip()][-1]
+            fail(f"{_config_file_location(e, config_path) or config_path}: {last}")
+        fail(text.splitlines()[0] + " (see --helpshort)")
     except (AttributeError, KeyError) as e:
         fail(_override_error(e, argv) or f"{type(e).__name__}: {str(e).splitlines()[0]}")
     except Exception as e:  # the config file itself raised while loading

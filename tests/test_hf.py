@@ -201,7 +201,9 @@ def test_exported_rm_scores_the_same_in_transformers(tmp_path, pad_is_eos, rewar
     assert oct(os.stat(out).st_mode & 0o777) == oct(0o755)
     assert {oct(os.stat(os.path.join(out, n)).st_mode & 0o777) for n in os.listdir(out)} == {oct(0o644)}
     with open(os.path.join(out, "tokenizer_config.json")) as f:
-        assert json.load(f)["tokenizer_class"] == "PreTrainedTokenizerFast"
+        tok_config = json.load(f)  # transformers 4.46 loads it too (no 5-only class, no token_type_ids)
+    assert tok_config["tokenizer_class"] == "PreTrainedTokenizerFast"
+    assert tok_config["model_input_names"] == ["input_ids", "attention_mask"]
 
     # The standard transformers usage, one text at a time and as a padded batch.
     hf_tok = transformers.AutoTokenizer.from_pretrained(out)
