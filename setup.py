@@ -22,6 +22,7 @@ setup(
         "safetensors>=0.8.0",
         "huggingface-hub>=2.4.0",
         "tqdm>=4.66",
+        "tensorboardX>=2.6",  # TensorBoard event files without TensorFlow
         "matplotlib>=3.8",
     ],
     extras_require={

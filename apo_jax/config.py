@@ -12,10 +12,9 @@ from typing import Any
 
 import ml_collections
 
-from apo_jax import fileio, models
+from apo_jax import fileio, models, train
 
-SCHEDULES = ("rjs", "apo", "apo_seq", "ablation")
-LR_SCHEDULES = ("constant", "linear", "cosine")
+SCHEDULES = ("rjs", "apo", "apo_seq", "ablation")  # the paper's rows of `apo_jax.schedules`
 
 
 class ConfigError(ValueError):
@@ -70,6 +69,8 @@ def base_config() -> ml_collections.ConfigDict:
     # exports score the same in transformers) or "eos" (an appended EOS; pre-#16 behaviour).
     c.data.reward_position = "last_token"
     c.data.on_bad_line = "raise"  # raise | skip
+    c.data.prompt_format = "hh"  # hh (the paper's "\n\nHuman: ...\n\nAssistant:") | chat_template (tokenizer's)
+    c.data.carve_test_fraction = 0.0  # > 0: train and test carved by prompt from the hh_test split alone
     c.data.synthetic = ml_collections.ConfigDict()  # the synthetic world's own settings (data.synthetic)
 
     c.policy = ml_collections.ConfigDict()
@@ -198,6 +199,10 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
         err("data.reward_position", f"{c.data.reward_position!r}; expected 'last_token' or 'eos'")
     if c.data.on_bad_line not in ("raise", "skip"):
         err("data.on_bad_line", f"{c.data.on_bad_line!r}; expected 'raise' or 'skip'")
+    if c.data.prompt_format not in ("hh", "chat_template"):
+        err("data.prompt_format", f"{c.data.prompt_format!r}; expected 'hh' or 'chat_template'")
+    if not 0.0 <= c.data.carve_test_fraction < 1.0:
+        err("data.carve_test_fraction", f"{c.data.carve_test_fraction} must be in [0, 1) (0 = read a train split)")
 
     # Models.
     for name in ("policy", "rm"):
@@ -216,8 +221,8 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
     opts = {"rm.base": c.rm.base, "rm.test": c.rm.test, "rm.apo": c.rm.apo, "sft": c.sft,
             "policy.pretrain": c.policy.pretrain}
     for field, o in opts.items():
-        if o.schedule not in LR_SCHEDULES:
-            err(f"{field}.schedule", f"{o.schedule!r}; expected one of {LR_SCHEDULES}")
+        if o.schedule not in train.SCHEDULES:
+            err(f"{field}.schedule", f"{o.schedule!r}; expected one of {train.SCHEDULES}")
         if o.batch_size <= 0 or o.batch_size % batch_shards:
             err(f"{field}.batch_size", f"{o.batch_size} must be a positive multiple of data*fsdp = {batch_shards}")
         if o.grad_accum < 1 or o.batch_size % (o.grad_accum * batch_shards):
@@ -237,10 +242,24 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
         err("sft.lrs", f"{len(tuple(c.sft.lrs))} learning rates for {c.apo.rounds} rounds; give one per round")
 
     # The game.
+    from apo_jax import schedules as schedule_table
+
     schedules = tuple(c.apo.schedules)
-    unknown = [s for s in schedules if s not in SCHEDULES]
+    known = tuple(schedule_table.SCHEDULES)
+    unknown = [s for s in schedules if s not in known]
     if unknown or not schedules:
-        err("apo.schedules", f"unknown {unknown}; expected a non-empty subset of {SCHEDULES}")
+        err("apo.schedules", f"unknown {unknown}; expected a non-empty subset of {known}")
+    for s in schedules:
+        row = schedule_table.SCHEDULES.get(s)
+        if row is not None and row.rm is not None:
+            try:
+                section = c
+                for part in row.rm.optimizer.split("."):
+                    section = section[part]
+                section.lr  # noqa: B018
+            except (KeyError, AttributeError):
+                err("apo.schedules", f"schedule {s!r} trains its RM with optimizer section {row.rm.optimizer!r}, "
+                    "which the config does not have")
     if len(set(schedules)) != len(schedules):
         err("apo.schedules", f"{schedules} lists a schedule twice")
     if c.apo.rounds < 1:

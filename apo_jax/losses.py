@@ -1,4 +1,4 @@
-"""The two learning rules of APO as pure functions (paper eqs. 1, 6, 13-15).
+"""The losses of APO's learning rules as pure functions (paper eqs. 1, 6, 13-15).
 
 Each loss comes in two forms: a public mean (`bt_ranking_loss`, `apo_rm_loss`, `sft_loss`) and a
 `*_stats` form that returns *sums* (numerator, denominator and metric totals). Train steps
@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 Stats = dict[str, jax.Array]
+SFT_NORMALIZE = ("token", "sequence")
 
 
 def bt_ranking_loss(r_good: jax.Array, r_bad: jax.Array, weights: jax.Array | None = None) -> jax.Array:

@@ -20,14 +20,16 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from apo_jax import fileio  # noqa: E402
+from apo_jax import fileio, schedules as schedule_table  # noqa: E402
 
-SCHEDULE_LABELS = {
-    "rjs": "RJS (RM_Base)",
-    "apo": "APO (RM_APO-vR)",
-    "apo_seq": "APO-seq (RM_APO-vR-seq)",
-    "ablation": "Ablation (RM_Base-AB)",
-}
+
+def _label(schedule: str) -> str:
+    return schedule_table.label(schedule)
+
+
+def _order(schedule: str) -> int:
+    names = list(schedule_table.SCHEDULES)
+    return names.index(schedule) if schedule in names else len(names)
 
 
 def _fmt(x: Any, digits: int = 4) -> str:
@@ -67,13 +69,12 @@ def table2(rm_records: Sequence[dict[str, Any]]) -> str:
 
 def table3(policy_records: Sequence[dict[str, Any]], scorer: str = "RM_Test") -> str:
     """Table 3: average RM score (and, on the synthetic world, true reward) per round and schedule."""
-    schedules = sorted({r["schedule"] for r in policy_records if r["schedule"] != "base"},
-                       key=lambda s: list(SCHEDULE_LABELS).index(s) if s in SCHEDULE_LABELS else 99)
+    schedules = sorted({r["schedule"] for r in policy_records if r["schedule"] != "base"}, key=_order)
     rounds = sorted({r["round"] for r in policy_records})
     by_key = {(r["schedule"], r["round"]): r for r in policy_records}
     has_true = any("true_reward" in r for r in policy_records)
     out = [f"## Table 3: policies' average score on HH_Test queries ({scorer})\n\n"]
-    header = ["Round"] + [SCHEDULE_LABELS.get(s, s) for s in schedules]
+    header = ["Round"] + [_label(s) for s in schedules]
     rows = []
     for rnd in rounds:
         base = by_key.get(("base", rnd))
@@ -104,7 +105,7 @@ def figure2(
         xs = [-r["dev_ece"] for r in recs]
         ys = [r["dev_acc"] for r in recs]
         ax.plot(xs, ys, marker="o", linestyle="-" if len(recs) > 1 else "none",
-                label=SCHEDULE_LABELS.get(schedule, schedule))
+                label=_label(schedule))
         for r, x, y in zip(recs, xs, ys):
             ax.annotate(r["model"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
     ax.set_xlabel("-ECE on Dev (higher is better calibrated)")
@@ -121,7 +122,7 @@ def figure2(
         recs = sorted([r for r in policy_records if r["schedule"] == schedule], key=lambda r: r["round"])
         recs = [base[k] for k in sorted(base)] + recs
         ax.plot([r["round"] for r in recs], [r["avg_score"] for r in recs], marker="o",
-                label=SCHEDULE_LABELS.get(schedule, schedule))
+                label=_label(schedule))
     ax.set_xlabel("Round")
     ax.set_ylabel("Average score on test queries (RM_Test)")
     ax.set_title("Policies: average score per round")

@@ -4,7 +4,8 @@ Every array apo_jax puts on a mesh gets its layout from two small tables:
 
 - `PARAM_AXES`: (regex over a param's '/'-joined path, logical axis names per dimension). It
   matches parameters and, because optax states mirror the param tree (`.../mu/model/...`),
-  optimizer moments too. Anything unmatched (scalars, step counters) is replicated.
+  optimizer moments too. Scalars (step counters) are replicated; any other unmatched array is an
+  error (`ShardingRuleError`) unless `REPLICATED` lists it.
 - `LOGICAL_RULES`: logical axis name -> mesh axes. Weights are sharded over `fsdp` (ZeRO-3
   style) and `tensor` (Megatron style); activations over `data`+`fsdp` on the batch and `tensor`
   on heads / MLP / vocab.
@@ -67,6 +68,9 @@ PARAM_AXES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
     (r"lm_head/kernel$", ("embed", "vocab")),
     (r"score/kernel$", ("embed", "score")),
 )
+
+# Param path regexes deliberately replicated on every device (small, rank >= 1).
+REPLICATED: tuple[str, ...] = ()
 
 # Activation layouts used by the model and steps.
 ACT_EMBED = ("act_batch", "act_length", "act_embed")
@@ -270,12 +274,29 @@ def path_str(path: Sequence[Any]) -> str:
     return "/".join(parts)
 
 
+class ShardingRuleError(ValueError):
+    """A parameter the rules table does not cover, or covers with the wrong rank."""
+
+
 def logical_axes_for(path: str, ndim: int) -> tuple[str | None, ...]:
-    """Logical axes of a param (or optimizer moment) at `path`; replicated if unmatched."""
+    """Logical axes of a param (or optimizer moment) at `path`.
+
+    Scalars (step counters, Adam's count) are replicated. Any other array must match a rule of
+    `PARAM_AXES` with its rank, or a pattern of `REPLICATED`: a new parameter is never silently
+    replicated (a 7B model would then hold a full copy on every device).
+    """
+    if ndim == 0:
+        return ()
     for pattern, axes in PARAM_AXES:
-        if re.search(pattern, path) and len(axes) == ndim:
+        if re.search(pattern, path):
+            if len(axes) != ndim:
+                raise ShardingRuleError(f"parameter {path!r} has rank {ndim} but its rule {pattern!r} in "
+                                        f"sharding.PARAM_AXES names {len(axes)} axes {axes}")
             return axes
-    return (None,) * ndim
+    if any(re.search(pattern, path) for pattern in REPLICATED):
+        return (None,) * ndim
+    raise ShardingRuleError(f"parameter {path!r} (rank {ndim}) matches no rule in sharding.PARAM_AXES; add a rule, "
+                            "or list it in sharding.REPLICATED to replicate it on purpose")
 
 
 def tree_shardings(tree: Any, mesh: Mesh) -> Any:

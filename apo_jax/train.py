@@ -1,7 +1,8 @@
-"""Train states and the jit-compiled, sharded RM (BT ranking) and SFT train steps.
+"""Train states and the one jit-compiled, sharded train step, for any objective.
 
-A step is `(state, batch) -> (state, metrics)`, compiled once with explicit in/out shardings
-from the rules table and the state donated. Gradient accumulation runs a `lax.scan` over k
+`make_train_step(config, objective, opt_cfg, mesh)` gives `(state, batch) -> (state, metrics)`
+for a learning rule of `apo_jax.objectives`, compiled once per batch shape with explicit in/out
+shardings from the rules table and the state donated. Gradient accumulation runs a `lax.scan` over k
 micro-batches of the global batch and divides the summed numerators by the summed denominators
 once (see `losses`), so it is exact. A non-finite loss or gradient leaves params and optimizer
 state untouched (on device) and reports `finite=0`; `check_finite` turns that into an error
@@ -11,7 +12,6 @@ naming the step. Metrics stay on device: no host sync per step.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any, Callable
 
 import flax.struct
@@ -21,9 +21,11 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from apo_jax import losses, models, sharding
+from apo_jax import models, sharding
+from apo_jax.objectives import Objective
 
 SCHEDULES = ("constant", "linear", "cosine")
+"""Learning-rate schedule kinds (decay after warmup); config validation uses this tuple."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,52 +179,87 @@ def _accumulate(stats_fn: Callable[[Any, dict], dict], params: Any, batch: dict,
 
 
 class TrainStep:
-    """`(state, batch) -> (state, metrics)`: one jitted program per batch shape, shared by every
-    phase with the same model, mesh, loss and static optimizer settings (see `_STEP_CACHE`)."""
+    """`(state, batch) -> (state, metrics)` for one objective: a single `jax.jit` (compiled once per
+    batch shape) with explicit in/out shardings from the rules table and the state donated.
 
-    def __init__(self, key: Any, step: Callable, mesh: jax.sharding.Mesh, opt_cfg: OptimizerConfig):
-        self._key, self._step, self._mesh = key, step, mesh
-        # On device once (replicated), not a host-to-device copy per step.
-        self._hyper = jax.device_put(_hyper(opt_cfg), NamedSharding(mesh, P()))
+    The learning-rate schedule's peak / warmup / total are traced inputs, so every phase with the
+    same model, objective and static optimizer settings shares the compiled programs: a caller
+    keeps one TrainStep per such key and binds each phase's schedule with `with_schedule`.
+    """
 
-    def jitted(self, state: TrainState, batch: dict[str, Any]) -> Any:
-        """The compiled-on-first-use jit for this batch shape (for `.lower(...)` in benchmarks)."""
-        key = (self._key, jax.tree_util.tree_structure(batch),
-               tuple((k, np.shape(v)) for k, v in sorted(batch.items())))
-        if key not in _STEP_CACHE:
+    def __init__(self, step: Callable, mesh: jax.sharding.Mesh, opt_cfg: OptimizerConfig):
+        self._step, self._mesh = step, mesh
+        self._jit: Callable | None = None
+        self.traces = 0
+        """How many programs this step has compiled (one per batch shape)."""
+        self._hyper = _hyper_on(mesh, opt_cfg)
+
+    def with_schedule(self, opt_cfg: OptimizerConfig) -> "TrainStep":
+        """The same compiled step with another phase's lr schedule (no recompilation)."""
+        view = object.__new__(TrainStep)
+        view.__dict__.update(self.__dict__)
+        view._hyper = _hyper_on(self._mesh, opt_cfg)
+        view._owner = getattr(self, "_owner", self)
+        return view
+
+    def jitted(self, state: TrainState, batch: dict[str, Any]) -> Callable:
+        """The jitted `(state, batch, hyper) -> (state, metrics)` (for `.lower(...)` in benchmarks)."""
+        owner = getattr(self, "_owner", self)
+        if owner._jit is None:
             mesh = self._mesh
             st_sh = state_shardings(state, mesh)
             b_sh = {k: sharding.batch_sharding(mesh, np.ndim(v)) for k, v in batch.items()}
             rep = NamedSharding(mesh, P())
-            _STEP_CACHE[key] = jax.jit(self._step, in_shardings=(st_sh, b_sh, rep), out_shardings=(st_sh, rep),
-                                       donate_argnums=0)
-        return _STEP_CACHE[key]
+
+            def counted(*args):
+                owner.traces += 1  # runs at trace time only
+                return self._step(*args)
+
+            owner._jit = jax.jit(counted, in_shardings=(st_sh, b_sh, rep), out_shardings=(st_sh, rep),
+                                 donate_argnums=0)
+        return owner._jit
+
+    @property
+    def compiles(self) -> int:
+        return getattr(self, "_owner", self).traces
 
     def __call__(self, state: TrainState, batch: dict[str, Any]) -> tuple[TrainState, dict[str, jax.Array]]:
         return self.jitted(state, batch)(state, batch, self._hyper)
 
 
-_STEP_CACHE: dict[Any, Callable] = {}
-"""Compiled steps by (kind, model config, mesh, loss settings, static optimizer fields, batch shape)."""
+def _hyper_on(mesh: jax.sharding.Mesh, opt_cfg: OptimizerConfig) -> jax.Array:
+    # On device once (replicated), not a host-to-device copy per step.
+    return jax.device_put(_hyper(opt_cfg), NamedSharding(mesh, P()))
 
 
-def _make_step(
-    key: Any,
+def step_key(config: models.LlamaConfig, objective: Objective, opt_cfg: OptimizerConfig,
+             mesh: jax.sharding.Mesh, grad_accum: int) -> tuple:
+    """What a compiled step depends on: steps with equal keys can share one `TrainStep`."""
+    return (config, objective, _static_opt(opt_cfg), mesh, int(grad_accum))
+
+
+def make_train_step(
+    config: models.LlamaConfig,
+    objective: Objective,
     opt_cfg: OptimizerConfig,
     mesh: jax.sharding.Mesh,
-    stats_fn: Callable[[Any, dict], dict],
-    metrics_fn: Callable[[dict], dict],
-    grad_accum: int,
+    *,
+    grad_accum: int = 1,
 ) -> TrainStep:
+    """The train step of `objective`: AdamW on `objective.stats`' summed loss, accumulated exactly
+    over `grad_accum` micro-batches, skipped on device when the loss or gradient is not finite."""
     tx = make_optimizer(opt_cfg)
     schedule = opt_cfg.schedule
+
+    def stats_fn(params, batch):
+        return objective.stats(config, params, batch)
 
     def step(state: TrainState, batch: dict[str, jax.Array], hyper: jax.Array):
         with sharding.activation_sharding(mesh):
             s, g_num = _accumulate(stats_fn, state.params, batch, grad_accum)
         den = jnp.maximum(s["loss_den"], 1e-12)
         grads = jax.tree_util.tree_map(lambda x: (x / den).astype(x.dtype), g_num)
-        metrics = metrics_fn(s)
+        metrics = objective.metrics(s)
         grad_norm = _tree_norm(grads)
         finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
         lr = lr_at(state.step, hyper, schedule)
@@ -240,66 +277,7 @@ def _make_step(
         new_state = TrainState(step=state.step + finite.astype(jnp.int32), params=params, opt_state=opt_state)
         return new_state, metrics
 
-    return TrainStep((key, _static_opt(opt_cfg), mesh, grad_accum), step, mesh, opt_cfg)
-
-
-def make_rm_train_step(
-    config: models.LlamaConfig,
-    opt_cfg: OptimizerConfig,
-    mesh: jax.sharding.Mesh,
-    *,
-    apo_weight: float = 1.0,
-    human_weight: float = 1.0,
-    grad_accum: int = 1,
-):
-    """`(state, batch) -> (state, metrics)` for BT ranking over a mixture of APO and human pairs.
-
-    batch: chosen_ids, chosen_mask, rejected_ids, rejected_mask int32 [B, T]; weight f32 [B];
-    is_apo int32 [B]. Chosen and rejected run through the model as one [2B, T] forward.
-    """
-
-    def stats_fn(params, b):
-        ids = jnp.concatenate([b["chosen_ids"], b["rejected_ids"]], axis=0)
-        mask = jnp.concatenate([b["chosen_mask"], b["rejected_mask"]], axis=0)
-        r = models.rewards(config, params, ids, mask)
-        n = b["chosen_ids"].shape[0]
-        return losses.rm_stats(r[:n], r[n:], b["is_apo"], b["weight"], apo_weight=apo_weight,
-                               human_weight=human_weight)
-
-    key = ("rm", config, float(apo_weight), float(human_weight))
-    return _make_step(key, opt_cfg, mesh, stats_fn, losses.rm_metrics, grad_accum)
-
-
-def make_sft_train_step(
-    config: models.LlamaConfig,
-    opt_cfg: OptimizerConfig,
-    mesh: jax.sharding.Mesh,
-    *,
-    normalize: str = "token",
-    grad_accum: int = 1,
-):
-    """`(state, batch) -> (state, metrics)` for SFT NLL on response tokens.
-
-    batch: input_ids, attention_mask, loss_mask int32 [B, T]; weight f32 [B].
-    """
-
-    def stats_fn(params, b):
-        logits = models.lm_logits(config, params, b["input_ids"], b["attention_mask"])
-        return losses.sft_stats(logits, b["input_ids"], b["loss_mask"], b["weight"], normalize)
-
-    return _make_step(("sft", config, normalize), opt_cfg, mesh, stats_fn, losses.sft_metrics, grad_accum)
-
-
-@functools.lru_cache(maxsize=32)
-def make_rm_score_fn(config: models.LlamaConfig, mesh: jax.sharding.Mesh):
-    """Jitted `(params, ids, mask) -> rewards [B]` on the mesh, for batched scoring (one per
-    model config and mesh, so every RM of a run shares its compiled programs)."""
-
-    def score(params, ids, mask):
-        with sharding.activation_sharding(mesh):
-            return models.rewards(config, params, ids, mask)
-
-    return jax.jit(score)
+    return TrainStep(step, mesh, opt_cfg)
 
 
 def _tree_norm(tree: Any) -> jax.Array:
@@ -320,5 +298,5 @@ def check_finite(metrics: dict[str, Any], step: int, phase: str = "train") -> No
         raise NonFiniteLossError(
             f"{phase}: non-finite loss or gradient at step {step} (loss={float(np.asarray(metrics['loss']))}, "
             f"grad_norm={float(np.asarray(metrics['grad_norm']))}); the update was skipped and nothing was saved "
-            "from it. Lower the learning rate or check the data."
+            "from it. Lower the learning rate or check the data, and start again in a new run_dir (this one holds the diverged phase's checkpoints)."
         )

@@ -9,3 +9,12 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in flags:
     os.environ["XLA_FLAGS"] = (flags + " --xla_force_host_platform_device_count=8").strip()
+
+
+def pytest_configure(config):
+    # Tiers: `-m "not e2e and not real_model"` is the fast unit tier (parity, losses, sampler,
+    # data, store and phase resume); `-m e2e` the end-to-end tier (whole games, several
+    # processes, kill and restart); `-m real_model` the pretrained-model tier. The README's test
+    # command (and CI) runs all of them.
+    config.addinivalue_line("markers", "e2e: end-to-end tier (whole games, multi-process, kill/restart)")
+    config.addinivalue_line("markers", "real_model: tests on a real pretrained LLaMA (SmolLM2-135M-Instruct)")

@@ -56,7 +56,6 @@ def run_processes(code: str, num_processes: int, devices_per_process: int, *, ti
                    JAX_PROCESS_ID=str(i), JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1",
                    XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process} {xla_flags}".strip(),
                    PYTHONPATH=os.pathsep.join([REPO, os.path.join(REPO, "tests"), os.environ.get("PYTHONPATH", "")]))
-        env.pop("APO_JAX_FAULT", None)
         env.update(extra_env or {})
         if module is None:
             cmd = [sys.executable, "-c", PRELUDE % devices_per_process + code, *(args or [])]
@@ -133,11 +132,16 @@ def run_main(args: list[str], num_processes: int, devices_per_process: int, *, t
                              timeout=timeout, extra_env=extra_env, xla_flags=FAST_COMPILE, bootstrap=bootstrap)
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1",
                XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process} {FAST_COMPILE}")
-    for key in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "APO_JAX_FAULT"):
+    for key in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
         env.pop(key, None)
     env.update(extra_env or {})
-    return [subprocess.run([sys.executable, "-m", "apo_jax.main", *args], cwd=REPO, env=env, capture_output=True,
-                           text=True, timeout=timeout)]
+    env["PYTHONPATH"] = os.pathsep.join([REPO, os.path.join(REPO, "tests"), env.get("PYTHONPATH", "")])
+    if bootstrap:
+        run = "import runpy; runpy.run_module('apo_jax.main', run_name='__main__', alter_sys=True)"
+        cmd = [sys.executable, "-c", f"{bootstrap}\n{run}", *args]
+    else:
+        cmd = [sys.executable, "-m", "apo_jax.main", *args]
+    return [subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)]
 
 
 REFERENCE_DEVICES = 4

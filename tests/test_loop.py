@@ -13,11 +13,14 @@ import pytest
 import torch
 import transformers
 
-from apo_jax import checkpointing, loop
+import faults
+from apo_jax import checkpointing, fit, loop
 from fake_gcs import fake_gcs_fixture  # noqa: F401  (the fixture "fake_gcs")
 from loop_fixtures import REPO, TINY, tiny_config
 
 MESH = {"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2}
+
+pytestmark = pytest.mark.e2e
 
 
 def _records(run_dir: str) -> list[dict]:
@@ -105,12 +108,11 @@ def _main(run_dir: str, fault: str | None, cache_dir: str) -> subprocess.Complet
     env = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
                JAX_COMPILATION_CACHE_DIR=cache_dir, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
-    env.pop("APO_JAX_FAULT", None)
-    if fault:
-        env["APO_JAX_FAULT"] = fault
-    args = [sys.executable, "-m", "apo_jax.main", "--config=configs/synthetic.py", f"--config.run_dir={run_dir}",
-            *TINY, *[f"--config.{k}={v}" for k, v in MESH.items()]]
-    return subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    env["PYTHONPATH"] = os.pathsep.join([REPO, os.path.join(REPO, "tests"), env.get("PYTHONPATH", "")])
+    args = ["--config=configs/synthetic.py", f"--config.run_dir={run_dir}", *TINY,
+            *[f"--config.{k}={v}" for k, v in MESH.items()]]
+    return subprocess.run(faults.main_command(sys.executable, args, fault), cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=600)
 
 
 def test_killed_in_each_phase_kind_and_restarted_ends_with_identical_metrics(reference_run, tmp_path):
@@ -120,7 +122,7 @@ def test_killed_in_each_phase_kind_and_restarted_ends_with_identical_metrics(ref
     for fault in ("rm_base:3", "samples:policy_0:llm:1", "policy_apo_r1:3"):
         proc = _main(run_dir, fault, str(tmp_path / "jax_cache"))
         assert proc.returncode == 42, (fault, proc.stderr[-3000:])
-        assert "APO_JAX_FAULT" in proc.stderr
+        assert "fault hook: killing the process" in proc.stderr
     proc = _main(run_dir, None, str(tmp_path / "jax_cache"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resumed at step 2" in proc.stderr or "resumed at step 2" in proc.stdout
@@ -154,18 +156,18 @@ def test_gcs_run_dir_preempted_and_resumed_ends_with_the_reference_results(refer
         if (phase, step) == ("rm_base", 2):
             checkpointing._SIGNALLED.set()  # what the SIGTERM handler does
 
-    monkeypatch.setattr(loop, "_fault_point", preempt)
+    remove = fit.add_progress_hook(preempt)
     try:
         with pytest.raises(checkpointing.Preempted, match="rm_base step 3"):
             loop.run(cfg)
     finally:
+        remove()
         checkpointing._SIGNALLED.clear()
         checkpointing._PREEMPTED.clear()
     assert sorted(p.name for p in (bucket_run / "ckpt" / "rm_base").iterdir() if p.name.isdigit()) == ["2", "3"]
     assert any(r.kind == "upload" and "rm_base" in r.query.get("name", "") for r in fake_gcs.requests), \
         "Orbax's arrays did not go through the GCS driver"
 
-    monkeypatch.setattr(loop, "_fault_point", lambda phase, step: None)
     text = loop.run(cfg)
     assert f"Outputs in {url}:" in text
     summary = json.loads((bucket_run / "summary.json").read_text())
@@ -188,3 +190,33 @@ def test_gcs_run_dir_preempted_and_resumed_ends_with_the_reference_results(refer
         os.path.join(reference_run, "export", "rm_apo_seq_r2"))
     for (k, a), (_, b) in zip(rm.state_dict().items(), ref.state_dict().items()):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=0, msg=k)
+
+
+def test_a_new_schedule_is_one_table_row(tmp_path):
+    """A toy arm defined here alone (APO from the previous round's RM, with its own optimizer
+    section) is trained, labelled and reported by a 1-round game; no apo_jax file changes."""
+    from apo_jax import schedules
+
+    row = schedules.Schedule("toy_seq", "Toy (RM_Toy-vR)", schedules.RMUpdate(
+        init="previous", apo_pairs=True, optimizer="rm.toy", name="rm_toy_r{round}", label="RM_Toy-v{round}"))
+    schedules.register(row)
+    try:
+        cfg = tiny_config(run_dir=str(tmp_path / "run"), apo__rounds=1, apo__schedules=("rjs", "toy_seq"))
+        cfg.rm.toy = cfg.rm.apo.copy_and_resolve_references()
+        cfg.rm.toy.lr = 3e-3
+        from apo_jax import config as config_lib
+
+        config_lib.validate(cfg, 8)
+        loop.run(cfg)
+    finally:
+        schedules.unregister("toy_seq")
+    records = _records(str(tmp_path / "run"))
+    rm = [r for r in records if r["kind"] == "rm_eval" and r["schedule"] == "toy_seq"]
+    assert [(r["name"], r["model"], r["round"]) for r in rm] == [("rm_toy_r1", "RM_Toy-v1", 1)]
+    pol = {(r["schedule"], r["round"]): r["policy"] for r in records if r["kind"] == "policy_eval"}
+    assert pol == {("base", 0): "policy_0", ("rjs", 1): "policy_rjs_r1", ("toy_seq", 1): "policy_toy_seq_r1"}
+    tables = open(tmp_path / "run" / "tables.md").read()
+    assert "Toy (RM_Toy-vR)" in tables and "RM_Toy-v1" in tables
+    # Its RM was trained with its own optimizer section (the logged lr peaks at rm.toy.lr).
+    lrs = [json.loads(x)["lr"] for x in open(tmp_path / "run" / "metrics.jsonl") if '"phase": "rm_toy_r1"' in x]
+    assert lrs and max(lrs) == pytest.approx(3e-3, rel=1e-5)

@@ -1,4 +1,4 @@
-"""TensorBoard event encoding against known vectors, and the paper's tables and plots."""
+"""Metrics records (JSONL + TensorBoard events read back by hand), and the paper's tables and plots."""
 
 from __future__ import annotations
 
@@ -11,37 +11,52 @@ import pytest
 from apo_jax import metrics, reporting
 
 
-def test_crc32c_known_vectors():
-    # RFC 3720 test vector and the classic check value for CRC-32C.
-    assert metrics.crc32c(b"123456789") == 0xE3069283
-    assert metrics.crc32c(bytes(32)) == 0x8A9136AA
+def _crc32c(data: bytes) -> int:
+    """CRC-32C (Castagnoli), bit by bit: the reference for TFRecord framing."""
+    crc = 0xFFFFFFFF
+    for byte in data:
+        crc ^= byte
+        for _ in range(8):
+            crc = (crc >> 1) ^ 0x82F63B78 if crc & 1 else crc >> 1
+    return crc ^ 0xFFFFFFFF
 
 
-def test_scalar_event_is_a_valid_tfrecord_protobuf():
-    rec = metrics.tfrecord(metrics.encode_scalar_event(1.5, 7, "rm/loss", 0.25))
-    (length,) = struct.unpack("<Q", rec[:8])
-    data = rec[12:12 + length]
-    assert len(rec) == 12 + length + 4
-    # Hand-decoded protobuf: field 1 (double wall_time), field 2 (varint step), field 5 (summary).
-    assert data[0] == (1 << 3 | 1) and struct.unpack("<d", data[1:9])[0] == 1.5
-    assert data[9] == (2 << 3 | 0) and data[10] == 7
-    assert data[11] == (5 << 3 | 2)
-    summary = data[13:]
-    assert summary[0] == (1 << 3 | 2)  # Summary.value
-    value = summary[2:]
-    assert value[0] == (1 << 3 | 2) and value[2:2 + value[1]] == b"rm/loss"
-    tail = value[2 + value[1]:]
-    assert tail[0] == (2 << 3 | 5) and struct.unpack("<f", tail[1:5])[0] == 0.25
+def _masked(crc: int) -> int:
+    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
 
 
-def test_metrics_writer_jsonl(tmp_path):
+def _read_tfrecords(path) -> list[bytes]:
+    data, out, i = open(path, "rb").read(), [], 0
+    while i < len(data):
+        (length,) = struct.unpack("<Q", data[i:i + 8])
+        assert struct.unpack("<I", data[i + 8:i + 12])[0] == _masked(_crc32c(data[i:i + 8]))
+        payload = data[i + 12:i + 12 + length]
+        assert struct.unpack("<I", data[i + 12 + length:i + 16 + length])[0] == _masked(_crc32c(payload))
+        out.append(payload)
+        i += 16 + length
+    return out
+
+
+def test_crc_reference_known_vector():
+    assert _crc32c(b"123456789") == 0xE3069283  # RFC 3720 / the classic CRC-32C check value
+
+
+def test_metrics_writer_writes_jsonl_and_valid_tensorboard_events(tmp_path):
+    from tensorboardX.proto import event_pb2
+
     w = metrics.MetricsWriter(str(tmp_path))
-    w.write({"phase": "rm", "loss": np.float32(0.5), "acc": 1.0}, step=3, tb_prefix="rm")
+    w.write({"phase": "rm", "step": 3, "loss": np.float32(0.25), "acc": 1.0}, step=3, tb_prefix="rm")
+    w.write({"kind": "rm_eval", "test_acc": 0.5})  # an evaluation record: JSONL only
     w.close()
     rows = metrics.read_jsonl(str(tmp_path / "metrics.jsonl"))
-    assert rows == [{"acc": 1.0, "loss": 0.5, "phase": "rm"}]
-    assert len(list((tmp_path / "tensorboard").iterdir())) == 1
-
+    assert rows == [{"acc": 1.0, "loss": 0.25, "phase": "rm", "step": 3}, {"kind": "rm_eval", "test_acc": 0.5}]
+    [events_file] = list((tmp_path / "tensorboard").iterdir())
+    scalars = {}
+    for payload in _read_tfrecords(events_file):
+        event = event_pb2.Event.FromString(payload)
+        for v in event.summary.value:
+            scalars[v.tag] = (event.step, v.simple_value)
+    assert scalars == {"rm/loss": (3, 0.25), "rm/acc": (3, 1.0), "rm/step": (3, 3.0)}
 
 
 def test_rewind_drops_the_steps_a_resumed_phase_logs_again(tmp_path):

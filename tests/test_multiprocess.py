@@ -29,8 +29,11 @@ import os
 
 import pytest
 
+import faults
 import multiproc
 from fake_gcs import fake_gcs_fixture  # noqa: F401  (the fixture "fake_gcs")
+
+pytestmark = pytest.mark.e2e
 
 TOL = 1e-5
 FAULT = "rm_base:3"  # inside RM training, after its step-2 checkpoint; policy_0 is in the model store
@@ -106,14 +109,14 @@ def test_two_processes_on_gcs_killed_together_resume_and_match_one_process(refer
     args = multiproc.tiny_main_args(fake_gcs.url("bucket", "runs/apo"))
     bootstrap = "import fake_gcs; fake_gcs.install_in_child()"
 
-    killed = multiproc.run_main(args, 2, 2, extra_env={"APO_JAX_FAULT": FAULT}, bootstrap=bootstrap)
+    killed = multiproc.run_main(args, 2, 2, bootstrap=f"{bootstrap}\n{faults.bootstrap(FAULT)}")
     assert killed[0].returncode == 42, killed[0].stderr[-4000:]
     for i, p in enumerate(killed):
         # Each process dies at the same step; one that loses the coordinator (process 0) first
         # may die of that instead, but none finishes.
         assert p.returncode != 0, f"process {i} finished despite {FAULT}"
         if p.returncode == 42:  # and its log line says which process it was
-            assert f"[process {i}/2] APO_JAX_FAULT: killing the process at rm_base step 3" in p.stderr
+            assert f"[process {i}/2] fault hook: killing the process at rm_base step 3" in p.stderr
     with open(os.path.join(run_dir, "loop_state.json")) as f:
         done = json.load(f)["done"]
     assert "model:policy_0" in done and "model:rm_base" not in done

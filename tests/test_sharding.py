@@ -86,3 +86,22 @@ def test_load_pretrained_places_params_on_mesh(tmp_path):
     assert params["lm_head"]["kernel"].sharding.spec == P("fsdp", "tensor")
     _, host = hf.load_pretrained(str(tmp_path))
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), params, host)
+
+
+def test_a_parameter_no_rule_covers_is_an_error_not_silently_replicated():
+    mesh = sharding.make_mesh(sharding.MeshConfig(1, 1, 1), jax.devices()[:1])
+    params = {"model": {"final_norm": {"scale": np.ones(4, np.float32)},
+                        "adapter": {"lora_a": np.zeros((4, 2), np.float32)}}}
+    with pytest.raises(sharding.ShardingRuleError, match="model/adapter/lora_a.*matches no rule"):
+        sharding.tree_shardings(params, mesh)
+    # A rule that matches with the wrong rank is an error too.
+    with pytest.raises(sharding.ShardingRuleError, match="rank 2 .*final_norm"):
+        sharding.tree_shardings({"model": {"final_norm": {"scale": np.ones((2, 4), np.float32)}}}, mesh)
+    # Listed as replicated on purpose: fine; scalars (step counters) are always replicated.
+    old = sharding.REPLICATED
+    sharding.REPLICATED = (r"adapter/lora_a$",)
+    try:
+        shardings = sharding.tree_shardings({**params, "step": np.zeros((), np.int32)}, mesh)
+        assert all(axis is None for axis in shardings["model"]["adapter"]["lora_a"].spec)
+    finally:
+        sharding.REPLICATED = old

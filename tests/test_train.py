@@ -9,7 +9,8 @@ import pytest
 
 import optax
 
-from apo_jax import losses, models, sharding, train
+from apo_jax import losses, models, scoring, sharding, train
+from apo_jax.objectives import SFT, Ranking
 
 CFG = models.LlamaConfig(vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
@@ -45,12 +46,12 @@ def test_rm_learns_a_planted_preference():
     mesh = _single_mesh()
     opt = train.OptimizerConfig(lr=3e-3, warmup_steps=10, total_steps=150, schedule="cosine")
     state = train.init_state(CFG, _rm_params(), opt, mesh)
-    step = train.make_rm_train_step(CFG, opt, mesh, apo_weight=1.0, human_weight=1.0)
+    step = train.make_train_step(CFG, Ranking(1.0, 1.0), opt, mesh)
     rng = np.random.RandomState(0)
     for _ in range(150):
         state, metrics = step(state, _rm_batch(rng))
     held = _rm_batch(np.random.RandomState(123), n=256)
-    score = train.make_rm_score_fn(CFG, mesh)
+    score = scoring.make_reward_fn(CFG, mesh)
     good = np.asarray(score(state.params, held["chosen_ids"], held["chosen_mask"]))
     bad = np.asarray(score(state.params, held["rejected_ids"], held["rejected_mask"]))
     assert np.mean(good > bad) > 0.95
@@ -67,7 +68,7 @@ def test_sft_fits_a_fixed_set():
     params = models.init_params(CFG, jax.random.PRNGKey(2))
     opt = train.OptimizerConfig(lr=1e-2, warmup_steps=5, total_steps=200, schedule="constant")
     state = train.init_state(CFG, params, opt, mesh)
-    step = train.make_sft_train_step(CFG, opt, mesh)
+    step = train.make_train_step(CFG, SFT(), opt, mesh)
     first = None
     for _ in range(200):
         state, m = step(state, batch)
@@ -87,7 +88,7 @@ def test_sharded_step_equals_single_device_step():
     results = []
     for mesh in (_single_mesh(), sharding.make_mesh(sharding.MeshConfig(2, 2, 2))):
         state = train.init_state(CFG, _rm_params(), opt, mesh)
-        step = train.make_rm_train_step(CFG, opt, mesh, apo_weight=0.025, human_weight=1.0)
+        step = train.make_train_step(CFG, Ranking(0.025, 1.0), opt, mesh)
         for _ in range(2):
             state, m = step(state, sharding.shard_batch(batch, mesh))
         results.append((jax.device_get(state.params), float(m["loss"]), state))
@@ -111,14 +112,14 @@ def test_grad_accumulation_equals_one_big_batch(kind):
     if kind == "rm":
         batch = _rm_batch(rng)
         batch["weight"][[1, 6, 7]] = 0.0  # uneven filler across micro-batches
-        make = lambda k: train.make_rm_train_step(CFG, opt, mesh, apo_weight=0.3, human_weight=1.0, grad_accum=k)  # noqa: E731
+        make = lambda k: train.make_train_step(CFG, Ranking(0.3, 1.0), opt, mesh, grad_accum=k)  # noqa: E731
         params = _rm_params()
     else:
         ids = rng.randint(3, 32, (8, 10)).astype(np.int32)
         loss_mask = (rng.rand(8, 10) < 0.5).astype(np.int32)
         batch = dict(input_ids=ids, attention_mask=np.ones_like(ids), loss_mask=loss_mask,
                      weight=np.ones(8, np.float32))
-        make = lambda k: train.make_sft_train_step(CFG, opt, mesh, grad_accum=k)  # noqa: E731
+        make = lambda k: train.make_train_step(CFG, SFT(), opt, mesh, grad_accum=k)  # noqa: E731
         params = models.init_params(CFG, jax.random.PRNGKey(4))
     out = []
     for k in (1, 4):
@@ -138,7 +139,7 @@ def test_nan_loss_is_reported_with_step_and_update_skipped():
     opt = train.OptimizerConfig(lr=1e-2, total_steps=10)
     params = _rm_params()
     state = train.init_state(CFG, params, opt, mesh)
-    step = train.make_rm_train_step(CFG, opt, mesh)
+    step = train.make_train_step(CFG, Ranking(), opt, mesh)
     batch = _rm_batch(np.random.RandomState(4))
     batch["weight"][0] = np.nan  # poisons the loss
     state, m = step(state, batch)
@@ -167,7 +168,7 @@ def test_rm_step_equals_optax_adamw_on_the_bt_loss():
     batches = [_rm_batch(np.random.RandomState(10 + i)) for i in range(3)]
     params = _rm_params()
     state = train.init_state(CFG, params, opt, mesh)
-    step = train.make_rm_train_step(CFG, opt, mesh, apo_weight=0.3, human_weight=1.0)
+    step = train.make_train_step(CFG, Ranking(0.3, 1.0), opt, mesh)
     for b in batches:
         state, _ = step(state, b)
 
@@ -192,12 +193,24 @@ def test_rm_step_equals_optax_adamw_on_the_bt_loss():
     _assert_trees_close(jax.device_get(state.params), ref, atol=2e-6)
 
 
-def test_phases_with_different_learning_rates_share_one_compiled_step():
+def test_phases_with_different_learning_rates_share_one_compiled_step(tmp_path):
+    from apo_jax.store import RunStore
+
     mesh = _single_mesh()
     batch = _rm_batch(np.random.RandomState(5))
-    a = train.make_rm_train_step(CFG, train.OptimizerConfig(lr=1e-3, total_steps=10), mesh)
-    b = train.make_rm_train_step(CFG, train.OptimizerConfig(lr=5e-5, warmup_steps=3, total_steps=99), mesh)
+    store = RunStore(str(tmp_path / "run"), mesh)
+    rm = Ranking(0.1, 1.0)
+    a = store.train_step(CFG, rm, train.OptimizerConfig(lr=1e-3, total_steps=10), 1)
+    b = store.train_step(CFG, rm, train.OptimizerConfig(lr=5e-5, warmup_steps=3, total_steps=99), 1)
     state = train.init_state(CFG, _rm_params(), train.OptimizerConfig(), mesh)
     assert a.jitted(state, batch) is b.jitted(state, batch)
-    c = train.make_rm_train_step(CFG, train.OptimizerConfig(lr=1e-3, total_steps=10, b2=0.999), mesh)
+    c = store.train_step(CFG, rm, train.OptimizerConfig(lr=1e-3, total_steps=10, b2=0.999), 1)
     assert c.jitted(state, batch) is not a.jitted(state, batch)  # a static optimizer field differs
+    d = store.train_step(CFG, Ranking(0.2, 1.0), train.OptimizerConfig(lr=1e-3, total_steps=10), 1)
+    assert d.jitted(state, batch) is not a.jitted(state, batch)  # the objective's settings differ
+    # Both bound schedules really are used: one step of each from the same state differs.
+    s1, m1 = a(train.init_state(CFG, _rm_params(), train.OptimizerConfig(), mesh), batch)
+    s2, m2 = b(train.init_state(CFG, _rm_params(), train.OptimizerConfig(), mesh), batch)
+    assert float(m1["lr"]) == pytest.approx(1e-3) and float(m2["lr"]) == pytest.approx(0.0)  # b: warmup from 0
+    assert a.compiles == 1
+    store.close()

@@ -1,0 +1,16 @@
+"""Learning rules, one module each: what a train step minimises, on which batch layout.
+
+An `Objective` bundles three things that must agree: how records become a tokenised set
+(`examples`), the per-batch *sums* of its loss and metrics (`stats`, accumulated exactly over
+micro-batches by `train.make_train_step`), and the metrics derived from those sums (`metrics`).
+Objectives are frozen dataclasses: their settings are part of a compiled step's identity.
+
+Registered objectives (name -> class): `ranking` (BT / APO-RM ranking), `sft`, `dpo`.
+A new learning rule is one module that defines a subclass and registers it with `@register`.
+"""
+
+from apo_jax.objectives.base import OBJECTIVES, Objective, get, register
+from apo_jax.objectives.ranking import Ranking
+from apo_jax.objectives.sft import SFT
+
+__all__ = ["OBJECTIVES", "Objective", "Ranking", "SFT", "get", "register"]

@@ -1,0 +1,55 @@
+"""The `Objective` interface and the registry of learning rules."""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+from typing import Any, ClassVar, Mapping, Sequence
+
+import jax
+
+Stats = dict[str, jax.Array]
+"""Per-batch sums: `loss_num` / `loss_den` is the loss; the rest feed `metrics`."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective(abc.ABC):
+    """A learning rule. Subclasses are frozen dataclasses whose fields are the rule's settings."""
+
+    name: ClassVar[str]
+    """Registry name (`objectives.get(name)`)."""
+    head: ClassVar[str]
+    """Which head the trained params carry: "score" (reward model) or "lm" (policy)."""
+
+    @abc.abstractmethod
+    def examples(self, tokenizer: Any, records: Sequence[dict], data_cfg: Any) -> Any:
+        """Records -> a `pipeline.TokenizedSet` whose `batch(rows)` is this objective's layout."""
+
+    @abc.abstractmethod
+    def stats(self, config: Any, params: Any, batch: Mapping[str, jax.Array]) -> Stats:
+        """Sums over the batch's rows (filler rows have weight 0 and add nothing)."""
+
+    @abc.abstractmethod
+    def metrics(self, stats: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+        """Loss and metrics from (summed) stats; must contain "loss"."""
+
+    def describe(self) -> str:
+        return self.name.upper()
+
+
+OBJECTIVES: dict[str, type[Objective]] = {}
+
+
+def register(cls: type[Objective]) -> type[Objective]:
+    """Class decorator: makes `cls` available as `get(cls.name, **settings)`."""
+    if cls.name in OBJECTIVES and OBJECTIVES[cls.name] is not cls:
+        raise ValueError(f"objective {cls.name!r} is registered twice")
+    OBJECTIVES[cls.name] = cls
+    return cls
+
+
+def get(name: str, **settings: Any) -> Objective:
+    """The registered objective `name` with its settings."""
+    if name not in OBJECTIVES:
+        raise KeyError(f"unknown objective {name!r}; registered: {sorted(OBJECTIVES)}")
+    return OBJECTIVES[name](**settings)

@@ -1,0 +1,55 @@
+"""Bradley-Terry ranking of reward models: RM_Base on D_P, APO-RM on D_P + D_APO (paper eq. 15)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from apo_jax import losses, models
+from apo_jax.objectives.base import Objective, Stats, register
+
+
+@register
+@dataclasses.dataclass(frozen=True)
+class Ranking(Objective):
+    """-log sigmoid(r(x, y_good) - r(x, y_bad)) over a weighted mixture of APO and human pairs.
+
+    Each pair is scaled by `apo_weight` (gold-vs-sample pairs) or `human_weight` (human pairs);
+    see `losses.rm_stats` for how this covers both the paper's and the official code's form.
+    """
+
+    name = "ranking"
+    head = "score"
+
+    apo_weight: float = 1.0
+    """Weight of each APO (gold vs policy sample) pair."""
+    human_weight: float = 1.0
+    """Weight of each human preference pair."""
+
+    def examples(self, tokenizer: Any, records: Sequence[dict], data_cfg: Any) -> Any:
+        """Pairs {prompt, chosen, rejected, [weight], [is_apo]} -> chosen/rejected inputs.
+
+        Batch: chosen_ids, chosen_mask, rejected_ids, rejected_mask int32 [B, T]; weight f32 [B];
+        is_apo int32 [B].
+        """
+        from apo_jax.data import pipeline
+
+        return pipeline.rm_set(tokenizer, records, data_cfg)
+
+    def stats(self, config: models.LlamaConfig, params: Any, batch: Mapping[str, jax.Array]) -> Stats:
+        # Chosen and rejected run through the model as one [2B, T] forward.
+        ids = jnp.concatenate([batch["chosen_ids"], batch["rejected_ids"]], axis=0)
+        mask = jnp.concatenate([batch["chosen_mask"], batch["rejected_mask"]], axis=0)
+        r = models.rewards(config, params, ids, mask)
+        n = batch["chosen_ids"].shape[0]
+        return losses.rm_stats(r[:n], r[n:], batch["is_apo"], batch["weight"], apo_weight=self.apo_weight,
+                               human_weight=self.human_weight)
+
+    def metrics(self, stats: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+        return losses.rm_metrics(stats)
+
+    def describe(self) -> str:
+        return "RM"

@@ -1,0 +1,41 @@
+"""Supervised fine-tuning on response tokens (paper eq. 6): the policy's rejection-sampling update."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping, Sequence
+
+import jax
+
+from apo_jax import losses, models
+from apo_jax.objectives.base import Objective, Stats, register
+
+
+@register
+@dataclasses.dataclass(frozen=True)
+class SFT(Objective):
+    """Masked next-token NLL of the response tokens (and the appended EOS)."""
+
+    name = "sft"
+    head = "lm"
+
+    normalize: str = "token"
+    """"token": every response token of the batch counts equally; "sequence": every sequence."""
+
+    def __post_init__(self) -> None:
+        if self.normalize not in losses.SFT_NORMALIZE:
+            raise ValueError(f"normalize={self.normalize!r}; expected one of {losses.SFT_NORMALIZE}")
+
+    def examples(self, tokenizer: Any, records: Sequence[dict], data_cfg: Any) -> Any:
+        """Records {prompt, response, [weight]} -> input_ids, attention_mask, loss_mask int32 [B, T];
+        weight f32 [B]."""
+        from apo_jax.data import pipeline
+
+        return pipeline.sft_set(tokenizer, records, data_cfg)
+
+    def stats(self, config: models.LlamaConfig, params: Any, batch: Mapping[str, jax.Array]) -> Stats:
+        logits = models.lm_logits(config, params, batch["input_ids"], batch["attention_mask"])
+        return losses.sft_stats(logits, batch["input_ids"], batch["loss_mask"], batch["weight"], self.normalize)
+
+    def metrics(self, stats: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+        return losses.sft_metrics(stats)

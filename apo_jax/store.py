@@ -1,0 +1,200 @@
+"""The run store: everything a run keeps in its run directory, and the only memo/resume mechanism.
+
+A unit of work is named by a small typed `Key` (a model, a samples file, a scores file, an
+evaluation). `RunStore.once(key, fn)` runs `fn` unless the run dir records `key` as done, then
+records its (small, JSON) result in `loop_state.json`: a restarted run skips finished work and
+resumes unfinished work from its own checkpoints. Finished models are Orbax checkpoints under
+`models/<name>/`, cached in memory once read. The store also owns the run's paths, the
+metrics writer, the multi-host barrier and the compiled train steps (one per model, objective
+and static optimizer settings, shared by every phase that needs the same program).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import time
+from typing import Any, Callable
+
+import jax
+from tqdm.auto import tqdm
+
+from apo_jax import checkpointing, fileio, models, sharding, train
+from apo_jax.metrics import MetricsWriter
+from apo_jax.objectives import Objective
+
+
+@dataclasses.dataclass(frozen=True)
+class Key:
+    """A unit of work the run dir remembers; `id` is its entry in loop_state.json."""
+
+    @property
+    def id(self) -> str:
+        kind = type(self).__name__.removesuffix("Key").lower()
+        return ":".join([kind] + [str(getattr(self, f.name)) for f in dataclasses.fields(self)])
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelKey(Key):
+    """A finished model (its params are under models/<name>/)."""
+
+    name: str
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplesKey(Key):
+    """All samples of `policy` on the prompts of `split` (samples/<policy>_<split>.jsonl)."""
+
+    policy: str
+    split: str
+
+
+@dataclasses.dataclass(frozen=True)
+class ScoresKey(Key):
+    """RM `rm`'s scores of the samples `tag` (scores/<rm>__<tag>.jsonl)."""
+
+    rm: str
+    tag: str
+
+
+@dataclasses.dataclass(frozen=True)
+class RMEvalKey(Key):
+    model: str
+    schedule: str
+
+
+@dataclasses.dataclass(frozen=True)
+class PolicyEvalKey(Key):
+    policy: str
+    schedule: str
+
+
+@dataclasses.dataclass(frozen=True)
+class ProbeKey(Key):
+    """A diagnostic computed once (e.g. a best-of-S phase's hacking measurements)."""
+
+    name: str
+
+
+@dataclasses.dataclass
+class ModelSlot:
+    """A finished model: its architecture/runtime config and its params on the mesh."""
+
+    config: models.LlamaConfig
+    params: Any
+
+
+def phase_key(seed: int, name: str) -> jax.Array:
+    """A PRNG key for a unit of work: a function of the seed and its name only, so a resumed run
+    draws the same numbers as an uninterrupted one."""
+    digest = int.from_bytes(hashlib.sha256(name.encode()).digest()[:4], "little")
+    return jax.random.fold_in(jax.random.PRNGKey(seed), digest)
+
+
+def phase_seed(seed: int, name: str) -> int:
+    """An integer seed (data order) for a unit of work, from the seed and its name only."""
+    return int.from_bytes(hashlib.sha256(f"{seed}/{name}".encode()).digest()[:4], "little")
+
+
+class RunStore:
+    """A run directory (local or gs://) on a mesh."""
+
+    def __init__(self, run_dir: str, mesh: jax.sharding.Mesh):
+        self.run_dir = run_dir
+        fileio.makedirs(run_dir)
+        self.mesh = mesh
+        self.is_main = jax.process_index() == 0
+        self._state = checkpointing.LoopState(fileio.join(run_dir, "loop_state.json"))
+        self._orbax = checkpointing.ModelStore(fileio.join(run_dir, "models"))
+        self.metrics = MetricsWriter(run_dir)
+        self._models: dict[str, ModelSlot] = {}
+        self._steps: dict[tuple, train.TrainStep] = {}
+
+    # ------------------------------------------------------------------ memo
+
+    def done(self, key: Key) -> bool:
+        return self._state.done(key.id)
+
+    def result(self, key: Key) -> Any:
+        return self._state.result(key.id)
+
+    def once(self, key: Key, fn: Callable[[], Any]) -> Any:
+        """`fn()` unless `key` finished in this run dir before; its result is recorded and returned."""
+        if self.done(key):
+            return self.result(key)
+        result = fn()
+        self.metrics.flush()  # a finished unit's records reach storage before it counts as done
+        self._state.mark_done(key.id, result)
+        return result
+
+    # ------------------------------------------------------------------ paths, barrier, status
+
+    def path(self, *parts: str) -> str:
+        """A path under the run dir (a string: local or gs://); its parent exists afterwards."""
+        p = fileio.join(self.run_dir, *parts)
+        fileio.makedirs(fileio.path(p).parent)
+        return p
+
+    def barrier(self, tag: str) -> None:
+        """Waits for every process at `tag`: files process 0 wrote before it are then complete."""
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(tag)
+
+    def status(self, msg: str) -> None:
+        if self.is_main:
+            tqdm.write(f"[apo_jax {time.strftime('%H:%M:%S')}] {msg}")
+
+    # ------------------------------------------------------------------ models
+
+    def has_model(self, name: str) -> bool:
+        return self.done(ModelKey(name))
+
+    def save_model(self, name: str, config: models.LlamaConfig, params: Any) -> None:
+        """Writes a finished model and records it; its step checkpoints are no longer needed."""
+        self._orbax.save(name, params)
+        heads = sorted(k for k in ("lm_head", "score") if k in params)
+        self.once(ModelKey(name), lambda: {"config": config.to_json(), "heads": heads})
+        self._models[name] = ModelSlot(config, params)
+
+    def model(self, name: str) -> ModelSlot:
+        """A finished model's params on the mesh (kept in memory once read)."""
+        if name not in self._models:
+            meta = self.result(ModelKey(name))
+            config = models.LlamaConfig.from_json(meta["config"])
+            heads = meta["heads"]
+            like = jax.eval_shape(lambda: models.init_params(config, jax.random.PRNGKey(0), lm_head="lm_head" in heads,
+                                                             reward_head="score" in heads))
+            like = jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                          like, sharding.tree_shardings(like, self.mesh))
+            self._models[name] = ModelSlot(config, self._orbax.load(name, like))
+        return self._models[name]
+
+    def checkpoint_dir(self, phase: str) -> str:
+        return fileio.join(self.run_dir, "ckpt", phase)
+
+    def drop_checkpoints(self, phase: str) -> None:
+        """Deletes a training phase's step checkpoints (once its model is saved and recorded)."""
+        self.barrier(f"drop ckpt/{phase}")  # no process still reads them
+        ckpt_dir = fileio.path(self.checkpoint_dir(phase))
+        if self.is_main and ckpt_dir.exists():
+            ckpt_dir.rmtree()
+
+    # ------------------------------------------------------------------ compiled steps
+
+    def train_step(self, config: models.LlamaConfig, objective: Objective, opt: train.OptimizerConfig,
+                   grad_accum: int) -> train.TrainStep:
+        """The compiled step for (model, objective, static optimizer settings), bound to `opt`'s
+        schedule: phases that differ only in lr / warmup / length share one program."""
+        key = train.step_key(config, objective, opt, self.mesh, grad_accum)
+        if key not in self._steps:
+            self._steps[key] = train.make_train_step(config, objective, opt, self.mesh, grad_accum=grad_accum)
+        return self._steps[key].with_schedule(opt)
+
+    @property
+    def compiled_train_programs(self) -> int:
+        return sum(s.compiles for s in self._steps.values())
+
+    def close(self) -> None:
+        self.metrics.close()

@@ -1,0 +1,34 @@
+"""Fault injection for kill-and-restart tests: a progress hook (`apo_jax.fit.add_progress_hook`)
+that a test installs in a child process, never an environment variable read by the library."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from apo_jax import fit
+
+
+def install_kill_at(fault: str) -> None:
+    """Exits the process with code 42 right after unit `fault` = "<phase>:<step>" (a train step or
+    a sampling batch), as a crash there would."""
+
+    def hook(phase: str, step: int) -> None:
+        if f"{phase}:{step}" == fault:
+            logging.getLogger("apo_jax").warning("fault hook: killing the process at %s step %d", phase, step)
+            os._exit(42)
+
+    fit.add_progress_hook(hook)
+
+
+def bootstrap(fault: str | None) -> str:
+    """Python to run in a child before `apo_jax.main` (tests/ must be on its PYTHONPATH)."""
+    return f"import faults; faults.install_kill_at({fault!r})" if fault else ""
+
+
+def main_command(python: str, args: list[str], fault: str | None) -> list[str]:
+    """`python -m apo_jax.main *args`, with the kill hook installed first when `fault` is set."""
+    if not fault:
+        return [python, "-m", "apo_jax.main", *args]
+    run = "import runpy; runpy.run_module('apo_jax.main', run_name='__main__', alter_sys=True)"
+    return [python, "-c", f"{bootstrap(fault)}\n{run}", *args]
