@@ -110,7 +110,7 @@ def test_bfloat16_compute_close_to_float32(tmp_path):
     assert np.abs(out[real] - ref[real]).max() < 0.05 * np.abs(ref[real]).max() + 0.05
 
 
-@pytest.mark.parametrize("policy", ["full", "dots", "dots_no_batch"])
+@pytest.mark.parametrize("policy", ["minimal", "full", "dots", "dots_no_batch"])
 def test_remat_and_unrolled_layers_give_same_logits_and_grads(tmp_path, policy):
     model = random_causal_lm(seed=13)
     config, params = _load(tmp_path, model)
@@ -205,3 +205,18 @@ def test_token_logprobs_rejects_bad_chunk_size():
     ids = jnp.ones((1, 4), jnp.int32)
     with pytest.raises(ValueError, match="chunk_size=0"):  # checked before any parameter is read
         models.token_logprobs(config, {}, ids, ids, chunk_size=0)
+
+
+def test_auto_remat_keeps_small_forwards_plain_and_remats_large_ones():
+    """"auto" resolves by the residual bytes a layer stack would keep: the CI models and batches
+    run without remat, the SmolLM2-135M shape at 8 pairs x 256 tokens (~7 GiB) with "minimal"."""
+    tiny = models.LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=56, num_hidden_layers=2,
+                              num_attention_heads=4, num_key_value_heads=2)
+    smol = models.LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                              num_attention_heads=9, num_key_value_heads=3, dtype="float32")
+    assert tiny.remat_policy == "auto" and models.remat_for(tiny, 8, 256) == "none"
+    # (8 * 576 + 6 * 1536) * 4 bytes * 30 layers = 1.66 MB per token: 4096 tokens is 6.8 GB.
+    assert models.remat_for(smol, 16, 256) == "minimal"
+    assert models.remat_for(smol, 1, 256) == "none"  # 0.42 GB
+    assert models.remat_for(smol.replace(remat_policy="none"), 16, 256) == "none"
+    assert models.remat_for(smol.replace(remat_policy="full"), 1, 8) == "full"
