@@ -67,17 +67,17 @@ def _config_file_location(exc: BaseException, config_path: str) -> str:
 def _override_error(exc: BaseException, argv: Sequence[str]) -> str | None:
     """One line for an override naming a field the config lacks (ml_collections' KeyError)."""
     text = str(exc.args[0]) if exc.args else str(exc)
-    m = re.match(r"""^'?\\?'?([^'\\\n]+)\\?'?""", text)
-    key = m.group(1) if m else ""
     suggestion = re.search(r'Did you mean "([^"]+)"', text)
     for arg in argv:
         name = arg.split("=", 1)[0].lstrip("-")
-        if name.startswith("config.") and key and key in name.split(".")[1:]:
+        parts = name.split(".")[1:]
+        key = next((p for p in parts if f"'{p}'" in text or f"\\'{p}\\'" in text), None)
+        if name.startswith("config.") and key:
             field = name[len("config."):]
-            parts = field.split(".")
             hint = ""
             if suggestion:
-                hint = f" (did you mean {'.'.join(parts[:parts.index(key)] + [suggestion.group(1)])}?)"
+                i = parts.index(key)
+                hint = f" (did you mean {'.'.join(parts[:i] + [suggestion.group(1)] + parts[i + 1:])}?)"
             return f"{arg}: the config has no field {field}{hint}"
     return None
 
