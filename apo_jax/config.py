@@ -82,7 +82,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.policy.pretrain = _optimizer(3e-3, 32)  # only without a checkpoint: SFT on the demonstrations
     c.policy.param_dtype = "float32"
     c.policy.dtype = "float32"
-    c.policy.remat_policy = "none"
+    c.policy.remat_policy = "auto"  # none for small activations, else minimal (models.remat_for)
     c.policy.attention_impl = "xla"
     c.policy.scan_layers = True
 
@@ -98,12 +98,19 @@ def base_config() -> ml_collections.ConfigDict:
     c.rm.human_weight = 1.0
     c.rm.param_dtype = "float32"
     c.rm.dtype = "float32"
-    c.rm.remat_policy = "none"
+    c.rm.remat_policy = "auto"
     c.rm.attention_impl = "xla"
 
     c.sft = _optimizer(5e-6, 128)
     c.sft.lrs = (5e-6, 2e-6, 9e-7)  # one per round
     c.sft.normalize = "token"  # token | sequence
+
+    # DPO policy updates (schedules named <arm>-dpo): best vs worst of S against the round's policy.
+    c.dpo = _optimizer(5e-7, 128)
+    c.dpo.lrs = (5e-7, 5e-7, 5e-7)  # one per round
+    c.dpo.beta = 0.1
+    c.dpo.label_smoothing = 0.0
+    c.dpo.sft_weight = 0.0
 
     c.apo = ml_collections.ConfigDict()
     c.apo.rounds = 3
@@ -219,7 +226,7 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
 
     # Optimizers.
     opts = {"rm.base": c.rm.base, "rm.test": c.rm.test, "rm.apo": c.rm.apo, "sft": c.sft,
-            "policy.pretrain": c.policy.pretrain}
+            "policy.pretrain": c.policy.pretrain, "dpo": c.dpo}
     for field, o in opts.items():
         if o.schedule not in train.SCHEDULES:
             err(f"{field}.schedule", f"{o.schedule!r}; expected one of {train.SCHEDULES}")
@@ -238,6 +245,14 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
         err("eval.batch_size", f"{c.eval.batch_size} must be a positive multiple of data*fsdp = {batch_shards}")
     if c.sft.normalize not in ("token", "sequence"):
         err("sft.normalize", f"{c.sft.normalize!r}; expected 'token' or 'sequence'")
+    if c.dpo.beta <= 0:
+        err("dpo.beta", f"{c.dpo.beta} must be > 0")
+    if not 0.0 <= c.dpo.label_smoothing < 0.5:
+        err("dpo.label_smoothing", f"{c.dpo.label_smoothing} must be in [0, 0.5)")
+    if c.dpo.sft_weight < 0:
+        err("dpo.sft_weight", f"{c.dpo.sft_weight} must be >= 0")
+    if len(tuple(c.dpo.lrs)) < c.apo.rounds and any(s.endswith("-dpo") for s in tuple(c.apo.schedules)):
+        err("dpo.lrs", f"{len(tuple(c.dpo.lrs))} learning rates for {c.apo.rounds} rounds; give one per round")
     if len(tuple(c.sft.lrs)) < c.apo.rounds:
         err("sft.lrs", f"{len(tuple(c.sft.lrs))} learning rates for {c.apo.rounds} rounds; give one per round")
 
@@ -260,6 +275,10 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
             except (KeyError, AttributeError):
                 err("apo.schedules", f"schedule {s!r} trains its RM with optimizer section {row.rm.optimizer!r}, "
                     "which the config does not have")
+    for s in schedules:
+        row = schedule_table.SCHEDULES.get(s)
+        if row is not None and row.select == "oracle" and c.data.kind != "synthetic":
+            err("apo.schedules", f"schedule {s!r} picks by the true reward r*, which only the synthetic world has")
     if len(set(schedules)) != len(schedules):
         err("apo.schedules", f"{schedules} lists a schedule twice")
     if c.apo.rounds < 1:

@@ -183,9 +183,12 @@ def read_jsonl(p: str | os.PathLike, *, missing_ok: bool = False) -> list[dict]:
     for i, line in enumerate(target.read_text(encoding="utf-8").splitlines(), 1):
         if line.strip():
             try:
-                out.append(json.loads(line))
+                rec = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{p}: line {i}: not valid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(rec, dict):
+                raise ValueError(f"{p}: line {i}: not a JSON object")
+            out.append(rec)
     return out
 
 

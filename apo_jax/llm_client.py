@@ -39,6 +39,9 @@ import urllib.parse
 import urllib.request
 from typing import Any, Callable, Iterable, Iterator, Mapping, NoReturn, Sequence, TypeVar
 
+from apo_jax.fileio import read_jsonl  # noqa: F401  (re-exported: the one JSONL reader)
+from apo_jax.fileio import write_text as write_atomic  # the one atomic writer
+
 log = logging.getLogger(__name__)
 
 Message = dict[str, str]
@@ -547,35 +550,6 @@ class JsonlJournal:
         if self._file is not None:
             self._file.close()
             self._file = None
-
-
-def write_atomic(path: str, text: str) -> None:
-    """Writes `text` to `path` via a temporary file and rename, so readers never see half a file."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def read_jsonl(path: str) -> list[dict[str, Any]]:
-    """Records of an input JSONL file; a bad line is an error naming the file and line."""
-    out = []
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}: line {i}: not valid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(rec, dict):
-                raise ValueError(f"{path}: line {i}: not a JSON object")
-            out.append(rec)
-    return out
 
 
 def add_endpoint_args(parser: argparse.ArgumentParser) -> None:

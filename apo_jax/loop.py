@@ -78,6 +78,15 @@ class BestOfS:
     rm: Recipe | None
 
 
+@dataclasses.dataclass(frozen=True)
+class PairOfS(BestOfS):
+    """The best vs the worst of S samples of `policy` on the policy queries (DPO's pairs)."""
+
+
+# What each policy learning rule trains on.
+POLICY_DATA = {"sft": BestOfS, "dpo": PairOfS}
+
+
 class Game:
     """One APO run: the store, the data, the models named so far, and the evaluation records."""
 
@@ -119,9 +128,12 @@ class Game:
         records = [r for ref in recipe.data for r in self._records(ref)]
         objective = self._objective(recipe.objective)
         opt_cfg = _section(cfg, recipe.optimizer)
-        lr = float(cfg.sft.lrs[recipe.round - 1]) if recipe.optimizer == "sft" else opt_cfg.lr
+        lr = float(opt_cfg.lrs[recipe.round - 1]) if "lrs" in opt_cfg else opt_cfg.lr  # per-round rates
         phase = "policy_pretrain" if recipe.init == "new" else name
-        params = phases.train_params(self.ctx, phase, config, params, objective, records, opt_cfg, lr)
+        if records:
+            params = phases.train_params(self.ctx, phase, config, params, objective, records, opt_cfg, lr)
+        else:  # e.g. every prompt's samples tied: nothing to learn from this round
+            self.store.status(f"{name}: no training examples; the model is its starting point unchanged")
         self.store.save_model(name, config, params)
         self.store.drop_checkpoints(phase)
         return name
@@ -173,6 +185,9 @@ class Game:
                                   human_weight=float(cfg.rm.human_weight))
         if name == "sft":
             return objectives.get("sft", normalize=cfg.sft.normalize)
+        if name == "dpo":
+            return objectives.get("dpo", beta=float(cfg.dpo.beta), label_smoothing=float(cfg.dpo.label_smoothing),
+                                  sft_weight=float(cfg.dpo.sft_weight))
         return objectives.get(name)
 
     def _records(self, ref: Any) -> list[dict]:
@@ -192,7 +207,8 @@ class Game:
             policy = self.realize(ref.policy)
             path = phases.sample(ctx, policy, "llm", d.llm_prompts, cfg.sampling.train, cfg.apo.num_samples)
             rm = self.realize(ref.rm) if ref.rm is not None else None
-            return phases.select_best_of_s(ctx, ref.rule, rm, path, policy, self._best_name[ref])
+            select = phases.select_pairs if isinstance(ref, PairOfS) else phases.select_best_of_s
+            return select(ctx, ref.rule, rm, path, policy, self._best_name[ref])
         raise TypeError(f"unknown data reference {ref!r}")
 
     # ------------------------------------------------------------------ the game
@@ -209,11 +225,10 @@ class Game:
         else:
             self.policy_0 = Recipe("lm", "new", "sft", (Demos(),), "policy.pretrain")
         self.name(self.policy_0, "policy_0")
-        rm_init = Recipe("score", "rm.init")  # not a stored model: the starting point of RMs
         base = (Recipe("score", "rm.base_checkpoint") if cfg.rm.base_checkpoint
-                else Recipe("score", rm_init, "ranking", (Human(),), "rm.base"))
+                else Recipe("score", "rm.init", "ranking", (Human(),), "rm.base"))
         test = (Recipe("score", "rm.test_checkpoint") if cfg.rm.test_checkpoint
-                else Recipe("score", rm_init, "ranking", (AllTrain(),), "rm.test"))
+                else Recipe("score", "rm.init", "ranking", (AllTrain(),), "rm.test"))
         self.realize_named(self.policy_0)
         self.realize_named(base, "rm_base", "RM_Base")
         self.realize_named(test, "rm_test", "RM_Test")
@@ -237,10 +252,11 @@ class Game:
                     self.evaluate_rm(rm, sched.name, rnd)
                     rm_of[sched.name] = rm
                 # 3. Best-of-S on the policy queries by the schedule's selection rule.
-                pick = BestOfS(prev_policy, sched.select, rm_of[sched.name] if sched.select == "rm" else None)
+                pick = POLICY_DATA[sched.policy_update](prev_policy, sched.select,
+                                                         rm_of[sched.name] if sched.select == "rm" else None)
                 self._best_name.setdefault(pick, f"{sched.name}_r{rnd}")
                 # 4. The policy update on the picks.
-                policy = Recipe("lm", prev_policy, sched.policy_update, (pick,), "sft", rnd)
+                policy = Recipe("lm", prev_policy, sched.policy_update, (pick,), sched.policy_update, rnd)
                 name = self.name(policy, sched.policy_name(rnd))
                 self.realize(policy)
                 policy_of[sched.name] = policy
@@ -300,8 +316,9 @@ def _runtime(m: ml_collections.ConfigDict) -> dict[str, Any]:
 
 def run(cfg: ml_collections.ConfigDict) -> str:
     """Plays the game of `cfg` in its run dir (resuming whatever an earlier run left there)."""
-    from apo_jax import checkpointing
+    from apo_jax import checkpointing, devices
 
+    devices.resolve_config(cfg)  # "auto" dtype / attention (a no-op when main already resolved them)
     checkpointing.install_preemption_handler()
     game = Game(cfg)
     try:

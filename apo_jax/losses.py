@@ -168,3 +168,80 @@ def sft_loss(
     """SFT NLL over response tokens only (eq. 6) and its metrics."""
     m = sft_metrics(sft_stats(logits_btv, input_ids_bt, loss_mask_bt, weight_b, normalize))
     return m["loss"], m
+
+
+def dpo_logits(pi_logp_w: jax.Array, pi_logp_l: jax.Array, ref_logp_w: jax.Array, ref_logp_l: jax.Array,
+               beta: float) -> jax.Array:
+    """beta * [(log pi(y_w|x) - log pi_ref(y_w|x)) - (log pi(y_l|x) - log pi_ref(y_l|x))] per pair [B]."""
+    f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
+    return beta * ((f32(pi_logp_w) - f32(ref_logp_w)) - (f32(pi_logp_l) - f32(ref_logp_l)))
+
+
+def _dpo_nll(z: jax.Array, label_smoothing: float) -> jax.Array:
+    # Conservative DPO (label smoothing eps): the preference label is flipped with probability eps.
+    return -(1.0 - label_smoothing) * jax.nn.log_sigmoid(z) - label_smoothing * jax.nn.log_sigmoid(-z)
+
+
+def dpo_loss(pi_logp_w: jax.Array, pi_logp_l: jax.Array, ref_logp_w: jax.Array, ref_logp_l: jax.Array, *,
+             beta: float, label_smoothing: float = 0.0) -> jax.Array:
+    """The DPO loss (Rafailov et al. 2023, eq. 7), mean over the batch:
+    -log sigmoid(beta * [(log pi(y_w) - log pi_ref(y_w)) - (log pi(y_l) - log pi_ref(y_l))]),
+    with label smoothing eps: -(1 - eps) log sigmoid(z) - eps log sigmoid(-z). Inputs are summed
+    response-token log-probabilities per sequence, [B] each."""
+    return jnp.mean(_dpo_nll(dpo_logits(pi_logp_w, pi_logp_l, ref_logp_w, ref_logp_l, beta), label_smoothing))
+
+
+def dpo_stats(
+    pi_logp_w: jax.Array,
+    pi_logp_l: jax.Array,
+    ref_logp_w: jax.Array,
+    ref_logp_l: jax.Array,
+    weight: jax.Array,
+    tokens_w: jax.Array,
+    *,
+    beta: float,
+    label_smoothing: float = 0.0,
+    sft_weight: float = 0.0,
+) -> Stats:
+    """Sums for DPO (+ an optional SFT term on y_w) over a batch of pairs; filler rows have weight 0.
+
+    Per pair: dpo_nll(z) + sft_weight * (-log pi(y_w|x) / |y_w|) (the mean token NLL of y_w). The
+    implicit rewards are beta * (log pi - log pi_ref); `kl` sums log pi_ref - log pi over both
+    responses, an estimate of KL(pi_ref || pi) because the pairs are samples of pi_ref.
+    """
+    w = weight.astype(jnp.float32)
+    valid = (w > 0).astype(jnp.float32)
+    f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
+    r_w = beta * (f32(pi_logp_w) - f32(ref_logp_w))
+    r_l = beta * (f32(pi_logp_l) - f32(ref_logp_l))
+    z = r_w - r_l
+    nll = _dpo_nll(z, label_smoothing)
+    sft_nll = -f32(pi_logp_w) / jnp.maximum(f32(tokens_w), 1.0)
+    per_pair = nll + sft_weight * sft_nll
+    return {
+        "loss_num": jnp.sum(w * per_pair),
+        "loss_den": jnp.sum(w),
+        "pairs": jnp.sum(valid),
+        "dpo_nll": jnp.sum(valid * nll),
+        "sft_nll": jnp.sum(valid * sft_nll),
+        "correct": jnp.sum(valid * (z > 0).astype(jnp.float32)),
+        "margin": jnp.sum(valid * z),
+        "chosen": jnp.sum(valid * r_w),
+        "rejected": jnp.sum(valid * r_l),
+        "kl": jnp.sum(valid * ((f32(ref_logp_w) - f32(pi_logp_w)) + (f32(ref_logp_l) - f32(pi_logp_l)))),
+    }
+
+
+def dpo_metrics(s: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+    """Loss and metrics from (summed) `dpo_stats` (TRL's names where they exist)."""
+    return {
+        "loss": _ratio(s["loss_num"], s["loss_den"]),
+        "dpo_loss": _ratio(s["dpo_nll"], s["pairs"]),
+        "sft_nll": _ratio(s["sft_nll"], s["pairs"]),
+        "reward_accuracy": _ratio(s["correct"], s["pairs"]),
+        "reward_margin": _ratio(s["margin"], s["pairs"]),
+        "reward_chosen": _ratio(s["chosen"], s["pairs"]),
+        "reward_rejected": _ratio(s["rejected"], s["pairs"]),
+        "kl_proxy": _ratio(s["kl"], 2.0 * s["pairs"]),
+        "pairs": s["pairs"],
+    }

@@ -56,6 +56,7 @@ def train_params(ctx: Context, phase: str, config: models.LlamaConfig, params: A
     """Trains `params` with `objective` on `records`; resumable from `ckpt/<phase>/`."""
     cfg, store = ctx.cfg, ctx.store
     examples = objective.examples(ctx.tokenizer, records, cfg.data)
+    examples = objective.prepare(examples, config, params, store.mesh, cfg.eval.batch_size)
     opt = optimizer(opt_cfg, len(examples), lr)
     state = train.init_state(config, params, opt, store.mesh)
     step_fn = store.train_step(config, objective, opt, opt_cfg.grad_accum)
@@ -152,44 +153,79 @@ def score(ctx: Context, rm: str, rows: Sequence[dict], tag: str) -> np.ndarray:
     return scores
 
 
+def _judge(ctx: Context, rule: str, rm: str | None, rows: Sequence[dict], policy: str
+           ) -> tuple[np.ndarray, np.ndarray | None]:
+    """Selection scores [P, S] of a samples file's rows by `rule` ("rm": `rm`'s scores; "oracle":
+    r*), and r* [P, S] where the world knows it."""
+    s = ctx.cfg.apo.num_samples
+    true = None
+    if ctx.data.true_reward is not None:
+        true = np.asarray([ctx.data.true_reward(r["prompt"], r["response"]) for r in rows]).reshape(-1, s)
+    if rule == "rm":
+        return score(ctx, rm, rows, f"{policy}_llm").reshape(-1, s), true
+    if rule == "oracle":
+        if true is None:
+            raise ValueError("the oracle selection rule needs a world with a known true reward (data.kind=synthetic)")
+        return true, true
+    raise ValueError(f"unknown selection rule {rule!r}")
+
+
+def _log_selection(ctx: Context, out_name: str, judge: str, policy: str, picks: np.ndarray,
+                   true: np.ndarray | None) -> None:
+    """How much of the best-of-S headroom the selector finds: r* of its picks against the mean
+    sample and the oracle's pick (the synthetic world only)."""
+    if true is None:
+        return
+    rec = {"kind": "best_of_s", "name": out_name, "rm": judge, "policy": policy,
+           "true_reward_picked": float(np.mean(true[np.arange(len(picks)), picks])),
+           "true_reward_mean_sample": float(np.mean(true)),
+           "true_reward_oracle_pick": float(np.mean(true.max(axis=1)))}
+    ctx.store.metrics.write(rec)
+    ctx.store.status(f"best-of-{true.shape[1]} {out_name}: r* of {judge}'s picks {rec['true_reward_picked']:.3f} "
+                     f"(mean sample {rec['true_reward_mean_sample']:.3f}, oracle {rec['true_reward_oracle_pick']:.3f})")
+
+
 def select_best_of_s(ctx: Context, rule: str, rm: str | None, samples_path: str, policy: str,
                      out_name: str) -> list[dict]:
     """Best-of-S answers per prompt (rule "rm": argmax of `rm`'s scores; "oracle": argmax of r*);
     written to best/<out_name>.jsonl."""
-    store, data = ctx.store, ctx.data
     rows = fileio.read_jsonl(samples_path)
     s = ctx.cfg.apo.num_samples
-    true = None
-    if data.true_reward is not None:
-        true = np.asarray([data.true_reward(r["prompt"], r["response"]) for r in rows]).reshape(-1, s)
-    if rule == "rm":
-        scores_ps = score(ctx, rm, rows, f"{policy}_llm").reshape(-1, s)
-    elif rule == "oracle":
-        if true is None:
-            raise ValueError("the oracle selection rule needs a world with a known true reward (data.kind=synthetic)")
-        scores_ps = true
-    else:
-        raise ValueError(f"unknown selection rule {rule!r}")
+    scores_ps, true = _judge(ctx, rule, rm, rows, policy)
     best = np.argmax(scores_ps, axis=1)
     chosen = []
     for p, k in enumerate(best):
         r = rows[p * s + int(k)]
         chosen.append({"prompt_id": r["prompt_id"], "prompt": r["prompt"], "response": r["response"],
                        "score": float(scores_ps[p, k])})
-    if store.is_main:
-        fileio.write_jsonl(store.path("best", f"{out_name}.jsonl"), chosen)
-    if true is not None:
-        # How much of the best-of-S headroom the selector finds: r* of its picks against the mean
-        # sample and the oracle's pick (the synthetic world only).
-        judge = rm if rule == "rm" else "oracle"
-        rec = {"kind": "best_of_s", "name": out_name, "rm": judge, "policy": policy,
-               "true_reward_picked": float(np.mean(true[np.arange(len(best)), best])),
-               "true_reward_mean_sample": float(np.mean(true)),
-               "true_reward_oracle_pick": float(np.mean(true.max(axis=1)))}
-        store.metrics.write(rec)
-        store.status(f"best-of-{s} {out_name}: r* of {judge}'s picks {rec['true_reward_picked']:.3f} (mean sample "
-                     f"{rec['true_reward_mean_sample']:.3f}, oracle {rec['true_reward_oracle_pick']:.3f})")
+    if ctx.store.is_main:
+        fileio.write_jsonl(ctx.store.path("best", f"{out_name}.jsonl"), chosen)
+    _log_selection(ctx, out_name, rm if rule == "rm" else "oracle", policy, best, true)
     return chosen
+
+
+def select_pairs(ctx: Context, rule: str, rm: str | None, samples_path: str, policy: str,
+                 out_name: str) -> list[dict]:
+    """Best vs worst of S per prompt by the selection rule: the policy's preference pairs for
+    DPO. Prompts whose best and worst are the same text or tied in score give no pair. Written to
+    pairs/<out_name>.jsonl."""
+    rows = fileio.read_jsonl(samples_path)
+    s = ctx.cfg.apo.num_samples
+    scores_ps, true = _judge(ctx, rule, rm, rows, policy)
+    best, worst = np.argmax(scores_ps, axis=1), np.argmin(scores_ps, axis=1)
+    pairs = []
+    for p, (b, w) in enumerate(zip(best, worst)):
+        rb, rw = rows[p * s + int(b)], rows[p * s + int(w)]
+        if scores_ps[p, b] <= scores_ps[p, w] or rb["response"] == rw["response"]:
+            continue
+        pairs.append({"prompt_id": rb["prompt_id"], "prompt": rb["prompt"], "chosen": rb["response"],
+                      "rejected": rw["response"], "score_chosen": float(scores_ps[p, b]),
+                      "score_rejected": float(scores_ps[p, w])})
+    if ctx.store.is_main:
+        fileio.write_jsonl(ctx.store.path("pairs", f"{out_name}.jsonl"), pairs)
+    ctx.store.status(f"{out_name}: {len(pairs)} best-vs-worst pairs from {len(best)} prompts")
+    _log_selection(ctx, out_name, rm if rule == "rm" else "oracle", policy, best, true)
+    return pairs
 
 
 def evaluate_rm(ctx: Context, name: str, label: str, schedule: str, rnd: int) -> dict:

@@ -12,8 +12,9 @@ import dataclasses
 SELECTION_RULES = ("rm", "oracle")
 """How best-of-S picks an answer: "rm" = argmax of the schedule's RM score; "oracle" = argmax of
 the true reward r* (the synthetic world only: the bound on what the loop can do)."""
-POLICY_UPDATES = ("sft",)
-"""Objectives a policy update may use (`apo_jax.objectives`)."""
+POLICY_UPDATES = ("sft", "dpo")
+"""Objectives a policy update may use (`apo_jax.objectives`): "sft" learns the best of S (paper:
+rejection-sampling SFT); "dpo" learns best over worst of S against the round's starting policy."""
 RM_INITS = ("base", "previous")
 
 
@@ -85,6 +86,19 @@ PAPER: tuple[Schedule, ...] = (
              RMUpdate(init="base", apo_pairs=False, name="rm_ablation_r{round}", label="RM_Base-AB-v{round}")),
 )
 
+
+def with_dpo(row: Schedule) -> Schedule:
+    """`row` with a DPO policy update: same RM rule and selection, named `<name>-dpo`."""
+    rm = row.rm
+    if rm is not None:
+        rm = dataclasses.replace(rm, name=rm.name.replace("_r{round}", "-dpo_r{round}"),
+                                 label=rm.label + " (DPO arm)")
+    return Schedule(f"{row.name}-dpo", f"{row.label} + DPO", rm, row.select, "dpo")
+
+
+# The oracle arm (synthetic world only): r* picks the best of S, the bound on what the loop can do.
+ORACLE = Schedule("oracle", "Oracle (r* picks)", select="oracle")
+
 SCHEDULES: dict[str, Schedule] = {}
 """Every known schedule by name, in table order (the order of Table 3's columns)."""
 
@@ -110,5 +124,7 @@ def label(name: str) -> str:
     return SCHEDULES[name].label if name in SCHEDULES else name
 
 
-for _row in PAPER:
+for _row in (*PAPER, ORACLE):
     register(_row)
+for _row in (*PAPER, ORACLE):
+    register(with_dpo(_row))

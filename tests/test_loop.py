@@ -201,7 +201,9 @@ def test_a_new_schedule_is_one_table_row(tmp_path):
         init="previous", apo_pairs=True, optimizer="rm.toy", name="rm_toy_r{round}", label="RM_Toy-v{round}"))
     schedules.register(row)
     try:
-        cfg = tiny_config(run_dir=str(tmp_path / "run"), apo__rounds=1, apo__schedules=("rjs", "toy_seq"))
+        cfg = tiny_config(run_dir=str(tmp_path / "run"), apo__rounds=1,
+                          apo__schedules=("rjs", "toy_seq", "apo-dpo", "oracle"))
+        cfg.dpo.lrs = (1e-3,)
         cfg.rm.toy = cfg.rm.apo.copy_and_resolve_references()
         cfg.rm.toy.lr = 3e-3
         from apo_jax import config as config_lib
@@ -214,7 +216,36 @@ def test_a_new_schedule_is_one_table_row(tmp_path):
     rm = [r for r in records if r["kind"] == "rm_eval" and r["schedule"] == "toy_seq"]
     assert [(r["name"], r["model"], r["round"]) for r in rm] == [("rm_toy_r1", "RM_Toy-v1", 1)]
     pol = {(r["schedule"], r["round"]): r["policy"] for r in records if r["kind"] == "policy_eval"}
-    assert pol == {("base", 0): "policy_0", ("rjs", 1): "policy_rjs_r1", ("toy_seq", 1): "policy_toy_seq_r1"}
+    assert pol == {("base", 0): "policy_0", ("rjs", 1): "policy_rjs_r1", ("toy_seq", 1): "policy_toy_seq_r1",
+                   ("apo-dpo", 1): "policy_apo-dpo_r1", ("oracle", 1): "policy_oracle_r1"}
+    # The DPO arm shares round 1's APO RM recipe (init RM_Base, D_P + D_APO of policy_0), so it is
+    # trained under the first name it was given; its policy learns best over worst pairs.
+    assert {r["name"] for r in records if r["kind"] == "rm_eval"} == {"rm_base", "rm_test", "rm_toy_r1",
+                                                                        "rm_apo-dpo_r1"}
+    run = tmp_path / "run"
+    pairs = [json.loads(x) for x in open(run / "pairs" / "apo-dpo_r1.jsonl")]
+    scores = {}
+    for row in map(json.loads, open(run / "scores" / "rm_apo-dpo_r1__policy_0_llm.jsonl")):
+        scores.setdefault(row["prompt_id"], []).append(row["score"])
+    assert pairs and all(p["chosen"] != p["rejected"] for p in pairs)
+    for p in pairs:  # best and worst of the RM's scores of that prompt's samples
+        assert p["score_chosen"] == pytest.approx(max(scores[p["prompt_id"]]))
+        assert p["score_rejected"] == pytest.approx(min(scores[p["prompt_id"]]))
+    dpo_steps = [json.loads(x) for x in open(run / "metrics.jsonl") if '"phase": "policy_apo-dpo_r1"' in x]
+    assert dpo_steps and {"reward_accuracy", "reward_margin", "kl_proxy"} <= set(dpo_steps[-1])
+    # The oracle arm picks argmax r* among each prompt's samples.
+    from apo_jax.data import synthetic
+
+    world = synthetic.World.from_config(synthetic.resolve_config(cfg.data.synthetic))
+    samples = [json.loads(x) for x in open(run / "samples" / "policy_0_llm.jsonl")]
+    best_true = {}
+    for row in samples:
+        best_true[row["prompt_id"]] = max(best_true.get(row["prompt_id"], -1.0),
+                                          world.true_reward(row["prompt"], row["response"]))
+    picks = [json.loads(x) for x in open(run / "best" / "oracle_r1.jsonl")]
+    assert len(picks) == len(best_true)
+    for p in picks:
+        assert world.true_reward(p["prompt"], p["response"]) == pytest.approx(best_true[p["prompt_id"]])
     tables = open(tmp_path / "run" / "tables.md").read()
     assert "Toy (RM_Toy-vR)" in tables and "RM_Toy-v1" in tables
     # Its RM was trained with its own optimizer section (the logged lr peaks at rm.toy.lr).

@@ -96,3 +96,12 @@ def test_fit_killed_mid_phase_resumes_to_the_uninterrupted_result(tmp_path):
         return [(r["phase"], r["step"], r["loss"]) for r in map(json.loads, open(tmp_path / run / "metrics.jsonl"))]
 
     assert steps("run") == steps("ref")  # each step logged once, with the same batch
+
+
+def test_the_public_api_resolves():
+    import apo_jax
+
+    for name in apo_jax.__all__:
+        assert getattr(apo_jax, name) is not None, name
+    with pytest.raises(AttributeError):
+        apo_jax.not_an_api  # noqa: B018

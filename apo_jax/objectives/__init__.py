@@ -10,7 +10,8 @@ A new learning rule is one module that defines a subclass and registers it with 
 """
 
 from apo_jax.objectives.base import OBJECTIVES, Objective, get, register
+from apo_jax.objectives.dpo import DPO
 from apo_jax.objectives.ranking import Ranking
 from apo_jax.objectives.sft import SFT
 
-__all__ = ["OBJECTIVES", "Objective", "Ranking", "SFT", "get", "register"]
+__all__ = ["DPO", "OBJECTIVES", "Objective", "Ranking", "SFT", "get", "register"]

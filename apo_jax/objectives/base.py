@@ -33,6 +33,12 @@ class Objective(abc.ABC):
     def metrics(self, stats: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
         """Loss and metrics from (summed) stats; must contain "loss"."""
 
+    def prepare(self, examples: Any, config: Any, params: Any, mesh: Any, batch_size: int) -> Any:
+        """Per-phase preparation with the phase's *starting* params, before any step (e.g. DPO's
+        reference log-probs). Default: nothing to do."""
+        del config, params, mesh, batch_size
+        return examples
+
     def describe(self) -> str:
         return self.name.upper()
 

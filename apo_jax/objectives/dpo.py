@@ -1,0 +1,94 @@
+"""Direct preference optimisation on the policy's own pairs (iterative / online DPO).
+
+Each round the schedule's RM (or r*) picks the best and the worst of the policy's S samples per
+prompt; the policy takes DPO steps on those pairs against a frozen reference, the policy the
+round started from. The reference's log-probabilities are computed once per phase, before
+training, in one forward pass over the pairs (`prepare`), and travel with each pair, so a step
+never holds a second copy of the policy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from apo_jax import losses, models, sharding
+from apo_jax.objectives.base import Objective, Stats, register
+
+
+@register
+@dataclasses.dataclass(frozen=True)
+class DPO(Objective):
+    """-log sigmoid(beta * [log-ratio(y_w) - log-ratio(y_l)]) (+ label smoothing, + SFT on y_w)."""
+
+    name = "dpo"
+    head = "lm"
+
+    beta: float = 0.1
+    """Inverse temperature of the implicit reward beta * log(pi / pi_ref)."""
+    label_smoothing: float = 0.0
+    """Conservative DPO: the probability that a pair's preference label is flipped."""
+    sft_weight: float = 0.0
+    """Weight of the mean token NLL of y_w added to each pair's loss."""
+
+    def __post_init__(self) -> None:
+        if self.beta <= 0:
+            raise ValueError(f"beta={self.beta} must be > 0")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise ValueError(f"label_smoothing={self.label_smoothing} must be in [0, 0.5)")
+
+    def examples(self, tokenizer: Any, records: Sequence[dict], data_cfg: Any) -> Any:
+        """Pairs {prompt, chosen, rejected, [weight]} -> chosen_/rejected_ ids, mask, response_mask
+        int32 [B, T]; weight f32 [B]; after `prepare`: ref_chosen, ref_rejected f32 [B]."""
+        from apo_jax.data import pipeline
+
+        return pipeline.pair_lm_set(tokenizer, records, data_cfg)
+
+    def prepare(self, examples: Any, config: models.LlamaConfig, params: Any, mesh: jax.sharding.Mesh,
+                batch_size: int) -> Any:
+        """Adds the reference (= `params`, the phase's starting policy) log-probs of both responses."""
+        logp = _sequence_logprobs_fn(config, mesh)
+        n = len(examples)
+        out = {"chosen": [], "rejected": []}
+        for i in range(0, n, batch_size):
+            rows = np.arange(i, i + batch_size) % n  # the last batch is filled up with repeats
+            g = sharding.shard_batch(examples.batch(rows), mesh)
+            for side in out:
+                out[side].append(logp(params, g[f"{side}_ids"], g[f"{side}_mask"], g[f"{side}_response_mask"]))
+        from apo_jax import scoring
+
+        for side, parts in out.items():
+            examples.extras[f"ref_{side}"] = np.concatenate([scoring.gather(x) for x in parts])[:n].astype(np.float32)
+        return examples
+
+    def stats(self, config: models.LlamaConfig, params: Any, batch: Mapping[str, jax.Array]) -> Stats:
+        # Chosen and rejected run through the model as one [2B, T] forward.
+        ids = jnp.concatenate([batch["chosen_ids"], batch["rejected_ids"]], axis=0)
+        mask = jnp.concatenate([batch["chosen_mask"], batch["rejected_mask"]], axis=0)
+        resp = jnp.concatenate([batch["chosen_response_mask"], batch["rejected_response_mask"]], axis=0)
+        logp = models.sequence_logprobs(config, params, ids, mask, resp)
+        n = batch["chosen_ids"].shape[0]
+        return losses.dpo_stats(logp[:n], logp[n:], batch["ref_chosen"], batch["ref_rejected"], batch["weight"],
+                                jnp.sum(batch["chosen_response_mask"], axis=-1), beta=self.beta,
+                                label_smoothing=self.label_smoothing, sft_weight=self.sft_weight)
+
+    def metrics(self, stats: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+        return losses.dpo_metrics(stats)
+
+
+_LOGP_FNS: dict[tuple, Any] = {}
+
+
+def _sequence_logprobs_fn(config: models.LlamaConfig, mesh: jax.sharding.Mesh):
+    key = (config, mesh)
+    if key not in _LOGP_FNS:
+        def fn(params, ids, mask, resp):
+            with sharding.activation_sharding(mesh):
+                return models.sequence_logprobs(config, params, ids, mask, resp)
+
+        _LOGP_FNS[key] = jax.jit(fn)
+    return _LOGP_FNS[key]
