@@ -53,6 +53,20 @@ def get_config():
     c.sft.epochs = 1
     c.sft.warmup_steps = 20
 
+    # DPO policy updates, for the `<arm>-dpo` schedules (e.g. --config.apo.schedules="('rjs-dpo','apo-dpo')").
+    # Not in the paper, which runs APO with rejection-sampling SFT only. Starting values at 7B:
+    # beta 0.1 (Rafailov et al. 2023, the DPO paper's default and TRL's); lr 5e-7 with batch 128,
+    # 1 epoch per round and no label smoothing or SFT term, as in the online iterative DPO recipe
+    # of RLHFlow (Dong et al. 2024, "RLHF Workflow"), which also pairs the RM's best and worst of
+    # the policy's samples against the round's starting policy as reference.
+    c.dpo.lrs = (5e-7, 5e-7, 5e-7)
+    c.dpo.batch_size = 128
+    c.dpo.epochs = 1
+    c.dpo.warmup_steps = 20
+    c.dpo.beta = 0.1
+    c.dpo.label_smoothing = 0.0
+    c.dpo.sft_weight = 0.0
+
     c.apo.rounds = 3
     c.apo.num_samples = 4
     c.apo.schedules = ("rjs", "apo", "apo_seq", "ablation")
