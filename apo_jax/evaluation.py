@@ -56,7 +56,7 @@ def expected_calibration_error(r_good, r_bad, num_bins: int = 10, weighted: bool
 
 
 def score_texts(rm_dir: str, prompts: Sequence[str], responses: Sequence[str], *,
-                batch_size: int = 16) -> np.ndarray:
+                batch_size: int = 16, prompt_format: str | None = None) -> np.ndarray:
     """float32 rewards [N] of (prompt, response) texts by the reward model in `rm_dir`.
 
     `rm_dir` is an apo_jax export (`run_dir/export/rm_*`) or any Hugging Face
@@ -66,7 +66,12 @@ def score_texts(rm_dir: str, prompts: Sequence[str], responses: Sequence[str], *
     token (`models.rewards`), batches of `batch_size` (rounded up to a multiple of the devices)
     on a mesh over all local devices, one compiled program per length bucket. An export made
     with `data.reward_position="eos"` has a tokenizer that appends the EOS itself.
+    `prompt_format` ("hh" or "chat_template", as `data.prompt_format`) defaults to what the
+    export recorded in `apo_jax_scoring.json`, else "hh".
     """
+    import json
+    import os
+
     import jax
     import ml_collections
 
@@ -84,10 +89,17 @@ def score_texts(rm_dir: str, prompts: Sequence[str], responses: Sequence[str], *
         raise hf.CheckpointError(f"{rm_dir}: has no score.weight; expected a reward model "
                                  "(LlamaForSequenceClassification, num_labels=1)")
     tokenizer = tokenize.load_tokenizer(rm_dir)
+    if prompt_format is None:
+        recorded = os.path.join(hf.resolve_checkpoint_dir(rm_dir), hf.SCORING_NAME)
+        prompt_format = "hh"
+        if os.path.exists(recorded):
+            with open(recorded) as f:
+                prompt_format = json.load(f).get("prompt_format", "hh")
     max_len = int(config.max_position_embeddings)
     buckets = tuple(sorted({min(2 ** k, max_len) for k in range(4, max_len.bit_length() + 1)}))
     # The game's RM data settings; the tokenizer itself adds what an "eos" export needs.
-    data_cfg = ml_collections.ConfigDict(dict(rm_max_len=max_len, buckets=buckets, reward_position="last_token"))
+    data_cfg = ml_collections.ConfigDict(dict(rm_max_len=max_len, buckets=buckets, reward_position="last_token",
+                                              prompt_format=prompt_format))
     n = mesh.devices.size
     batch = -(-batch_size // n) * n
     return scoring.score_texts_with(config, params, tokenizer, list(zip(prompts, responses)), data_cfg, mesh, batch)

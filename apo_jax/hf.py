@@ -344,6 +344,7 @@ def save_pretrained(
     tokenizer: Any = None,
     max_shard_bytes: int = 5 * 1024**3,
     reward_position: str = "last_token",
+    prompt_format: str = "hh",
 ) -> str:
     """Writes `config.json` + safetensors (sharded above `max_shard_bytes`) that transformers loads.
 
@@ -357,8 +358,10 @@ def save_pretrained(
     `model(**tokenizer(prompt + " " + response, return_tensors="pt"))` (single or `padding=True`
     batches), scores what apo_jax scores: `config.json`'s `pad_token_id` is the tokenizer's pad id
     (transformers pools the last non-pad token), and with `reward_position="eos"` the tokenizer's
-    post-processor appends EOS, as apo_jax's RM inputs do (see `export_tokenizer`). Files are
-    readable by other users (0644/0755 under the usual umask).
+    post-processor appends EOS, as apo_jax's RM inputs do (see `export_tokenizer`). The RM's
+    scoring settings (`reward_position`, `prompt_format`: the run's `data.*`) are recorded in
+    `apo_jax_scoring.json`, which `evaluation.score_texts` follows. Files are readable by other
+    users (0644/0755 under the usual umask).
     """
     if reward_position not in REWARD_POSITIONS:
         raise ValueError(f"reward_position: {reward_position!r}; expected one of {REWARD_POSITIONS}")
@@ -399,9 +402,9 @@ def save_pretrained(
             logging.warning("%s: pad == EOS (%d) with data.reward_position='eos': transformers pools the last "
                             "non-pad token, before the EOS, so its scores differ from apo_jax's; use 'last_token'",
                             path, pad)
-    append_eos = is_rm and reward_position == "eos"
+    scoring = {"reward_position": reward_position, "prompt_format": prompt_format} if is_rm else None
     if fileio.is_remote(path):
-        return _save_remote(path, hf_config, tensors, tokenizer, max_shard_bytes, append_eos)
+        return _save_remote(path, hf_config, tensors, tokenizer, max_shard_bytes, scoring)
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=parent)
@@ -410,7 +413,7 @@ def save_pretrained(
             json.dump(hf_config, f, indent=2, sort_keys=True)
         _write_shards(tmp, tensors, max_shard_bytes)
         if tokenizer is not None:
-            export_tokenizer(tokenizer, tmp, append_eos=append_eos)
+            export_tokenizer(tokenizer, tmp, scoring=scoring)
         _readable_by_all(tmp)
         if os.path.exists(path):
             backup = path.rstrip("/") + ".old"
@@ -426,7 +429,7 @@ def save_pretrained(
 
 
 def _save_remote(path: str, hf_config: dict, tensors: Mapping[str, np.ndarray], tokenizer: Any,
-                 max_shard_bytes: int, append_eos: bool = False) -> str:
+                 max_shard_bytes: int, scoring: dict[str, str] | None = None) -> str:
     """`save_pretrained` to object storage: written locally, then uploaded with config.json last.
 
     Object stores have no directory rename; `is_saved` (config.json and the weights present)
@@ -436,7 +439,7 @@ def _save_remote(path: str, hf_config: dict, tensors: Mapping[str, np.ndarray], 
     with tempfile.TemporaryDirectory(prefix="apo_jax-export-") as tmp:
         _write_shards(tmp, tensors, max_shard_bytes)
         if tokenizer is not None:
-            export_tokenizer(tokenizer, tmp, append_eos=append_eos)
+            export_tokenizer(tokenizer, tmp, scoring=scoring)
         if target.exists():
             target.rmtree()
         target.mkdir(parents=True, exist_ok=True)
@@ -450,14 +453,18 @@ def _save_remote(path: str, hf_config: dict, tensors: Mapping[str, np.ndarray], 
 REWARD_POSITIONS = ("last_token", "eos")
 
 
-def export_tokenizer(tokenizer: Any, out_dir: str, *, append_eos: bool = False) -> None:
+SCORING_NAME = "apo_jax_scoring.json"  # an RM export's scoring settings (read by evaluation.score_texts)
+
+
+def export_tokenizer(tokenizer: Any, out_dir: str, *, scoring: dict[str, str] | None = None) -> None:
     """`tokenizer.save_pretrained(out_dir)`, loadable by transformers 4 and 5 alike.
 
     transformers 5 records its own generic class name ("TokenizersBackend"), unknown to
     transformers 4; "PreTrainedTokenizerFast" loads the same tokenizer.json under both, and
     `model_input_names` keeps transformers 4 from adding `token_type_ids` (LLaMA takes none).
-    `append_eos` chains a template that appends EOS to the post-processor (after BOS etc.), so
-    plain `tokenizer(text)` gives the `... [EOS]` inputs an RM read at EOS was trained on.
+    For a reward model, `scoring` ({reward_position, prompt_format}) is written beside it, and
+    with reward_position "eos" a template that appends EOS is chained to the post-processor
+    (after BOS etc.), so plain `tokenizer(text)` gives the `... [EOS]` inputs the RM was trained on.
     """
     tokenizer.save_pretrained(out_dir)
     config_path = os.path.join(out_dir, "tokenizer_config.json")
@@ -473,7 +480,11 @@ def export_tokenizer(tokenizer: Any, out_dir: str, *, append_eos: bool = False) 
             with open(config_path, "w") as f:
                 json.dump(tok_config, f, indent=2, sort_keys=True)
                 f.write("\n")
-    if append_eos:
+    if scoring is None:
+        return
+    with open(os.path.join(out_dir, SCORING_NAME), "w") as f:
+        json.dump(scoring, f, indent=1, sort_keys=True)
+    if scoring["reward_position"] == "eos":
         import tokenizers
 
         tok_path = os.path.join(out_dir, "tokenizer.json")

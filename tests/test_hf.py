@@ -204,6 +204,8 @@ def test_exported_rm_scores_the_same_in_transformers(tmp_path, pad_is_eos, rewar
         tok_config = json.load(f)  # transformers 4.46 loads it too (no 5-only class, no token_type_ids)
     assert tok_config["tokenizer_class"] == "PreTrainedTokenizerFast"
     assert tok_config["model_input_names"] == ["input_ids", "attention_mask"]
+    with open(os.path.join(out, hf.SCORING_NAME)) as f:
+        assert json.load(f) == {"reward_position": reward_position, "prompt_format": "hh"}
 
     # The standard transformers usage, one text at a time and as a padded batch.
     hf_tok = transformers.AutoTokenizer.from_pretrained(out)
@@ -218,6 +220,10 @@ def test_exported_rm_scores_the_same_in_transformers(tmp_path, pad_is_eos, rewar
     last_ids = [hf_tok(t)["input_ids"][-1] for t in texts]
     assert all((i == tok.eos_token_id) == (reward_position == "eos") for i in last_ids), last_ids
     assert len(set(np.round(ours, 4))) == len(ours)  # distinct scores: a wrong position would show
+    # The stable API on the export follows it too (an "eos" export's tokenizer appends the EOS).
+    from apo_jax import evaluation
+
+    np.testing.assert_allclose(evaluation.score_texts(out, PROMPTS, RESPONSES, batch_size=8), ours, atol=1e-5)
 
 
 def test_score_texts_api_matches_the_game_on_an_hf_rm_dir(tmp_path):
