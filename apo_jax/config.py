@@ -94,7 +94,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.rm.base = _optimizer(1e-6, 64)
     c.rm.test = _optimizer(1e-6, 64)
     c.rm.apo = _optimizer(1e-8, 64)
-    c.rm.apo_weight = 0.1 / 4
+    # Weight of each APO pair (eq. 15 in the official code's form): 0 = `apo_weight_per_query` / S, so
+    # changing S keeps beta2 (the official rule is 0.1 / S per APO pair); > 0 = this weight as given.
+    c.rm.apo_weight = 0.0
+    c.rm.apo_weight_per_query = 0.1
+    c.rm.apo_init = "base"  # APO RMs fine-tune RM_Base (paper) | "init": the RM init checkpoint (official README)
     c.rm.human_weight = 1.0
     c.rm.param_dtype = "float32"
     c.rm.dtype = "float32"
@@ -245,6 +249,12 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
         err("eval.batch_size", f"{c.eval.batch_size} must be a positive multiple of data*fsdp = {batch_shards}")
     if c.sft.normalize not in ("token", "sequence"):
         err("sft.normalize", f"{c.sft.normalize!r}; expected 'token' or 'sequence'")
+    if c.rm.apo_weight < 0:
+        err("rm.apo_weight", f"{c.rm.apo_weight} must be >= 0 (0 = rm.apo_weight_per_query / apo.num_samples)")
+    if c.rm.apo_weight == 0 and c.rm.apo_weight_per_query <= 0:
+        err("rm.apo_weight_per_query", f"{c.rm.apo_weight_per_query} must be > 0")
+    if c.rm.apo_init not in ("base", "init"):
+        err("rm.apo_init", f"{c.rm.apo_init!r}; expected 'base' (fine-tune RM_Base) or 'init' (the RM init checkpoint)")
     if c.dpo.beta <= 0:
         err("dpo.beta", f"{c.dpo.beta} must be > 0")
     if not 0.0 <= c.dpo.label_smoothing < 0.5:
@@ -302,6 +312,11 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
 
     if errors:
         raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
+
+
+def apo_pair_weight(c: ml_collections.ConfigDict) -> float:
+    """The weight of one APO (gold vs sample) pair in the RM loss."""
+    return float(c.rm.apo_weight) if c.rm.apo_weight > 0 else float(c.rm.apo_weight_per_query) / c.apo.num_samples
 
 
 def to_plain(c: ml_collections.ConfigDict) -> dict[str, Any]:

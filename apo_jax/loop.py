@@ -181,8 +181,9 @@ class Game:
     def _objective(self, name: str) -> objectives.Objective:
         cfg = self.cfg
         if name == "ranking":
-            return objectives.get("ranking", apo_weight=float(cfg.rm.apo_weight),
-                                  human_weight=float(cfg.rm.human_weight))
+            from apo_jax.config import apo_pair_weight
+
+            return objectives.get("ranking", apo_weight=apo_pair_weight(cfg), human_weight=float(cfg.rm.human_weight))
         if name == "sft":
             return objectives.get("sft", normalize=cfg.sft.normalize)
         if name == "dpo":
@@ -244,7 +245,10 @@ class Game:
                 prev_policy = policy_of[sched.name]
                 # 1-2. The schedule's RM update.
                 if sched.rm is not None:
-                    init = base if sched.rm.init == "base" else rm_of[sched.name]
+                    if sched.rm.init == "previous":
+                        init = rm_of[sched.name]
+                    else:  # RM_Base (paper), or a fresh RM from the init checkpoint (official README)
+                        init = base if cfg.rm.apo_init == "base" else "rm.init"
                     data = (Human(), APOPairs(prev_policy)) if sched.rm.apo_pairs else (Human(),)
                     rm = Recipe("score", init, "ranking", data, sched.rm.optimizer, rnd)
                     self.name(rm, sched.rm_name(rnd), sched.rm_label(rnd))
@@ -262,7 +266,7 @@ class Game:
                 policy_of[sched.name] = policy
                 self.policy_records.append(phases.evaluate_policy(self.ctx, name, sched.name, rnd, "rm_test"))
 
-        records = self.rm_records + self.policy_records
+        records = self.rm_records + self.policy_records + self._probe_records() + self._selection_records()
         outputs = reporting.write_reports(records, store.run_dir) if store.is_main else {}
         final = ["rm_base", "rm_test"] + [self.names[rm_of[s.name]] for s in table] + [
             self.names[policy_of[s.name]] for s in table]
@@ -284,6 +288,22 @@ class Game:
         if any(r["name"] == name for r in self.rm_records):
             return
         self.rm_records.append(phases.evaluate_rm(self.ctx, name, self.labels[name], schedule, rnd))
+
+    def _probe_records(self) -> list[dict]:
+        """b(RM) of every evaluated RM as {"kind": "rm_probe", ...} (the synthetic world only)."""
+        return [{"kind": "rm_probe", "model": r["model"], "name": r["name"], "schedule": r["schedule"],
+                 "round": r["round"], "marker_bias": r["marker_bias"], "marker_bias_se": r["marker_bias_se"]}
+                for r in self.rm_records if "marker_bias" in r]
+
+    def _selection_records(self) -> list[dict]:
+        """Every best-of-S phase's diagnostics record (logged when its policy was trained, maybe by an
+        earlier run of this run dir), the last one per selection. Process 0 writes the reports."""
+        if not self.store.is_main:
+            return []
+        self.store.metrics.flush()
+        by_name = {r["name"]: r for r in fileio.read_jsonl(self.store.metrics.jsonl_path, missing_ok=True)
+                   if r.get("kind") == "best_of_s"}
+        return list(by_name.values())
 
     def _summary_text(self, outputs: dict[str, str], exports: dict[str, str], summary_path: str) -> str:
         store = self.store

@@ -16,7 +16,7 @@ import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
 
-from apo_jax import checkpointing, evaluation, fileio, fit, hf, models, sampler, scoring, train
+from apo_jax import checkpointing, diagnostics, evaluation, fileio, fit, hf, models, sampler, scoring, train
 from apo_jax.data import pipeline, tokenize
 from apo_jax.objectives import Objective
 from apo_jax.store import (ModelSlot, PolicyEvalKey, RMEvalKey, RunStore, SamplesKey, ScoresKey, phase_key,
@@ -170,19 +170,30 @@ def _judge(ctx: Context, rule: str, rm: str | None, rows: Sequence[dict], policy
     raise ValueError(f"unknown selection rule {rule!r}")
 
 
-def _log_selection(ctx: Context, out_name: str, judge: str, policy: str, picks: np.ndarray,
-                   true: np.ndarray | None) -> None:
-    """How much of the best-of-S headroom the selector finds: r* of its picks against the mean
-    sample and the oracle's pick (the synthetic world only)."""
+def _log_selection(ctx: Context, out_name: str, judge: str, policy: str, rows: Sequence[dict],
+                   scores_ps: np.ndarray, true: np.ndarray | None, valid: np.ndarray) -> None:
+    """The hacking diagnostics of a selection (the synthetic world only): r* of the picks against
+    the mean sample and the oracle's pick, the selector's on-policy pair accuracy against r* (all
+    pairs, and marker-free pairs), and the marker rates of samples and picks."""
     if true is None:
         return
-    rec = {"kind": "best_of_s", "name": out_name, "rm": judge, "policy": policy,
-           "true_reward_picked": float(np.mean(true[np.arange(len(picks)), picks])),
-           "true_reward_mean_sample": float(np.mean(true)),
-           "true_reward_oracle_pick": float(np.mean(true.max(axis=1)))}
+    world = ctx.data.world
+    markers = None
+    if world is not None:
+        markers = np.asarray([world.marker_count(r["response"]) for r in rows]).reshape(true.shape)
+    schedule, _, rnd = out_name.rpartition("_r")
+    rec = {"kind": "best_of_s", "name": out_name, "schedule": schedule, "round": int(rnd), "rm": judge,
+           "policy": policy, **diagnostics.best_of_s_stats(scores_ps, true, markers, valid)}
     ctx.store.metrics.write(rec)
     ctx.store.status(f"best-of-{true.shape[1]} {out_name}: r* of {judge}'s picks {rec['true_reward_picked']:.3f} "
-                     f"(mean sample {rec['true_reward_mean_sample']:.3f}, oracle {rec['true_reward_oracle_pick']:.3f})")
+                     f"(mean sample {rec['true_reward_mean_sample']:.3f}, oracle {rec['true_reward_oracle_pick']:.3f}; "
+                     f"on-policy pair acc {rec['onpolicy_pair_acc']:.3f})")
+
+
+def _nonempty(rows: Sequence[dict], shape: tuple[int, ...]) -> np.ndarray:
+    """[P, S] bool: samples with a non-empty response (best-of-S never picks an empty answer, as the
+    official code skips them; a prompt whose samples are all empty keeps its argmax)."""
+    return np.asarray([bool(r["response"].strip()) for r in rows]).reshape(shape)
 
 
 def select_best_of_s(ctx: Context, rule: str, rm: str | None, samples_path: str, policy: str,
@@ -192,7 +203,8 @@ def select_best_of_s(ctx: Context, rule: str, rm: str | None, samples_path: str,
     rows = fileio.read_jsonl(samples_path)
     s = ctx.cfg.apo.num_samples
     scores_ps, true = _judge(ctx, rule, rm, rows, policy)
-    best = np.argmax(scores_ps, axis=1)
+    valid = _nonempty(rows, scores_ps.shape)
+    best = diagnostics.pick(scores_ps, valid)
     chosen = []
     for p, k in enumerate(best):
         r = rows[p * s + int(k)]
@@ -200,7 +212,7 @@ def select_best_of_s(ctx: Context, rule: str, rm: str | None, samples_path: str,
                        "score": float(scores_ps[p, k])})
     if ctx.store.is_main:
         fileio.write_jsonl(ctx.store.path("best", f"{out_name}.jsonl"), chosen)
-    _log_selection(ctx, out_name, rm if rule == "rm" else "oracle", policy, best, true)
+    _log_selection(ctx, out_name, rm if rule == "rm" else "oracle", policy, rows, scores_ps, true, valid)
     return chosen
 
 
@@ -212,7 +224,8 @@ def select_pairs(ctx: Context, rule: str, rm: str | None, samples_path: str, pol
     rows = fileio.read_jsonl(samples_path)
     s = ctx.cfg.apo.num_samples
     scores_ps, true = _judge(ctx, rule, rm, rows, policy)
-    best, worst = np.argmax(scores_ps, axis=1), np.argmin(scores_ps, axis=1)
+    valid = _nonempty(rows, scores_ps.shape)
+    best, worst = diagnostics.pick(scores_ps, valid), np.argmin(scores_ps, axis=1)
     pairs = []
     for p, (b, w) in enumerate(zip(best, worst)):
         rb, rw = rows[p * s + int(b)], rows[p * s + int(w)]
@@ -224,7 +237,7 @@ def select_pairs(ctx: Context, rule: str, rm: str | None, samples_path: str, pol
     if ctx.store.is_main:
         fileio.write_jsonl(ctx.store.path("pairs", f"{out_name}.jsonl"), pairs)
     ctx.store.status(f"{out_name}: {len(pairs)} best-vs-worst pairs from {len(best)} prompts")
-    _log_selection(ctx, out_name, rm if rule == "rm" else "oracle", policy, best, true)
+    _log_selection(ctx, out_name, rm if rule == "rm" else "oracle", policy, rows, scores_ps, true, valid)
     return pairs
 
 
@@ -244,6 +257,13 @@ def evaluate_rm(ctx: Context, name: str, label: str, schedule: str, rnd: int) ->
                 evaluation.expected_calibration_error(good, bad, cfg.eval.num_bins, weighted=True))
             if data.true_reward is not None:
                 rec[f"{split}_true_acc"] = pipeline.true_order_accuracy(data, pairs, good, bad)
+        if data.world is not None:
+            # The counterfactual probe b(RM): how much one spurious marker moves the reward of
+            # the test responses (the chosen answers of the test pairs, markers stripped).
+            plain = [(p["prompt"], data.world.strip_markers(p["chosen"])) for p in data.test_pairs]
+            marked = [(x, data.world.add_marker(y)) for x, y in plain]
+            probe = diagnostics.marker_bias(score_texts(ctx, slot, plain), score_texts(ctx, slot, marked))
+            rec.update(marker_bias=probe["marker_bias"], marker_bias_se=probe["marker_bias_se"])
         store.metrics.write(rec)
         store.status(f"eval {name}: test acc {rec['test_acc']:.3f} ece {rec['test_ece']:.3f}, "
                      f"dev acc {rec['dev_acc']:.3f} ece {rec['dev_ece']:.3f}")
@@ -264,6 +284,14 @@ def evaluate_policy(ctx: Context, policy: str, schedule: str, rnd: int, scorer: 
                "avg_score": float(np.mean(scores)), "num_answers": len(rows)}
         if data.true_reward is not None:
             rec["true_reward"] = float(np.mean([data.true_reward(r["prompt"], r["response"]) for r in rows]))
+        if data.world is not None:
+            w = data.world
+            rec.update(diagnostics.answer_stats(
+                [data.true_reward(r["prompt"], r["response"]) for r in rows],
+                [w.content_reward(r["prompt"], r["response"]) for r in rows],
+                [w.marker_count(r["response"]) for r in rows]))
+            # RM_Base's score of the same answers: what a fixed RM believes about the policy.
+            rec["rm_base_score"] = float(np.mean(score(ctx, "rm_base", rows, f"{policy}_test")))
         if store.is_main:
             fileio.write_jsonl(store.path("answers", f"{policy}_test.jsonl"),
                                [{"prompt_id": r["prompt_id"], "prompt": r["prompt"], "response": r["response"]}

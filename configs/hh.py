@@ -45,7 +45,7 @@ def get_config():
         opt.batch_size = 64
         opt.epochs = 1
         opt.warmup_steps = 100
-    c.rm.apo_weight = 0.1 / 4  # the official code's form of eq. 15 (0.1/S per APO pair, 1 per human pair)
+    c.rm.apo_weight_per_query = 0.1  # the official code's form of eq. 15: 0.1/S per APO pair, 1 per human pair
     c.rm.human_weight = 1.0
 
     c.sft.lrs = (5e-6, 2e-6, 9e-7)

@@ -67,3 +67,14 @@ def test_hh_config_without_checkpoints_fails_in_seconds_with_instructions(tmp_pa
     # Offline: the hub ids cannot be fetched; the message says what to pass instead.
     assert "--config.policy.checkpoint=" in err or "policy.checkpoint" in err, err[-2000:]
     assert "local" in err, err[-2000:]
+
+
+def test_apo_pair_weight_is_tied_to_the_number_of_samples():
+    from apo_jax.config import apo_pair_weight, base_config
+
+    c = base_config()
+    assert apo_pair_weight(c) == pytest.approx(0.1 / 4)  # the official rule, 0.1 / S per APO pair
+    c.apo.num_samples = 8
+    assert apo_pair_weight(c) == pytest.approx(0.1 / 8)  # changing S keeps beta2
+    c.rm.apo_weight = 0.3
+    assert apo_pair_weight(c) == pytest.approx(0.3)  # an explicit weight is used as given
