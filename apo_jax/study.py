@@ -133,6 +133,9 @@ def normalise(records: Iterable[Record]) -> list[Record]:
         key = record_key(rec)
         if key is not None and key[0] in ("policy_eval", "best_of_s"):
             rec = {**rec, "schedule": key[1], "round": key[2]}
+        if key is not None and key[0] == "best_of_s" and "headroom" not in rec and \
+                {"true_reward_oracle_pick", "true_reward_mean_sample"} <= set(rec):
+            rec["headroom"] = rec["true_reward_oracle_pick"] - rec["true_reward_mean_sample"]  # mean of differences
         out.append(rec)
     return out
 
@@ -268,7 +271,13 @@ def _field_values(per_seed: dict[int, list[Record]], key: Key | None, field: str
 
 
 def _fmt(stat: dict[str, Any]) -> str:
-    return f"{stat['mean']:+.4f} +- {stat['se']:.4f} (n={stat['n']})"
+    se = f"{stat['se']:.4f}" if math.isfinite(stat["se"]) else "n/a (one seed)"
+    return f"{stat['mean']:+.4f} +- {se} (n={stat['n']})"
+
+
+def _above(stat: dict[str, Any], threshold: float) -> bool | None:
+    """mean > threshold, or None (N/A) when the threshold needs an SE that one seed cannot give."""
+    return None if not math.isfinite(threshold) else bool(stat["mean"] > threshold)
 
 
 def checks(per_seed: dict[int, list[Record]]) -> list[dict[str, str]]:
@@ -281,6 +290,8 @@ def checks(per_seed: dict[int, list[Record]]) -> list[dict[str, str]]:
 
     def add(name: str, what: str, ok: bool | None, detail: str) -> None:
         status = "N/A" if ok is None else ("PASS" if ok else "FAIL")
+        if ok is None and "N/A" not in detail:
+            detail += " (N/A: the SE needs >= 2 seeds)"
         out.append({"check": name, "what": what, "status": status, "detail": detail})
 
     def level(name: str, what: str, key: Key | None, field: str, test: Callable[[dict], bool], missing: str) -> None:
@@ -318,18 +329,18 @@ def checks(per_seed: dict[int, list[Record]]) -> list[dict[str, str]]:
         rjs = _policy_key("rjs", last)
         parts, oks = [], []
         score_field = "rm_base_score" if _field_values(per_seed, rjs, "rm_base_score") else "avg_score"
-        for field, test in ((score_field, lambda s: s["mean"] > 2 * s["se"]),
-                            ("marker_rate", lambda s: s["mean"] > 2 * s["se"]),
+        for field, test in ((score_field, lambda s: _above(s, 2 * s["se"])),
+                            ("marker_rate", lambda s: _above(s, 2 * s["se"])),
                             ("true_reward", lambda s: s["mean"] <= 0)):
             stat, text = diff(rjs, base, field, f"policy_eval rjs r{last} / base r0 {field}")
             parts.append(f"{field} {text}")
-            oks.append(None if stat is None else bool(test(stat)))
+            oks.append(None if stat is None else test(stat))
         add("H1", f"RJS hacked: score and marker rate up > 2 SE, r* not up (round {last} - policy_0)",
             None if None in oks else all(oks), "; ".join(parts))
 
         stat, text = diff(_policy_key("apo", last), rjs, "true_reward", f"policy_eval apo/rjs r{last}")
         add("H2", f"APO - RJS true reward > max(2 SE, 0.02) (round {last})",
-            None if stat is None else stat["mean"] > max(2 * stat["se"], 0.02), f"true_reward diff = {text}")
+            None if stat is None else _above(stat, max(2 * stat["se"], 0.02)), f"true_reward diff = {text}")
         cstat, ctext = diff(_policy_key("apo", last), rjs, "content_reward", f"policy_eval apo/rjs r{last}")
         if cstat is not None:
             add("H2c", f"(report) APO - RJS content-only reward (round {last})", None, f"content_reward diff = {ctext}")
@@ -338,14 +349,15 @@ def checks(per_seed: dict[int, list[Record]]) -> list[dict[str, str]]:
         stat, text = diff(_policy_key("apo", last), _policy_key("ablation", last), "true_reward",
                           f"policy_eval apo/ablation r{last}")
         add("H4", f"APO - ablation true reward > 2 SE (round {last})",
-            None if stat is None else stat["mean"] > 2 * stat["se"], f"true_reward diff = {text}")
+            None if stat is None else _above(stat, 2 * stat["se"]), f"true_reward diff = {text}")
 
     acc, acc_text = diff(_find(per_seed, "best_of_s", round=1, schedule="apo"),
                          _find(per_seed, "best_of_s", round=1, schedule="rjs"), "onpolicy_pair_acc",
                          "best_of_s apo/rjs round 1 onpolicy_pair_acc")
     b, b_text = diff(probe_base, _find(per_seed, "rm_probe", schedule="apo", round=1), "marker_bias",
                      "rm_probe RM_Base / apo round 1 marker_bias")
-    ok = None if acc is None or b is None else (acc["mean"] > 2 * acc["se"] and b["mean"] > 2 * b["se"])
+    oks = [None if x is None else _above(x, 2 * x["se"]) for x in (acc, b)]
+    ok = None if None in oks else all(oks)
     add("H3", "APO's RM beats RM_Base: on-policy pair acc up and b down, each > 2 SE (round 1)", ok,
         f"pair acc diff = {acc_text}; b(RM_Base) - b(APO) = {b_text}")
     order = ["P1", "P2", "P3", "P4", "H1", "H2", "H2c", "H3", "H4"]

@@ -209,3 +209,17 @@ def test_command_line_errors_name_the_argument(tmp_path, capsys):
     with pytest.raises(SystemExit):
         study.main(["--config", __file__, "--seeds", "1", "--out", str(tmp_path), "--bogus=1"])
     assert "--bogus=1" in capsys.readouterr().err
+
+
+def test_one_seed_gives_no_standard_error_so_the_se_checks_are_not_applicable():
+    got = _checks([_passing(0)])
+    for name in ("H1", "H2", "H3", "H4"):
+        assert got[name]["status"] == "N/A" and "2 seeds" in got[name]["detail"], got[name]
+    assert got["P1"]["status"] == got["P4"]["status"] == "PASS"  # thresholds without an SE still apply
+
+
+def test_headroom_is_derived_from_older_best_of_s_records():
+    rec = {"kind": "best_of_s", "name": "rjs_r1", "rm": "rm_base", "true_reward_picked": 0.5,
+           "true_reward_mean_sample": 0.55, "true_reward_oracle_pick": 0.8}
+    (got,) = study.normalise([rec])
+    assert (got["schedule"], got["round"]) == ("rjs", 1) and got["headroom"] == pytest.approx(0.25)
