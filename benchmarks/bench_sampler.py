@@ -12,7 +12,7 @@ Reported: generated tokens/s (batch * S * new_tokens over the whole call), the d
 fewest bytes a step must read (every matmul weight once + the valid KV cache) over the measured
 copy bandwidth, divided by the measured step time.
 
-Scoring: `train.make_rm_score_fn` (forward only, reward at the last token) on [batch, seq]
+Scoring: `scoring.make_reward_fn` (forward only, reward at the last token) on [batch, seq]
 against LlamaForSequenceClassification's forward under `torch.no_grad`.
 """
 
@@ -31,26 +31,29 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from apo_jax import models, sampler, train  # noqa: E402
+from apo_jax import models, sampler  # noqa: E402
 from benchmarks import common  # noqa: E402
 
 SAMPLE_DEFAULTS = dict(impl="jax", model="tiny", batch=2, num_samples=4, prompt_len=32, new_tokens=32,
-                       temperature=1.2, top_p=1.0, top_k=0, param_dtype="float32", attention="xla",
-                       warmup=1, iters=3, seed=0, ref_weights="random", copy_bytes_per_s=None, profile=False)
-SCORE_DEFAULTS = dict(impl="jax", model="tiny", batch=4, seq=64, param_dtype="float32", attention="xla",
+                       temperature=1.2, top_p=1.0, top_k=0, param_dtype="float32", dtype="bfloat16",
+                       checkpoint=None, attention="xla", warmup=1, iters=3, seed=0, ref_weights="random", copy_bytes_per_s=None, profile=False)
+SCORE_DEFAULTS = dict(impl="jax", model="tiny", batch=4, seq=64, param_dtype="float32", dtype="bfloat16",
+                      checkpoint=None, attention="xla",
                       warmup=1, iters=3, seed=0, ref_weights="random", profile=False)
 
 
 def sample_name(c: dict[str, Any]) -> str:
     c = {**SAMPLE_DEFAULTS, **c}
-    name = (f"best-of-{c['num_samples']} {c['model']} b{c['batch']} prompt{c['prompt_len']} "
+    name = (f"best-of-{c['num_samples']} {common.model_label(c)} b{c['batch']} prompt{c['prompt_len']} "
             f"new{c['new_tokens']} params={c['param_dtype']}")
+    name += f" compute={c['dtype']}" if c["dtype"] != "bfloat16" else ""
     return name + (f" attn={c['attention']}" if c["attention"] != "xla" else "")
 
 
 def score_name(c: dict[str, Any]) -> str:
     c = {**SCORE_DEFAULTS, **c}
-    name = f"score {c['model']} seq{c['seq']} b{c['batch']} params={c['param_dtype']}"
+    name = f"score {common.model_label(c)} seq{c['seq']} b{c['batch']} params={c['param_dtype']}"
+    name += f" compute={c['dtype']}" if c["dtype"] != "bfloat16" else ""
     return name + (f" attn={c['attention']}" if c["attention"] != "xla" else "")
 
 
@@ -70,8 +73,9 @@ def _kv_len_avg(c: dict[str, Any]) -> float:
 
 
 def run_jax_sample(c: dict[str, Any]) -> dict[str, Any]:
-    cfg = common.model_config(c["model"], param_dtype=c["param_dtype"], attention=c["attention"])
-    params = common.init_params(cfg, c["seed"], lm_head=True, reward_head=False)
+    rss0 = common.rss_bytes()["rss"]
+    cfg = common.case_config(c, attention=c["attention"])
+    params = common.case_params(cfg, c, lm_head=True, reward_head=False)
     ids_np, mask_np = _prompts(c, cfg.vocab_size)
     kw = dict(num_samples=c["num_samples"], max_new_tokens=c["new_tokens"], temperature=c["temperature"],
               top_p=c["top_p"], top_k=c["top_k"], eos_token_id=None)
@@ -132,6 +136,8 @@ def run_jax_sample(c: dict[str, Any]) -> dict[str, Any]:
         "peak_bytes": peak if peak is not None else mem["peak_estimate"],
         "peak_source": "device.memory_stats" if peak is not None else "memory_analysis (decode program)",
         "decode_memory_analysis": mem,
+        "rss_start_bytes": rss0,
+        "rss_peak_bytes": common.rss_bytes()["peak_rss"],
         "decode_executable_reused": cached,
         "cache_bytes": 2 * cfg.num_hidden_layers * rows * (c["prompt_len"] + c["new_tokens"])
                        * cfg.num_key_value_heads * cfg.head_dim * jnp.dtype(cfg.compute_dtype).itemsize,
@@ -145,13 +151,16 @@ def run_jax_sample(c: dict[str, Any]) -> dict[str, Any]:
 def run_torch_sample(c: dict[str, Any]) -> dict[str, Any]:
     import torch
 
-    cfg = common.model_config(c["model"], param_dtype=c["param_dtype"])
+    rss0 = common.rss_bytes()["rss"]
+    cfg = common.case_config(c)
     device = common.torch_device()
     params = None
-    if c["ref_weights"] == "identical":
-        params = jax.device_get(common.init_params(cfg, c["seed"], lm_head=True, reward_head=False))
-    # Generation in transformers is run in bf16 weights, as its users load a model for sampling.
-    model = common.hf_model(cfg.replace(param_dtype="bfloat16"), reward=False, params=params, dtype="bfloat16",
+    if c["ref_weights"] == "identical" or c["checkpoint"]:
+        params = jax.device_get(common.case_params(cfg, c, lm_head=True, reward_head=False))
+    # Generation in transformers is run in bf16 weights, as its users load a model for sampling;
+    # with float32 compute (the CPU comparison) in float32 weights.
+    tdtype = "float32" if c["dtype"] == "float32" else "bfloat16"
+    model = common.hf_model(cfg.replace(param_dtype=tdtype), reward=False, params=params, dtype=tdtype,
                             device=device).eval()
     ids_np, mask_np = _prompts(c, cfg.vocab_size)
     ids = torch.as_tensor(ids_np, device=device).long()
@@ -176,10 +185,12 @@ def run_torch_sample(c: dict[str, Any]) -> dict[str, Any]:
         "step_time_s": (timing.median_s - t_one.median_s) / max(c["new_tokens"] - 1, 1),
         "call_time_s": timing.median_s,
         "prefill_time_s": t_one.median_s,
-        "peak_bytes": common.torch_peak_bytes(),
-        "peak_source": "torch.cuda.max_memory_allocated" if device == "cuda" else None,
+        "peak_bytes": common.torch_peak_bytes() or common.rss_bytes()["peak_rss"],
+        "peak_source": "torch.cuda.max_memory_allocated" if device == "cuda" else "process RSS (VmHWM)",
+        "rss_start_bytes": rss0,
+        "rss_peak_bytes": common.rss_bytes()["peak_rss"],
         "torch_device": device,
-        "torch_weights": "bfloat16",
+        "torch_weights": tdtype,
         "timing": timing.as_dict(),
     }
 
@@ -189,10 +200,11 @@ def run_torch_sample(c: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_jax_score(c: dict[str, Any]) -> dict[str, Any]:
-    cfg = common.model_config(c["model"], param_dtype=c["param_dtype"], attention=c["attention"])
+    rss0 = common.rss_bytes()["rss"]
+    cfg = common.case_config(c, attention=c["attention"])
     mesh = common.single_device_mesh()
-    params = common.init_params(cfg, c["seed"], lm_head=False, reward_head=True)
-    score = train.make_rm_score_fn(cfg, mesh)
+    params = common.case_params(cfg, c, lm_head=False, reward_head=True)
+    score = common.make_score_fn(cfg, mesh)
     ids = jax.device_put(common.random_ids(c["seed"], c["batch"], c["seq"], cfg.vocab_size))
     mask = jax.device_put(np.ones((c["batch"], c["seq"]), np.int32))
     c_start = common.backend_compiles()
@@ -214,6 +226,8 @@ def run_jax_score(c: dict[str, Any]) -> dict[str, Any]:
         "peak_bytes": peak if peak is not None else mem["peak_estimate"],
         "peak_source": "device.memory_stats" if peak is not None else "memory_analysis",
         "memory_analysis": mem,
+        "rss_start_bytes": rss0,
+        "rss_peak_bytes": common.rss_bytes()["peak_rss"],
         "compiles": {"first_calls": compiles},
         "profile": profile,
         "rewards_head": [float(x) for x in first[:4]],
@@ -224,15 +238,16 @@ def run_jax_score(c: dict[str, Any]) -> dict[str, Any]:
 def run_torch_score(c: dict[str, Any]) -> dict[str, Any]:
     import torch
 
-    cfg = common.model_config(c["model"], param_dtype=c["param_dtype"])
+    rss0 = common.rss_bytes()["rss"]
+    cfg = common.case_config(c)
     device = common.torch_device()
     params = None
-    if c["ref_weights"] == "identical":
-        params = jax.device_get(common.init_params(cfg, c["seed"], lm_head=False, reward_head=True))
+    if c["ref_weights"] == "identical" or c["checkpoint"]:
+        params = jax.device_get(common.case_params(cfg, c, lm_head=False, reward_head=True))
     model = common.hf_model(cfg, reward=True, params=params, dtype=c["param_dtype"], device=device).eval()
     ids = torch.as_tensor(common.random_ids(c["seed"], c["batch"], c["seq"], cfg.vocab_size), device=device).long()
     mask = torch.ones_like(ids)
-    mixed = c["param_dtype"] == "float32"
+    mixed = c["param_dtype"] == "float32" and c["dtype"] == "bfloat16"
 
     def call():
         with torch.no_grad(), torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=mixed):
@@ -247,8 +262,10 @@ def run_torch_score(c: dict[str, Any]) -> dict[str, Any]:
         "tokens_per_s": tokens / timing.median_s,
         "step_time_s": timing.median_s,
         "flops_per_step": common.forward_flops(cfg, tokens, c["seq"], lm_head=False),
-        "peak_bytes": common.torch_peak_bytes(),
-        "peak_source": "torch.cuda.max_memory_allocated" if device == "cuda" else None,
+        "peak_bytes": common.torch_peak_bytes() or common.rss_bytes()["peak_rss"],
+        "peak_source": "torch.cuda.max_memory_allocated" if device == "cuda" else "process RSS (VmHWM)",
+        "rss_start_bytes": rss0,
+        "rss_peak_bytes": common.rss_bytes()["peak_rss"],
         "rewards_head": [float(x) for x in call()[:4, 0].float().cpu()],
         "torch_device": device,
         "timing": timing.as_dict(),
@@ -290,6 +307,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--seq", type=int, default=64, help="scoring sequence length")
     p.add_argument("--param-dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="bfloat16", help="compute dtype")
+    p.add_argument("--checkpoint", help="a HF LLaMA checkpoint dir or hub id (its shape and weights)")
     p.add_argument("--attention", choices=models.ATTENTION_IMPLS, default="xla")
     p.add_argument("--iters", type=int, default=3)
     args = p.parse_args(argv)
@@ -307,11 +326,12 @@ def main(argv: list[str] | None = None) -> None:
     for impl in (("jax", "torch") if args.impl == "both" else (args.impl,)):
         if args.score:
             case = dict(bench="score", impl=impl, model=args.model, batch=args.batch, seq=args.seq,
-                        param_dtype=args.param_dtype, attention=args.attention, iters=args.iters)
+                        param_dtype=args.param_dtype, dtype=args.dtype, checkpoint=args.checkpoint,
+                        attention=args.attention, iters=args.iters)
         else:
             case = dict(bench="sample", impl=impl, model=args.model, batch=args.batch, num_samples=args.num_samples,
                         prompt_len=args.prompt_len, new_tokens=args.new_tokens, param_dtype=args.param_dtype,
-                        attention=args.attention, iters=args.iters, copy_bytes_per_s=copy_bw["bytes_per_s"])
+                        dtype=args.dtype, checkpoint=args.checkpoint, attention=args.attention, iters=args.iters, copy_bytes_per_s=copy_bw["bytes_per_s"])
         r = run_case(case)
         results.append(r)
         extra = ""

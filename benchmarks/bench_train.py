@@ -5,9 +5,11 @@
     python benchmarks/bench_train.py --sweep --task rm --seq 1024 --batch 4 --remat full
 
 A step is the whole optimizer step (forward, backward, global-norm clip, AdamW) on one device,
-bf16 compute. `--param-dtype float32` (the default, as the APO configs train) keeps float32
-master weights on both sides: apo_jax casts per matmul, PyTorch runs under bf16 autocast.
-`--param-dtype bfloat16` stores bf16 weights on both sides. `--batch` counts pairs for the RM
+bf16 compute by default. `--param-dtype float32` (the default, as the APO configs train) keeps
+float32 master weights on both sides: apo_jax casts per matmul, PyTorch runs under bf16
+autocast. `--param-dtype bfloat16` stores bf16 weights on both sides. `--dtype float32` computes
+in float32 on both sides (no autocast): the CPU comparison. `--checkpoint DIR` runs a HF LLaMA
+checkpoint's shape and weights (both sides load the same weights). `--batch` counts pairs for the RM
 step (each step runs 2 x batch sequences: chosen and rejected) and sequences for SFT.
 `--remat` other than none turns on HF gradient checkpointing in the reference (whole layers).
 
@@ -38,7 +40,7 @@ TASKS = ("rm", "sft")
 ASSUMED_LIMIT_BYTES = 75 * 2**30  # 95% of an H100's 79.6 GiB (XLA_PYTHON_CLIENT_MEM_FRACTION=0.95)
 OPT = train.OptimizerConfig(lr=1e-5, warmup_steps=0, total_steps=10_000, schedule="linear", grad_clip=1.0)
 DEFAULTS = dict(impl="jax", task="rm", model="tiny", seq=64, batch=2, remat="none", attention="xla",
-                param_dtype="float32", warmup=2, steps=5, torch_compile=False, ref_weights="random", seed=0,
+                param_dtype="float32", dtype="bfloat16", checkpoint=None, warmup=2, steps=5, torch_compile=False, ref_weights="random", seed=0,
                 profile=False, oom_retry_remat=None)
 
 
@@ -49,7 +51,9 @@ def case_defaults(case: dict[str, Any]) -> dict[str, Any]:
 def case_name(case: dict[str, Any]) -> str:
     c = case_defaults(case)
     unit = "pairs" if c["task"] == "rm" else "seqs"
-    name = f"{c['task']} {c['model']} seq{c['seq']} b{c['batch']}{unit[0]} remat={c['remat']}"
+    name = f"{c['task']} {common.model_label(c)} seq{c['seq']} b{c['batch']}{unit[0]} remat={c['remat']}"
+    if c["dtype"] != "bfloat16":
+        name += f" compute={c['dtype']}"
     if c["param_dtype"] != "float32":
         name += f" params={c['param_dtype']}"
     if c["attention"] != "xla":
@@ -74,18 +78,23 @@ def make_batch(task: str, batch: int, seq: int, vocab: int, seed: int) -> dict[s
 
 
 def _config(c: dict[str, Any]) -> models.LlamaConfig:
-    return common.model_config(c["model"], param_dtype=c["param_dtype"], remat=c["remat"], attention=c["attention"])
+    return common.case_config(c, remat=c["remat"], attention=c["attention"])
 
 
-def init_params(cfg: models.LlamaConfig, task: str, seed: int) -> Any:
-    """Random params with the head the task needs (the LM head for SFT, the reward head for RM)."""
-    return common.init_params(cfg, seed, lm_head=task == "sft", reward_head=task == "rm")
+def init_params(cfg: models.LlamaConfig, c: dict[str, Any]) -> Any:
+    """The case's params with the head the task needs (the LM head for SFT, the reward head for RM)."""
+    return common.case_params(cfg, c, lm_head=c["task"] == "sft", reward_head=c["task"] == "rm")
+
+
+def torch_checkpointing(remat: str) -> bool:
+    """Whether the reference runs HF gradient checkpointing (whole layers): for the policies that
+    recompute matmuls. "auto" / "minimal" recompute only norms, SwiGLU and attention
+    probabilities, so they are compared with PyTorch's default (everything kept)."""
+    return remat in ("full", "dots", "dots_no_batch")
 
 
 def make_step(cfg: models.LlamaConfig, task: str, mesh: jax.sharding.Mesh):
-    if task == "rm":
-        return train.make_rm_train_step(cfg, OPT, mesh)
-    return train.make_sft_train_step(cfg, OPT, mesh)
+    return common.make_train_step(cfg, task, OPT, mesh)
 
 
 def step_executable(run: Any, state: Any, batch: Any) -> tuple[Any, tuple[Any, ...]]:
@@ -139,8 +148,9 @@ def run_jax(case: dict[str, Any]) -> dict[str, Any]:
     c = case_defaults(case)
     cfg = _config(c)
     mesh = common.single_device_mesh()
+    rss0 = common.rss_bytes()["rss"]
     compiles0 = common.backend_compiles()
-    params = init_params(cfg, c["task"], c["seed"])
+    params = init_params(cfg, c)
     state = train.init_state(cfg, params, OPT, mesh)
     del params  # init_state copied them; drop ours so the step's peak is not inflated
     run = make_step(cfg, c["task"], mesh)
@@ -184,6 +194,9 @@ def run_jax(case: dict[str, Any]) -> dict[str, Any]:
         "peak_bytes": peak if peak is not None else (mem or {}).get("peak_estimate"),
         "peak_source": "device.memory_stats" if peak is not None else "memory_analysis",
         "memory_analysis": mem,
+        "remat_resolved": models.remat_for(cfg, (2 if c["task"] == "rm" else 1) * c["batch"], c["seq"]),
+        "rss_start_bytes": rss0,
+        "rss_peak_bytes": common.rss_bytes()["peak_rss"],
         "xla_cost_scan_body_once": common.compiled_cost(compiled) if compiled is not None else None,
         "compiles": {"total_in_case": common.backend_compiles() - compiles0, "step_first_calls": step_compiles,
                      "steady_state": steady_compiles, "step_executables": _cache_size(jitted)},
@@ -206,15 +219,16 @@ def run_torch(case: dict[str, Any]) -> dict[str, Any]:
     cfg = _config(c)
     device = common.torch_device()
     rm = c["task"] == "rm"
+    rss0 = common.rss_bytes()["rss"]
     params = None
-    if c["ref_weights"] == "identical":
-        params = jax.device_get(init_params(cfg, c["task"], c["seed"]))
-    mixed = c["param_dtype"] == "float32"
+    if c["ref_weights"] == "identical" or c["checkpoint"]:
+        params = jax.device_get(init_params(cfg, c))
+    mixed = c["param_dtype"] == "float32" and c["dtype"] == "bfloat16"
     model = common.hf_model(cfg, reward=rm, params=params, dtype=c["param_dtype"], device=device)
     del params
     model.train()
     model.config.use_cache = False
-    if c["remat"] != "none":
+    if torch_checkpointing(c["remat"]):
         model.gradient_checkpointing_enable()
     fwd = torch.compile(model) if c["torch_compile"] else model
     opt = torch.optim.AdamW(model.parameters(), lr=OPT.lr, betas=(OPT.b1, OPT.b2), eps=OPT.eps,
@@ -247,18 +261,22 @@ def run_torch(case: dict[str, Any]) -> dict[str, Any]:
     common.torch_reset_peak()
     timing = common.time_calls(call, common.torch_sync, warmup=c["warmup"], iters=c["steps"])
     tokens = tokens_per_step(c)
+    rss = common.rss_bytes()["peak_rss"]
+    cuda_peak = common.torch_peak_bytes()
     return {
         "status": "ok",
         "tokens_per_step": tokens,
         "tokens_per_s": tokens / timing.median_s,
         "step_time_s": timing.median_s,
         "flops_per_step": common.train_flops(cfg, tokens, c["seq"], lm_head=not rm),
-        "peak_bytes": common.torch_peak_bytes(),
-        "peak_source": "torch.cuda.max_memory_allocated" if device == "cuda" else None,
+        "peak_bytes": cuda_peak if cuda_peak is not None else rss,
+        "peak_source": "torch.cuda.max_memory_allocated" if cuda_peak is not None else "process RSS (VmHWM)",
+        "rss_start_bytes": rss0,
+        "rss_peak_bytes": rss,
         "first_loss": float(holder["first"].float().cpu()),
         "torch_device": device,
         "torch_compile": bool(c["torch_compile"]),
-        "gradient_checkpointing": c["remat"] != "none",
+        "gradient_checkpointing": torch_checkpointing(c["remat"]),
         "ref_weights": c["ref_weights"],
         "timing": timing.as_dict(),
     }
@@ -346,6 +364,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--remat", choices=models.REMAT_POLICIES, default="none")
     p.add_argument("--attention", choices=models.ATTENTION_IMPLS, default="xla")
     p.add_argument("--param-dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="bfloat16", help="compute dtype")
+    p.add_argument("--checkpoint", help="a HF LLaMA checkpoint dir or hub id (its shape and weights)")
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--torch-compile", action="store_true")
@@ -375,6 +395,7 @@ def main(argv: list[str] | None = None) -> None:
     for impl in impls:
         case = dict(impl=impl, task=args.task, model=args.model, seq=args.seq, batch=args.batch, remat=args.remat,
                     attention=args.attention if impl == "jax" else "xla", param_dtype=args.param_dtype,
+                    dtype=args.dtype, checkpoint=args.checkpoint,
                     steps=args.steps, warmup=args.warmup, torch_compile=args.torch_compile,
                     ref_weights=args.ref_weights)
         results.append(run_case(case))

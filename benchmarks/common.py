@@ -40,10 +40,14 @@ from apo_jax import models, sharding  # noqa: E402
 # --------------------------------------------------------------------------------------------
 # Model shapes.
 
-MODEL_SHAPES: dict[str, dict[str, int]] = {
+MODEL_SHAPES: dict[str, dict[str, Any]] = {
     # CI-sized: runs on a laptop CPU in seconds.
     "tiny": dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=2),
+    # SmolLM2-135M's shape (HuggingFaceTB/SmolLM2-135M config.json): 1.35e8 parameters, tied.
+    "smollm2_135m": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True,
+                         rope_theta=100000.0),
     # TinyLlama-1.1B's shape: 1.10e9 parameters.
     "1b": dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
                num_attention_heads=32, num_key_value_heads=4),
@@ -106,8 +110,85 @@ def init_params(cfg: models.LlamaConfig, seed: int, *, lm_head: bool, reward_hea
     return out
 
 
-def common_shape(cfg: models.LlamaConfig) -> dict[str, int]:
-    return {k: getattr(cfg, k) for k in MODEL_SHAPES["tiny"]}
+def case_config(c: dict[str, Any], *, remat: str = "none", attention: str = "xla") -> models.LlamaConfig:
+    """A case's model: the preset shape `c["model"]`, or with `c["checkpoint"]` (a HF LLaMA
+    directory or hub id) that checkpoint's config.json; with the case's `dtype` (compute) and
+    `param_dtype`. The pad id is 0 either way (random ids never use it; HF's sequence classifier
+    needs one to find the last token)."""
+    runtime = dict(dtype=c.get("dtype", "bfloat16"), param_dtype=c.get("param_dtype", "float32"),
+                   remat_policy=remat, attention_impl=attention)
+    if not c.get("checkpoint"):
+        return model_config(c["model"], remat=remat, attention=attention, dtype=runtime["dtype"],
+                            param_dtype=runtime["param_dtype"])
+    from apo_jax import hf
+
+    hf_config = hf.read_config(hf.resolve_checkpoint_dir(c["checkpoint"]))
+    return models.LlamaConfig.from_hf(hf_config, **runtime).replace(pad_token_id=PAD_ID)
+
+
+def case_params(cfg: models.LlamaConfig, c: dict[str, Any], *, lm_head: bool, reward_head: bool) -> dict[str, Any]:
+    """A case's params: random (`init_params`) or the checkpoint's weights, with the heads asked
+    for (a reward head the checkpoint lacks is drawn with std REWARD_HEAD_STD)."""
+    seed = c.get("seed", 0)
+    if not c.get("checkpoint"):
+        return init_params(cfg, seed, lm_head=lm_head, reward_head=reward_head)
+    from apo_jax import hf
+
+    _, full = hf.load_pretrained(c["checkpoint"], param_dtype=cfg.param_dtype, dtype=cfg.dtype)
+    out = {"model": full["model"]}
+    if lm_head and "lm_head" in full:
+        out["lm_head"] = full["lm_head"]
+    if reward_head:
+        out["score"] = full.get("score") or {
+            "kernel": models.new_reward_head(cfg, jax.random.PRNGKey(seed), REWARD_HEAD_STD)}
+    return out
+
+
+def model_label(c: dict[str, Any]) -> str:
+    """The model's name in a table row: the preset name or the checkpoint's base name."""
+    ckpt = c.get("checkpoint")
+    return os.path.basename(os.path.normpath(ckpt)) if ckpt else c["model"]
+
+
+def rss_bytes() -> dict[str, int | None]:
+    """This process's resident memory now and its peak so far (Linux /proc VmRSS / VmHWM). On
+    CPU both frameworks allocate from host memory: the peak of a case run in its own process
+    (`run_all --isolate yes`) is that case's peak, buffers, allocator and runtime included."""
+    out: dict[str, int | None] = {"rss": None, "peak_rss": None}
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(("VmRSS:", "VmHWM:")):
+                    key = "rss" if line.startswith("VmRSS") else "peak_rss"
+                    out[key] = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return out
+
+
+def common_shape(cfg: models.LlamaConfig) -> dict[str, Any]:
+    return {k: getattr(cfg, k) for k in (*MODEL_SHAPES["tiny"], "tie_word_embeddings", "rope_theta")}
+
+
+# --------------------------------------------------------------------------------------------
+# The project's train step and scoring function: the one place the benchmarks build them.
+
+
+def make_train_step(cfg: models.LlamaConfig, task: str, opt_cfg: Any, mesh: jax.sharding.Mesh,
+                    *, grad_accum: int = 1) -> Any:
+    """`(state, batch) -> (state, metrics)`: the RM ("rm": BT ranking) or SFT ("sft") step that
+    the loop runs, built by `train.make_train_step` from the registered objective."""
+    from apo_jax import objectives, train
+
+    objective = objectives.get("ranking" if task == "rm" else "sft")
+    return train.make_train_step(cfg, objective, opt_cfg, mesh, grad_accum=grad_accum)
+
+
+def make_score_fn(cfg: models.LlamaConfig, mesh: jax.sharding.Mesh) -> Any:
+    """The jitted `(params, ids, mask) -> rewards [B]` the scoring phases use."""
+    from apo_jax import scoring
+
+    return scoring.make_reward_fn(cfg, mesh)
 
 
 def random_ids(seed: int, batch: int, length: int, vocab: int) -> np.ndarray:
@@ -498,7 +579,7 @@ def fmt_pct(x: float | None) -> str:
 
 
 TABLE_COLUMNS = ("config", "tokens/s", "step time", "MFU / roofline", "peak memory", "reference tokens/s",
-                 "ratio", "status")
+                 "ratio", "reference peak", "status")
 
 
 def table_lines(rows: Sequence[dict[str, Any]]) -> list[str]:

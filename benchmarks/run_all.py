@@ -1,6 +1,8 @@
 """Every benchmark of a preset, one table, one JSON file.
 
     python benchmarks/run_all.py --preset tiny --out /tmp/bench.json     # CPU, under a minute
+    python benchmarks/run_all.py --preset cpu --out /tmp/cpu.json       # SmolLM2-135M shape, float32, CPU
+    python benchmarks/run_all.py --preset cpu --checkpoint DIR --dtype float32  # real weights
     python benchmarks/run_all.py --preset gpu --out $OUT/bench.json      # one H100, under 10 minutes
     python benchmarks/run_all.py --preset gpu-extra --out $OUT/extra.json  # 3B, remat, torch.compile
     python benchmarks/run_all.py --preset gpu-sweep --out $OUT/sweep.json  # largest batch, memory sweep
@@ -32,8 +34,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import bench_sampler, bench_train, common  # noqa: E402
 
-PRESETS = ("tiny", "gpu", "gpu-extra", "gpu-sweep")
+PRESETS = ("tiny", "cpu", "gpu", "gpu-extra", "gpu-sweep")
 TARGETS = {"train_mfu": 0.55, "train_ratio": 1.5, "sample_ratio": 3.0, "sample_roofline": 0.60}
+# Issue 18 on CPU (float32 both sides): at least PyTorch's tokens/s and at most its peak RSS for
+# the train steps, at least 2x `generate` for best-of-S sampling.
+CPU_TARGETS = {"train_ratio": 1.0, "sample_ratio": 2.0}
 
 
 # --------------------------------------------------------------------------------------------
@@ -74,6 +79,17 @@ def _preset_cases(name: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         cases += _pair("score", "score", model="tiny", batch=4, seq=64, iters=3, ref_weights="identical",
                        profile=True)
         return cases, dict(isolate=False, budget_s=300)
+    if name == "cpu":
+        # Issue 18's CPU comparison: the SmolLM2-135M shape in float32 on both sides (bf16 on a
+        # CPU is slower than float32), the project's default remat ("auto"), each case in its own
+        # process so the process's peak RSS is the case's own.
+        m = dict(model="smollm2_135m", dtype="float32", param_dtype="float32", ref_weights="identical")
+        cases = [dict(id="ceiling", bench="ceiling", matmul_n=1024, copy_bytes=256 * 2**20)]
+        cases += _train_pair("rm-256", task="rm", seq=256, batch=8, remat="auto", warmup=1, steps=3, **m)
+        cases += _train_pair("sft-256", task="sft", seq=256, batch=8, remat="auto", warmup=1, steps=3, **m)
+        cases += _pair("score", "score", batch=16, seq=256, iters=3, **m)
+        cases += _pair("sample", "sample", batch=4, prompt_len=64, new_tokens=64, iters=3, **m)
+        return cases, dict(isolate=True, budget_s=3600)
     # remat none is predicted to fit 1B at 16k tokens (>= 54-57 GiB of 76); an OOM is retried
     # with dots_no_batch (HF gradient checkpointing for the reference) and reported as such.
     g = dict(model="1b", attention="cudnn", remat="none", warmup=2, steps=8, oom_retry_remat="dots_no_batch")
@@ -113,6 +129,21 @@ def _preset_cases(name: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
 
 # --------------------------------------------------------------------------------------------
 # Running one case (in this process or a child).
+
+
+def with_model(cases: list[dict[str, Any]], checkpoint: str | None, dtype: str | None) -> list[dict[str, Any]]:
+    """The cases on a HF checkpoint's shape and weights and / or in another compute dtype (the
+    reference follows: float32 compute means no autocast and float32 weights on its side)."""
+    out = []
+    for c in cases:
+        c = dict(c)
+        if c["bench"] in ("train", "sample", "score"):
+            if checkpoint:
+                c["checkpoint"] = checkpoint
+            if dtype:
+                c["dtype"] = dtype
+        out.append(c)
+    return out
 
 
 def run_case(case: dict[str, Any], ceilings: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -239,14 +270,28 @@ def table_rows(results: dict[str, dict[str, Any]]) -> list[dict[str, str]]:
             "tokens/s": common.fmt_num(r.get("tokens_per_s")) if ok else "-",
             "step time": common.fmt_time(r.get("step_time_s")) if ok else "-",
             "MFU / roofline": eff,
-            "peak memory": common.fmt_bytes(r.get("peak_bytes")) + ("*" if r.get("peak_source", "").startswith(
-                "memory_analysis") else "") if ok else "-",
+            "peak memory": _peak_cell(r) if ok else "-",
             "reference tokens/s": (common.fmt_num(ref.get("tokens_per_s")) if ref_ok
                                    else str(ref.get("status", "-"))[:40]),
             "ratio": f"{ratio:.2f}x" if ratio is not None else "-",
+            "reference peak": _peak_cell(ref) if ref_ok else "-",
             "status": _status(r) + (f"; reference {_status(ref)}" if ref.get("oom_at_remat") else ""),
         })
     return rows
+
+
+def _peak_cell(r: dict[str, Any]) -> str:
+    """Peak memory: the allocator's (GPU), or XLA's buffer-assignment estimate (`*`) and / or the
+    process's peak RSS (CPU; the case's own when run isolated)."""
+    source = r.get("peak_source") or ""
+    if source.startswith("memory_analysis"):
+        cell = common.fmt_bytes(r.get("peak_bytes")) + "*"
+        if r.get("rss_peak_bytes"):
+            cell += f" / RSS {common.fmt_bytes(r['rss_peak_bytes'])}"
+        return cell
+    if source.startswith("process RSS"):
+        return f"RSS {common.fmt_bytes(r.get('peak_bytes'))}"
+    return common.fmt_bytes(r.get("peak_bytes"))
 
 
 def _status(r: dict[str, Any]) -> str:
@@ -259,8 +304,10 @@ def _status(r: dict[str, Any]) -> str:
     return s
 
 
-def targets(results: dict[str, dict[str, Any]]) -> list[str]:
-    """One line per measured target of issue 9: met or missed, with the numbers."""
+def targets(results: dict[str, dict[str, Any]], backend: str | None = None) -> list[str]:
+    """One line per measured target (issue 9 on GPU, issue 18 on CPU): met or missed, with the numbers."""
+    if backend == "cpu":
+        return _cpu_targets(results)
     lines = []
     for r in results.values():
         case = r.get("case", {})
@@ -277,9 +324,31 @@ def targets(results: dict[str, dict[str, Any]]) -> list[str]:
     return lines
 
 
+def _cpu_targets(results: dict[str, dict[str, Any]]) -> list[str]:
+    lines = []
+    for r in results.values():
+        case = r.get("case", {})
+        ref = results.get(case.get("ref") or "", {})
+        if r.get("status") != "ok" or case.get("impl") != "jax" or ref.get("status") != "ok":
+            continue
+        ratio = r.get("ratio") or 0.0
+        if r["bench"] == "train":
+            mine, theirs = r.get("rss_peak_bytes"), ref.get("rss_peak_bytes")
+            leaner = mine is not None and theirs is not None and mine <= theirs
+            ok = ratio >= CPU_TARGETS["train_ratio"] and leaner
+            lines.append(f"{'MET ' if ok else 'MISS'} {r['name']}: ratio {ratio:.2f}x (>= 1.0x), peak RSS "
+                         f"{common.fmt_bytes(mine)} vs PyTorch {common.fmt_bytes(theirs)} (<=)")
+        if r["bench"] == "sample":
+            ok = ratio >= CPU_TARGETS["sample_ratio"]
+            lines.append(f"{'MET ' if ok else 'MISS'} {r['name']}: ratio {ratio:.2f}x (>= 2x)")
+    return lines
+
+
 def run_preset(preset: str, out: str | None, *, isolate: bool | None = None, budget_s: float | None = None,
-               only: list[str] | None = None, quiet: bool = False, shrink_cases: bool = False) -> dict[str, Any]:
+               only: list[str] | None = None, quiet: bool = False, shrink_cases: bool = False,
+               checkpoint: str | None = None, dtype: str | None = None) -> dict[str, Any]:
     cases, settings = preset_cases(preset)
+    cases = with_model(cases, checkpoint, dtype)
     if shrink_cases:
         cases = [shrink(c) for c in cases]
     if only:
@@ -333,7 +402,7 @@ def _summarize(payload: dict[str, Any], results: dict[str, Any], ceilings: Any, 
     payload["ceilings"] = ceilings
     payload["results"] = results
     payload["table"] = table_rows(results)  # also sets each row's "ratio", which targets() reads
-    payload["targets"] = targets(results)
+    payload["targets"] = targets(results, (payload.get("environment") or {}).get("backend"))
     payload["elapsed_s"] = time.perf_counter() - t0
 
 
@@ -367,6 +436,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--budget-s", type=float, help="stop starting cases after this many seconds")
     p.add_argument("--only", help="comma-separated case id prefixes (the ceiling always runs)")
     p.add_argument("--shrink", action="store_true", help="run the preset's cases at CI size (checks wiring on CPU)")
+    p.add_argument("--checkpoint", help="run every case on this HF LLaMA checkpoint's shape and weights")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), help="compute dtype of every case (both sides)")
     p.add_argument("--case", help=argparse.SUPPRESS)
     p.add_argument("--ceilings", help=argparse.SUPPRESS)
     p.add_argument("--result-file", help=argparse.SUPPRESS)
@@ -377,7 +448,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     isolate = None if args.isolate == "auto" else args.isolate == "yes"
     run_preset(args.preset, args.out, isolate=isolate, budget_s=args.budget_s,
-               only=args.only.split(",") if args.only else None, shrink_cases=args.shrink)
+               only=args.only.split(",") if args.only else None, shrink_cases=args.shrink,
+               checkpoint=args.checkpoint, dtype=args.dtype)
 
 
 if __name__ == "__main__":
