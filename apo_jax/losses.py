@@ -114,15 +114,36 @@ def sft_stats(
     weight_b: jax.Array,
     normalize: str = "token",
 ) -> Stats:
-    """Sums for the SFT negative log-likelihood on response tokens (eq. 6).
+    """Sums for the SFT negative log-likelihood on response tokens (eq. 6), from logits [B, T, V].
 
     `loss_mask_bt[t] = 1` marks token t as a response token, predicted from position t - 1.
-    normalize="token": every response token of the batch counts equally;
-    normalize="sequence": each sequence's mean token NLL counts equally.
+    The train step uses `sft_stats_from_logprobs` on `models.token_logprobs` (no [B, T, V] array).
     """
     logp_btv = jax.nn.log_softmax(logits_btv[:, :-1].astype(jnp.float32), axis=-1)
     targets_bt = input_ids_bt[:, 1:]
     token_logp = jnp.take_along_axis(logp_btv, targets_bt[..., None], axis=-1)[..., 0]
+    hit = jnp.argmax(logp_btv, axis=-1) == targets_bt
+    pad = jnp.zeros_like(token_logp[:, :1])
+    return sft_stats_from_logprobs(jnp.concatenate([pad, token_logp], axis=1),
+                                   jnp.concatenate([pad.astype(bool), hit], axis=1),
+                                   loss_mask_bt, weight_b, normalize)
+
+
+def sft_stats_from_logprobs(
+    logp_bt: jax.Array,
+    argmax_bt: jax.Array,
+    loss_mask_bt: jax.Array,
+    weight_b: jax.Array,
+    normalize: str = "token",
+) -> Stats:
+    """Sums for the SFT NLL (eq. 6) from per-token log-probabilities, as `models.token_logprobs`
+    returns them: logp_bt[:, t] = log p(token t | tokens < t), argmax_bt[:, t] whether token t
+    was the argmax; position 0 never counts.
+
+    normalize="token": every response token of the batch counts equally;
+    normalize="sequence": each sequence's mean token NLL counts equally.
+    """
+    token_logp = logp_bt[:, 1:].astype(jnp.float32)
     w_b = weight_b.astype(jnp.float32)
     mask_bt = loss_mask_bt[:, 1:].astype(jnp.float32) * (w_b > 0)[:, None]
     nll_bt = -token_logp * mask_bt
@@ -135,7 +156,7 @@ def sft_stats(
         den = jnp.sum(w_b * (tokens_b > 0))
     else:
         raise ValueError(f"normalize={normalize!r}; expected 'token' or 'sequence'")
-    correct = (jnp.argmax(logp_btv, axis=-1) == targets_bt).astype(jnp.float32) * mask_bt
+    correct = argmax_bt[:, 1:].astype(jnp.float32) * mask_bt
     return {
         "loss_num": num,
         "loss_den": den,

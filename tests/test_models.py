@@ -220,3 +220,23 @@ def test_auto_remat_keeps_small_forwards_plain_and_remats_large_ones():
     assert models.remat_for(smol, 1, 256) == "none"  # 0.42 GB
     assert models.remat_for(smol.replace(remat_policy="none"), 16, 256) == "none"
     assert models.remat_for(smol.replace(remat_policy="full"), 1, 8) == "full"
+
+
+@pytest.mark.parametrize("normalize", ["token", "sequence"])
+def test_sft_objective_on_token_logprobs_equals_the_logits_path(tmp_path, normalize):
+    """The SFT objective's stats (chunked `token_logprobs`) equal `losses.sft_stats` on full
+    logits (checked against PyTorch in test_losses), weights and padding included."""
+    from apo_jax import losses, objectives
+
+    model = random_causal_lm(seed=23)
+    config, params = _load(tmp_path, model)
+    ids, mask = padded_batch(3, 16, model.config.vocab_size, "right", seed=9)
+    loss_mask = mask.copy()
+    loss_mask[:, :5] = 0
+    batch = dict(input_ids=ids, attention_mask=mask, loss_mask=loss_mask, weight=np.array([1.0, 0.5, 0.0], np.float32))
+    got = jax.jit(lambda p: objectives.get("sft", normalize=normalize).stats(config, p, batch))(params)
+    logits = models.lm_logits(config, params, ids, mask)
+    ref = losses.sft_stats(logits, ids, loss_mask, batch["weight"], normalize)
+    assert set(got) == set(ref)
+    for k in ref:
+        np.testing.assert_allclose(np.asarray(got[k]), np.asarray(ref[k]), rtol=1e-5, atol=1e-5, err_msg=k)

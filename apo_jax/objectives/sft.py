@@ -34,8 +34,9 @@ class SFT(Objective):
         return pipeline.sft_set(tokenizer, records, data_cfg)
 
     def stats(self, config: models.LlamaConfig, params: Any, batch: Mapping[str, jax.Array]) -> Stats:
-        logits = models.lm_logits(config, params, batch["input_ids"], batch["attention_mask"])
-        return losses.sft_stats(logits, batch["input_ids"], batch["loss_mask"], batch["weight"], self.normalize)
+        # Chunked over the sequence: no [B, T, V] float32 logits in the forward or the backward.
+        logp, hit = models.token_logprobs(config, params, batch["input_ids"], batch["attention_mask"])
+        return losses.sft_stats_from_logprobs(logp, hit, batch["loss_mask"], batch["weight"], self.normalize)
 
     def metrics(self, stats: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
         return losses.sft_metrics(stats)
