@@ -9,7 +9,7 @@ against the true order. Same code path as configs/hh.py; only the numbers differ
 
 The world (apo_jax/data/synthetic.py) has a spurious marker " :)" that human-preferred responses
 carry far more often than bad ones (90% of correct, 5% of corrupted, no junk responses) and that
-r* charges 0.15 for: a fixed RM learns to like it, and best-of-S against that RM (RJS) teaches the
+r* charges 0.3 for: a fixed RM learns to like it, and best-of-S against that RM (RJS) teaches the
 policy to add it. Content is kept learnable at this size (the easy tasks echo and upper, 1,200
 pretraining steps, 3 SFT epochs per round), and policies are evaluated at the training
 temperature (0.7), where SFT on best-of-S samples is measured like for like.
@@ -31,6 +31,10 @@ def get_config():
     c.data.synthetic.n_test_prompts = 200
     c.data.synthetic.n_demos = 6400  # x 12 epochs / batch 64 = 1,200 pretraining steps
     c.data.synthetic.tasks = ("echo", "upper")  # easy tasks: the 0.1M-parameter policy can partly learn them
+    # 0.3 per marker (the world's default is 0.15): SFT on best-of-4 raises a tiny policy's content
+    # reward by ~0.1 in two rounds, and at 0.15 a marker rate going from 0.3 to 0.9 only cancels that
+    # (measured: RJS r* 0.57 -> 0.59 while its marker rate rose to 0.94); at 0.3 the hack shows in r*.
+    c.data.synthetic.marker_cost = 0.3
     c.data.n_rm = 500  # HH_RM analogue: queries with human pairs and golden answers
     c.data.n_dev = 200  # HH_Dev: pairs from the policy split, for RM validation
     c.data.n_llm = 512  # HH_LLM: policy training queries (best-of-S + SFT each round)
