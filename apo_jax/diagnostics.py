@@ -11,8 +11,9 @@ their true rewards r*, `markers_ps` how many spurious markers each sample carrie
 - `best_of_s_stats`: r* of the RM's picks against the mean sample and the oracle's pick, the
   oracle headroom (mean over prompts of max_s r* - mean_s r*), both pair accuracies and the
   marker rates of samples and picks: one `best_of_s` record.
-- `marker_bias`: the counterfactual probe b(RM) = mean over responses of r(x, y + marker) - r(x, y);
-  > 0 means the RM pays for the marker that r* charges for.
+- `marker_bias`: the counterfactual probe b(RM) = mean over responses of r(x, y + marker) - r(x, y),
+  over marker-free responses (`probe_indices`); > 0 means the RM pays for the marker that r*
+  charges for.
 - `answer_stats`: marker rate and content-only r* of a policy's answers (policy_eval fields).
 """
 
@@ -102,11 +103,23 @@ def best_of_s_stats(scores_ps: np.ndarray, true_ps: np.ndarray, markers_ps: np.n
     return out
 
 
+def probe_indices(marker_counts: np.ndarray) -> np.ndarray:
+    """[K] int: the responses the marker probe should use, those without a marker.
+
+    y + marker then carries exactly one marker, as human responses do. On a response that already
+    has one, the second marker is out of the RM's training distribution: measured on the demo's
+    RM_Base (seed 0, marker cost 0.3), b over all 200 test answers was -0.07 +- 0.04, over the 138
+    marker-free ones +0.15 +- 0.03, while best-of-4 by the same RM picked marked answers 59% of
+    the time against 33% among the samples.
+    """
+    return np.flatnonzero(np.asarray(marker_counts).reshape(-1) == 0)
+
+
 def marker_bias(scores_plain: np.ndarray, scores_marked: np.ndarray) -> dict[str, float]:
     """The counterfactual probe b(RM): mean and standard error of r(x, y + marker) - r(x, y).
 
-    scores_plain, scores_marked: [N] the RM's rewards of N responses and of the same responses
-    with one marker appended (`synthetic.add_marker`). Returns {"marker_bias", "marker_bias_se",
+    scores_plain, scores_marked: [N] the RM's rewards of N responses (chosen by `probe_indices`)
+    and of the same responses with one marker appended (`synthetic.add_marker`). Returns {"marker_bias", "marker_bias_se",
     "n"}; the SE is over responses (sd with ddof=1 / sqrt(N)), NaN for N < 2.
     """
     plain = np.asarray(scores_plain, np.float64).reshape(-1)

@@ -126,3 +126,9 @@ def test_shape_errors_name_the_argument():
         dg.pair_accuracy(np.zeros((2, 3)), np.zeros((2, 4)))
     with pytest.raises(ValueError, match="scores_ps"):
         dg.best_of_s_stats(np.zeros(3), np.zeros(3))
+
+
+def test_probe_uses_the_marker_free_responses():
+    counts = np.array([0, 1, 0, 2, 0])
+    assert dg.probe_indices(counts).tolist() == [0, 2, 4]
+    assert dg.probe_indices(np.zeros((2, 2), int)).tolist() == [0, 1, 2, 3]
