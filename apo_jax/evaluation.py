@@ -62,7 +62,7 @@ def score_texts(rm_dir: str, prompts: Sequence[str], responses: Sequence[str], *
     `rm_dir` is an apo_jax export (`run_dir/export/rm_*`) or any Hugging Face
     `LlamaForSequenceClassification(num_labels=1)` directory (local, gs:// or hub id) with its
     tokenizer. Texts are scored exactly as the game scores them: `prompt + " " + response`
-    through the directory's tokenizer (`data.pipeline.score_set`), the reward read at the last
+    (the prompt alone for an empty response) through the directory's tokenizer (`data.pipeline.score_set`), the reward read at the last
     token (`models.rewards`), batches of `batch_size` (rounded up to a multiple of the devices)
     on a mesh over all local devices, one compiled program per length bucket. An export made
     with `data.reward_position="eos"` has a tokenizer that appends the EOS itself.
