@@ -4,8 +4,11 @@
 [L, B*S, P+N, K, h] and the next-token logits) and `decode` (a `lax.while_loop` that samples one
 token per step for all B*S rows, stops early once every row is done, and donates the cache).
 Temperature, top-k and top-p are applied in float32. EOS ends a row (the EOS is kept and
-counted); a stop sequence ends a row and is cut off (as the official APO code cuts samples at
-the first "\\nHuman").
+counted); a stop ends a row and is cut off (as the official APO code cuts samples at the first
+"\\nHuman"). Stop strings are found on each row's decoded text, so every tokenisation of one
+counts: the decode loop then runs in chunks of `stop_check_every` steps, and between chunks the
+host decodes a small window of each running row's last tokens (`stop_cuts`). A stop string whose
+own token ids decode back to it is also matched on device at every step (the fast path).
 
 `logprobs` are the log-probabilities of the sampled tokens under the *sampling* distribution
 (after temperature, top-k and top-p); for greedy decoding (temperature 0) under the model.
@@ -107,6 +110,85 @@ def _constrain_cache(x: jax.Array, mesh: Any) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, sharding.cache_sharding(mesh, x.shape))
 
 
+class _DecodeState(NamedTuple):
+    """The decode loop's carry (rows R = B*S, N new tokens)."""
+
+    i: jax.Array  # int32 []: the next step
+    logits: jax.Array  # float32 [R, V]: next-token logits
+    tokens: jax.Array  # int32 [R, N]
+    logps: jax.Array  # float32 [R, N]
+    done: jax.Array  # bool [R]
+    lengths: jax.Array  # int32 [R]: tokens kept so far
+    rng: jax.Array
+
+
+def _decode_steps(config: models.LlamaConfig, n: int, temperature: float, top_k: int, top_p: float,
+                  eos_ids: tuple[int, ...], stop_sequences: tuple[tuple[int, ...], ...], pad_id: int, mesh: Any):
+    """A traced function running decode steps from `state.i` until step `end` or every row is done."""
+
+    def run(params, cache, state: _DecodeState, kv_mask_rs, prompt_len_r, end):
+        rows = state.logits.shape[0]
+        p = kv_mask_rs.shape[1] - n
+
+        def cond(carry):
+            st, _ = carry
+            return (st.i < end) & ~jnp.all(st.done)
+
+        def body(carry):
+            (i, logits, tokens, logps, done, lengths, rng), cache = carry
+            rng, step_rng = jax.random.split(rng)
+            token, logp = sample_token(step_rng, logits, temperature, top_k, top_p)
+            token = jnp.where(done, pad_id, token)
+            logp = jnp.where(done, 0.0, logp)
+            tokens = jax.lax.dynamic_update_slice(tokens, token[:, None], (0, i))
+            logps = jax.lax.dynamic_update_slice(logps, logp[:, None], (0, i))
+            new_len = jnp.where(done, lengths, i + 1)
+            ended = jnp.isin(token, jnp.asarray(eos_ids, jnp.int32)) if eos_ids else jnp.zeros_like(done)
+            # The token-id fast path: a stop sequence's own token ids end the row at once.
+            for seq in stop_sequences:
+                k = len(seq)
+                start = jnp.maximum(i - k + 1, 0)
+                tail = jax.lax.dynamic_slice(tokens, (0, start), (rows, k))
+                hit = (i >= k - 1) & jnp.all(tail == jnp.asarray(seq, jnp.int32)[None], axis=1) & ~done
+                new_len = jnp.where(hit, i + 1 - k, new_len)
+                ended = ended | hit
+            done = done | ended
+            with sharding.activation_sharding(mesh):
+                positions = (prompt_len_r + i)[:, None]
+                hidden, cache = models.cached_forward(config, params, token[:, None], positions, kv_mask_rs,
+                                                      cache, p + i)
+                logits = models.logits_from_hidden(config, params, hidden)[:, 0]
+            return _DecodeState(i + 1, logits, tokens, logps, done, new_len, rng), cache
+
+        return jax.lax.while_loop(cond, body, (state, cache))
+
+    return run
+
+
+def _initial_state(logits_rv: jax.Array, rng: jax.Array, n: int, pad_id: int) -> _DecodeState:
+    rows = logits_rv.shape[0]
+    return _DecodeState(jnp.int32(0), logits_rv, jnp.full((rows, n), pad_id, jnp.int32),
+                        jnp.zeros((rows, n), jnp.float32), jnp.zeros((rows,), bool), jnp.zeros((rows,), jnp.int32),
+                        rng)
+
+
+def _finish_with_cuts(state: _DecodeState, cut_r: jax.Array, pad_id: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    cut = cut_r >= 0
+    return _finish(state._replace(lengths=jnp.where(cut, cut_r, state.lengths)), pad_id)
+
+
+def _finish(state: _DecodeState, pad_id: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Tokens and log-probs past each row's kept length cleared (stop tokens, and what a row decoded
+    after a stop string that was found on the host)."""
+    n = state.tokens.shape[1]
+    keep = jnp.arange(n)[None, :] < state.lengths[:, None]
+    return jnp.where(keep, state.tokens, pad_id), jnp.where(keep, state.logps, 0.0), state.lengths
+
+
+_initial_state_jit = jax.jit(_initial_state, static_argnums=(2, 3))
+_finish_with_cuts_jit = jax.jit(_finish_with_cuts, static_argnums=(2,))
+
+
 @functools.lru_cache(maxsize=64)
 def _decode_fn(
     config: models.LlamaConfig,
@@ -119,54 +201,83 @@ def _decode_fn(
     pad_id: int,
     mesh: Any,
 ):
+    """The whole decode in one program (no stop strings to check on the host)."""
     n = max_new_tokens
+    steps = _decode_steps(config, n, temperature, top_k, top_p, eos_ids, stop_sequences, pad_id, mesh)
 
     def decode(params, cache, logits_rv, kv_mask_rs, prompt_len_r, rng):
         COMPILES["decode"] += 1
-        rows = logits_rv.shape[0]
-        p = kv_mask_rs.shape[1] - n
-
-        def cond(carry):
-            i, _, _, _, _, done, _, _ = carry
-            return (i < n) & ~jnp.all(done)
-
-        def body(carry):
-            i, cache, logits, tokens, logps, done, lengths, rng = carry
-            rng, step_rng = jax.random.split(rng)
-            token, logp = sample_token(step_rng, logits, temperature, top_k, top_p)
-            token = jnp.where(done, pad_id, token)
-            logp = jnp.where(done, 0.0, logp)
-            tokens = jax.lax.dynamic_update_slice(tokens, token[:, None], (0, i))
-            logps = jax.lax.dynamic_update_slice(logps, logp[:, None], (0, i))
-            new_len = jnp.where(done, lengths, i + 1)
-            ended = jnp.isin(token, jnp.asarray(eos_ids, jnp.int32)) if eos_ids else jnp.zeros_like(done)
-            for seq in stop_sequences:
-                k = len(seq)
-                start = jnp.maximum(i - k + 1, 0)
-                tail = jax.lax.dynamic_slice(tokens, (0, start), (rows, k))
-                hit = (i >= k - 1) & jnp.all(tail == jnp.asarray(seq, jnp.int32)[None], axis=1) & ~done
-                new_len = jnp.where(hit, i + 1 - k, new_len)
-                ended = ended | hit
-            lengths = new_len
-            done = done | ended
-            with sharding.activation_sharding(mesh):
-                positions = (prompt_len_r + i)[:, None]
-                hidden, cache = models.cached_forward(config, params, token[:, None], positions, kv_mask_rs,
-                                                      cache, p + i)
-                logits = models.logits_from_hidden(config, params, hidden)[:, 0]
-            return i + 1, cache, logits, tokens, logps, done, lengths, rng
-
-        init = (
-            jnp.int32(0), cache, logits_rv, jnp.full((rows, n), pad_id, jnp.int32), jnp.zeros((rows, n), jnp.float32),
-            jnp.zeros((rows,), bool), jnp.zeros((rows,), jnp.int32), rng,
-        )
-        _, cache, _, tokens, logps, _, lengths, _ = jax.lax.while_loop(cond, body, init)
-        # Clear stop-sequence tokens past each row's kept length.
-        keep = jnp.arange(n)[None, :] < lengths[:, None]
+        state, cache = steps(params, cache, _initial_state(logits_rv, rng, n, pad_id), kv_mask_rs, prompt_len_r, n)
         # The cache is returned so its donated buffer is updated in place by the loop.
-        return jnp.where(keep, tokens, pad_id), jnp.where(keep, logps, 0.0), lengths, cache
+        return (*_finish(state, pad_id), cache)
 
     return jax.jit(decode, donate_argnums=(1,))
+
+
+@functools.lru_cache(maxsize=64)
+def _decode_chunk_fn(
+    config: models.LlamaConfig,
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    eos_ids: tuple[int, ...],
+    stop_sequences: tuple[tuple[int, ...], ...],
+    pad_id: int,
+    mesh: Any,
+    window: int,
+):
+    """Decode steps up to `end`, after applying the host's stop-string cuts; returns the new state,
+    the cache, and the last `window` token columns (replicated: every process checks the same text)."""
+    n = max_new_tokens
+    steps = _decode_steps(config, n, temperature, top_k, top_p, eos_ids, stop_sequences, pad_id, mesh)
+
+    def chunk(params, cache, state: _DecodeState, kv_mask_rs, prompt_len_r, end, cut_r):
+        COMPILES["decode"] += 1
+        cut = cut_r >= 0
+        state = state._replace(done=state.done | cut, lengths=jnp.where(cut, cut_r, state.lengths))
+        state, cache = steps(params, cache, state, kv_mask_rs, prompt_len_r, end)
+        start = jnp.clip(state.i - window, 0, n - window)
+        win = jax.lax.dynamic_slice(state.tokens, (0, start), (state.tokens.shape[0], window))
+        host = (state.i, state.done, state.lengths, win, start)
+        if mesh is not None:
+            host = jax.lax.with_sharding_constraint(host, NamedSharding(mesh, P()))
+        return state, cache, host
+
+    return jax.jit(chunk, donate_argnums=(1,))
+
+
+def stop_cuts(tokenizer: Any, window_rw: np.ndarray, start: int, lengths_r: np.ndarray, check_r: np.ndarray,
+              stop_strings: Sequence[str]) -> np.ndarray:
+    """Where each checked row's text first holds a stop string: the number of tokens to keep, or -1.
+
+    window_rw: int [R, W], generated tokens start..start+W of each row; lengths_r: tokens each row
+    keeps so far; check_r: bool [R], the rows to look at. A row keeps every token that starts before
+    the stop string, so a stop beginning at a token boundary is cut off whole (like the token-id
+    path), and one beginning inside a token keeps that token (the text is cut by
+    `data.tokenize.decode_response`). Text is decoded as `decode_response` decodes it (special
+    tokens skipped), so any tokenisation of a stop string is found.
+    """
+    cuts = np.full(window_rw.shape[0], -1, np.int32)
+
+    def text(ids: Any) -> str:
+        return tokenizer.decode([int(t) for t in ids], skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    for r in np.flatnonzero(check_r):
+        ids = window_rw[r, : max(int(lengths_r[r]) - start, 0)]
+        found = [k for k in (text(ids).find(s) for s in stop_strings) if k >= 0]
+        if not found:
+            continue
+        pos = min(found)
+        keep = next(j for j in range(len(ids) + 1) if len(text(ids[:j])) >= pos)
+        cuts[r] = start + keep
+    return cuts
+
+
+def _window_tokens(stop_strings: Sequence[str], every: int, n: int) -> int:
+    """Token columns the host must see after a chunk of `every` steps: the chunk plus enough earlier
+    tokens to hold a stop string that began before it (a character takes at most 4 byte tokens)."""
+    return min(n, every + 4 * max(len(s) for s in stop_strings) + 1)
 
 
 def generate(
@@ -183,12 +294,22 @@ def generate(
     top_k: int = 0,
     eos_token_id: int | Sequence[int] | None = None,
     stop_sequences: Sequence[Sequence[int]] = (),
+    stop_strings: Sequence[str] = (),
+    tokenizer: Any = None,
+    stop_check_every: int = 16,
     mesh: jax.sharding.Mesh | None = None,
 ) -> SampleOutput:
     """Samples `num_samples` continuations of each left-padded prompt [B, P].
 
-    With a `mesh`, prompts are sharded over the batch axes and the cache as the rules table says
-    (batch over data/fsdp, KV heads over tensor); `params` should already be placed on it.
+    Stops: `stop_sequences` are token-id sequences matched on device at every step. `stop_strings`
+    (with the `tokenizer` that decodes the samples) are matched on each row's decoded text every
+    `stop_check_every` steps, so any tokenisation of a stop string ends the row (e.g. "\\nHuman"
+    generated as "\\n\\n" + "Human"); where a stop string's own encoding decodes back to exactly
+    that string, its ids are also matched on device, which ends the row without waiting for the
+    check. A row may decode up to `stop_check_every` - 1 tokens past a stop found only on the host;
+    they are dropped. With a `mesh`, prompts are sharded over the batch axes and the cache as the
+    rules table says (batch over data/fsdp, KV heads over tensor); `params` should already be placed
+    on it.
     """
     prompt_ids = jnp.asarray(prompt_ids, jnp.int32)
     prompt_mask = jnp.asarray(prompt_mask, jnp.int32)
@@ -196,76 +317,45 @@ def generate(
         prompt_ids = jax.device_put(prompt_ids, sharding.batch_sharding(mesh, 2))
         prompt_mask = jax.device_put(prompt_mask, sharding.batch_sharding(mesh, 2))
     eos = () if eos_token_id is None else (eos_token_id,) if isinstance(eos_token_id, int) else tuple(eos_token_id)
-    stops = tuple(tuple(int(t) for t in s) for s in stop_sequences if len(s))
+    stop_strings = tuple(s for s in stop_strings if s)
+    if stop_strings and tokenizer is None:
+        raise ValueError("stop_strings need the tokenizer that decodes the samples (tokenizer=...)")
+    if stop_check_every < 1:
+        raise ValueError(f"stop_check_every={stop_check_every}; expected >= 1")
+    stops = [tuple(int(t) for t in s) for s in stop_sequences if len(s)]
+    for s in stop_strings:
+        ids = tuple(int(t) for t in tokenizer.encode(s, add_special_tokens=False))
+        exact = tokenizer.decode(list(ids), skip_special_tokens=True, clean_up_tokenization_spaces=False) == s
+        if ids and exact and ids not in stops:  # e.g. SentencePiece's "\\nHuman" -> "▁", "\\n", ... is not
+            stops.append(ids)
     b = prompt_ids.shape[0]
-    cache, logits, kv_mask = _prefill_fn(config, num_samples, max_new_tokens, mesh)(params, prompt_ids, prompt_mask)
-    prompt_len = jnp.repeat(jnp.sum(prompt_mask, axis=1), num_samples)
-    decode = _decode_fn(config, max_new_tokens, float(temperature), int(top_k), float(top_p), eos, stops,
-                        int(config.pad_token_id or 0), mesh)
-    tokens, logps, lengths, _ = decode(params, cache, logits, kv_mask, prompt_len, rng)
     n = max_new_tokens
+    pad_id = int(config.pad_token_id or 0)
+    cache, logits, kv_mask = _prefill_fn(config, num_samples, n, mesh)(params, prompt_ids, prompt_mask)
+    prompt_len = jnp.repeat(jnp.sum(prompt_mask, axis=1), num_samples)
+    args = (config, n, float(temperature), int(top_k), float(top_p), eos, tuple(stops), pad_id, mesh)
+    if not stop_strings:
+        tokens, logps, lengths, _ = _decode_fn(*args)(params, cache, logits, kv_mask, prompt_len, rng)
+    else:
+        window = _window_tokens(stop_strings, stop_check_every, n)
+        chunk = _decode_chunk_fn(*args, window)
+        state = _initial_state_jit(logits, rng, n, pad_id)
+        rows = b * num_samples
+        cut = np.full(rows, -1, np.int32)
+        done = np.zeros(rows, bool)
+        step = 0
+        while True:
+            end = min(step + stop_check_every, n)
+            state, cache, host = chunk(params, cache, state, kv_mask, prompt_len, np.int32(end), cut)
+            step, now_done, lengths_r, win, start = jax.device_get(host)
+            # Rows still running at the chunk's start, including those EOS or a stop id ended in it.
+            cut = stop_cuts(tokenizer, np.asarray(win), int(start), np.asarray(lengths_r), ~done, stop_strings)
+            done = np.asarray(now_done) | (cut >= 0)
+            if int(step) >= n or done.all():
+                break
+        tokens, logps, lengths = _finish_with_cuts_jit(state, cut, pad_id)
     return SampleOutput(tokens.reshape(b, num_samples, n), lengths.reshape(b, num_samples),
                         logps.reshape(b, num_samples, n))
-
-
-# ------------------------------------------------------------------------------------------
-# Best-of-S.
-
-
-def pack_for_reward(
-    prompt_ids: jax.Array, prompt_mask: jax.Array, tokens: jax.Array, lengths: jax.Array,
-    *, eos_token_id: int | None, pad_id: int = 0,
-) -> tuple[jax.Array, jax.Array]:
-    """RM inputs [B*S, P+N+1], RIGHT-padded: the prompt's real tokens, the sample, and EOS when
-    the sample did not end with one (the RM reads its reward at the last real token)."""
-    b, s, n = tokens.shape
-    p = prompt_ids.shape[1]
-    plen = jnp.sum(prompt_mask, axis=1)  # [B]
-    ids_r = jnp.repeat(prompt_ids, s, 0)
-    plen_r = jnp.repeat(plen, s)
-    tok_rn = tokens.reshape(b * s, n)
-    len_r = lengths.reshape(b * s)
-    last = jnp.take_along_axis(tok_rn, jnp.maximum(len_r - 1, 0)[:, None], axis=1)[:, 0]
-    add_eos = (eos_token_id is not None) & ((len_r == 0) | (last != (eos_token_id if eos_token_id is not None else -1)))
-    total = plen_r + len_r + add_eos.astype(jnp.int32)
-    j = jnp.arange(p + n + 1)[None, :]
-    from_prompt = jnp.take_along_axis(ids_r, jnp.clip(p - plen_r[:, None] + j, 0, p - 1), axis=1)
-    from_sample = jnp.take_along_axis(tok_rn, jnp.clip(j - plen_r[:, None], 0, n - 1), axis=1)
-    ids = jnp.where(j < plen_r[:, None], from_prompt, from_sample)
-    ids = jnp.where(add_eos[:, None] & (j == (plen_r + len_r)[:, None]), eos_token_id or 0, ids)
-    mask = (j < total[:, None]).astype(jnp.int32)
-    return jnp.where(mask == 1, ids, pad_id), mask
-
-
-class BestOfS(NamedTuple):
-    best_index: jax.Array  # int32 [B]
-    scores: jax.Array  # float32 [B, S]
-    best_tokens: jax.Array  # int32 [B, N]
-    best_lengths: jax.Array  # int32 [B]
-
-
-def best_of_s(
-    rm_config: models.LlamaConfig, rm_params: Any, prompt_ids: Any, prompt_mask: Any, samples: SampleOutput,
-    *, eos_token_id: int | None,
-) -> BestOfS:
-    """Scores all B*S samples with the RM and picks each prompt's argmax, all on device."""
-    return _best_of_s_jit(rm_config, eos_token_id)(rm_params, jnp.asarray(prompt_ids), jnp.asarray(prompt_mask),
-                                                   samples.tokens, samples.lengths)
-
-
-@functools.lru_cache(maxsize=16)
-def _best_of_s_jit(rm_config: models.LlamaConfig, eos_token_id: int | None):
-    def run(rm_params, prompt_ids, prompt_mask, tokens, lengths):
-        COMPILES["score"] += 1
-        b, s, _ = tokens.shape
-        ids, mask = pack_for_reward(prompt_ids, prompt_mask, tokens, lengths, eos_token_id=eos_token_id,
-                                    pad_id=int(rm_config.pad_token_id or 0))
-        scores = models.rewards(rm_config, rm_params, ids, mask).reshape(b, s)
-        best = jnp.argmax(scores, axis=1).astype(jnp.int32)
-        pick = lambda x: jnp.take_along_axis(x, best.reshape((b, 1) + (1,) * (x.ndim - 2)), axis=1)[:, 0]  # noqa: E731
-        return BestOfS(best, scores, pick(tokens), pick(lengths))
-
-    return jax.jit(run)
 
 
 # ------------------------------------------------------------------------------------------

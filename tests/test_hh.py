@@ -390,3 +390,15 @@ def test_bad_gold_line_raises_naming_file_and_line(tmp_path, bad, message):
     with pytest.raises(hh.DataError) as info:
         hh.load_gold(str(path), TRAIN)
     assert str(info.value).startswith(f"{path}:2: ") and message in str(info.value)
+
+
+def test_carving_one_split_gives_disjoint_prompt_sets_of_the_asked_fraction():
+    pairs = TRAIN + TEST
+    train, test = hh.carve_by_prompt(pairs, 0.25, seed=0)
+    assert ids(train).isdisjoint(ids(test)) and ids(train) | ids(test) == ids(pairs)
+    assert len(ids(test)) == round(0.25 * len(ids(pairs))) and len(train) + len(test) == len(pairs)
+    assert [p for p in pairs if p["prompt_id"] in ids(test)] == test  # every pair of a prompt, input order
+    assert hh.carve_by_prompt(pairs, 0.25, seed=0) == (train, test)
+    assert ids(hh.carve_by_prompt(pairs, 0.25, seed=1)[1]) != ids(test)
+    with pytest.raises(hh.SplitSizeError, match=r"data.carve_test_fraction: 1.0 must be in \(0, 1\)"):
+        hh.carve_by_prompt(pairs, 1.0, seed=0)

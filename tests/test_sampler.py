@@ -1,5 +1,5 @@
 """The sampler: greedy equals transformers, the cache equals the full forward, filters hold,
-sharding changes nothing, and best-of-S picks the argmax of independently computed rewards."""
+sharding changes nothing, and stop strings end a row whatever their tokenisation."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from apo_jax import hf, models, sampler, sharding
-from hf_fixtures import padded_batch, random_causal_lm, random_reward_model
+from apo_jax.data import tokenize
+from hf_fixtures import padded_batch, random_causal_lm
 
 
 @pytest.fixture(scope="module")
@@ -173,30 +174,6 @@ def test_compute_dtype_weights_sample_exactly_like_float32_master_weights(lm):
     assert all(a is b for a, b in zip(jax.tree_util.tree_leaves(same), jax.tree_util.tree_leaves(params)))
 
 
-def test_best_of_s_picks_argmax_of_independent_rewards(lm, tmp_path):
-    _, config, params = lm
-    rm_model = random_reward_model(seed=22)
-    rm_model.save_pretrained(tmp_path)
-    rm_config, rm_params = hf.load_pretrained(str(tmp_path))
-    ids, mask = padded_batch(3, 6, config.vocab_size, "left", seed=11)
-    eos = 2
-    out = sampler.generate(config, params, ids, mask, jax.random.PRNGKey(6), num_samples=4, max_new_tokens=5,
-                           temperature=1.0, eos_token_id=eos)
-    best = sampler.best_of_s(rm_config, rm_params, ids, mask, out, eos_token_id=eos)
-    toks, lens = np.asarray(out.tokens), np.asarray(out.lengths)
-    ref = np.zeros((3, 4))
-    for b in range(3):
-        for s in range(4):
-            row = list(ids[b][mask[b] == 1]) + list(toks[b, s, : lens[b, s]])
-            if not row[-1] == eos:
-                row.append(eos)
-            with torch.no_grad():
-                ref[b, s] = rm_model(torch.tensor([row])).logits[0, 0].item()
-    np.testing.assert_allclose(np.asarray(best.scores), ref, atol=1e-4)
-    np.testing.assert_array_equal(np.asarray(best.best_index), ref.argmax(1))
-    np.testing.assert_array_equal(np.asarray(best.best_tokens), toks[np.arange(3), ref.argmax(1)])
-
-
 def test_sample_dataset_buckets_and_keeps_order(lm):
     _, config, params = lm
     rng = np.random.RandomState(12)
@@ -209,3 +186,85 @@ def test_sample_dataset_buckets_and_keeps_order(lm):
     for p, (toks, _) in zip(prompts, res):
         nxt = np.argmax(np.asarray(models.lm_logits(config, params, np.asarray([p]), np.ones((1, len(p)))))[0, -1])
         assert toks[0, 0] == nxt and toks[1, 0] == nxt
+
+
+def _tokenizer_with_two_spellings(vocab_size: int, first: int, second: int, avoid: set[int]):
+    """A BPE tokenizer over the tiny model's ids in which id `first` is "\\n\\n" and id `second`
+    is "Human": "\\nHuman" encodes as ["\\n", "Human"] but is also spelled [first, second]
+    ("\\n\\n" + "Human"), as in SmolLM2's tokenizer (1116 + 14917 vs 198 + 14917)."""
+    import transformers
+    from tokenizers import Tokenizer, decoders, models as tok_models
+
+    pieces = ["\n", "H", "u", "m", "a", "n", "Hu", "Hum", "Huma"]
+    free = [i for i in range(3, vocab_size) if i not in avoid and i not in (first, second)]
+    id_of = {"<unk>": 0, "<s>": 1, "</s>": 2, "\n\n": first, "Human": second}
+    id_of.update(zip(pieces, free))
+    used = set(id_of.values())
+    id_of.update({f"<{i}>": i for i in range(vocab_size) if i not in used})  # fillers: never a stop
+    merges = [("H", "u"), ("Hu", "m"), ("Hum", "a"), ("Huma", "n"), ("\n", "\n")]
+    tok = Tokenizer(tok_models.BPE(vocab=id_of, merges=merges, unk_token="<unk>"))
+    tok.decoder = decoders.Fuse()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
+                                                eos_token="</s>", pad_token="<unk>")
+
+
+def _expected_keep(tok, row: np.ndarray, stop: str) -> int:
+    """Tokens kept under the rule "keep every token that starts before the stop string", from
+    character offsets of each token's own text (independent of the sampler's prefix decoding)."""
+    texts = [tok.decode([int(t)], clean_up_tokenization_spaces=False) for t in row]
+    pos = "".join(texts).find(stop)
+    if pos < 0:
+        return len(row)
+    starts = np.cumsum([0] + [len(t) for t in texts[:-1]])
+    return int(np.sum(starts < pos))
+
+
+@pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (fake CPU) devices")
+def test_stop_string_ends_the_row_whatever_its_tokenisation(lm):
+    _, config, params = lm
+    n = 12
+    ids, mask = padded_batch(4, 6, config.vocab_size, "left", seed=9)
+    # Sampled (a fixed key gives the same tokens in every run); the tiny model's greedy text repeats one token.
+    kw = dict(num_samples=1, max_new_tokens=n, temperature=1.0, eos_token_id=None)
+    seq = np.asarray(sampler.generate(config, params, ids, mask, jax.random.PRNGKey(0), **kw).tokens[:, 0])
+    t = next(t for t in range(2, n - 2) if seq[0, t] != seq[0, t + 1] and seq[0, t] not in seq[0, :t])
+    tok = _tokenizer_with_two_spellings(config.vocab_size, int(seq[0, t]), int(seq[0, t + 1]), set(seq.ravel().tolist()))
+    stop = "\nHuman"
+    canonical = tok.encode(stop, add_special_tokens=False)
+    assert len(canonical) == 2 and canonical[0] != seq[0, t] and canonical[1] == seq[0, t + 1]
+    assert tok.decode(seq[0, t:t + 2].tolist()) == "\n\nHuman"
+
+    # The token-id path alone (the only one before) misses the other spelling and runs to the end.
+    by_ids = sampler.generate(config, params, ids, mask, jax.random.PRNGKey(0), stop_sequences=[canonical], **kw)
+    assert int(by_ids.lengths[0, 0]) == n
+
+    mesh = sharding.make_mesh(sharding.MeshConfig(2, 2, 2))
+    for every, m, p in ((4, None, params), (n, None, params), (3, mesh, sharding.shard_tree(params, mesh))):
+        out = sampler.generate(config, p, ids, mask, jax.random.PRNGKey(0), stop_strings=[stop], tokenizer=tok,
+                               stop_check_every=every, mesh=m, **kw)
+        toks, lens = np.asarray(out.tokens[:, 0]), np.asarray(out.lengths[:, 0])
+        for r in range(4):
+            keep = _expected_keep(tok, seq[r], stop)
+            assert lens[r] == keep, (every, r)
+            np.testing.assert_array_equal(toks[r, :keep], seq[r, :keep])
+            assert np.all(toks[r, keep:] == 0) and np.all(np.asarray(out.logprobs[r, 0, keep:]) == 0)
+        assert lens[0] == t + 1  # "\n\n" starts before the stop: kept; "Human" cut off
+        text = tokenize.decode_response(tok, toks[0, : lens[0]], [stop])
+        assert text == tok.decode(seq[0, :t].tolist()).strip()
+
+
+def test_stop_cuts_reads_only_running_rows_and_offsets_by_the_window_start():
+    vocab = {"<unk>": 0, "a": 1, "b": 2, "X": 3, "Y": 4, "XY": 5, "bX": 6}
+    import transformers
+    from tokenizers import Tokenizer, decoders, models as tok_models
+
+    raw = Tokenizer(tok_models.BPE(vocab=vocab, merges=[("X", "Y")], unk_token="<unk>"))
+    raw.decoder = decoders.Fuse()
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="<unk>")
+    window = np.asarray([[1, 2, 5, 1], [1, 6, 4, 1], [3, 4, 1, 1], [5, 1, 1, 1]])
+    lengths = np.asarray([14, 14, 14, 11])
+    check = np.asarray([True, True, False, True])
+    cuts = sampler.stop_cuts(tok, window, 10, lengths, check, ["XY"])
+    # row 0: "ab|XY|a" -> stop at a token boundary, 2 tokens kept; row 1: "a|bX|Y|a" -> the stop
+    # starts inside "bX", which is kept; row 2 not running; row 3: only 1 token kept so far ("XY").
+    np.testing.assert_array_equal(cuts, [12, 12, -1, 10])

@@ -68,7 +68,7 @@ def test_decode_response_cuts_at_the_first_stop_string(tok):
 
 def _data_cfg(**kw) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(dict(rm_max_len=64, sft_max_len=64, prompt_max_len=32, buckets=(16, 32, 64),
-                                          append_eos=True, **kw))
+                                          reward_position="eos", **kw))
 
 
 def test_batches_are_padded_to_the_bucket_of_the_longest_global_row(tok):
@@ -185,3 +185,69 @@ def test_reward_is_read_at_the_eos_even_when_pad_equals_eos():
         alone = models.rewards(cfg, params, batch["chosen_ids"][i:i + 1, :n], batch["chosen_mask"][i:i + 1, :n])
         np.testing.assert_allclose(padded[i], np.asarray(alone)[0], atol=1e-5)
     assert len(set(np.round(padded, 5))) == 3  # three different rows, three different rewards
+
+
+# ------------------------------------------------------------------------------------------
+# Prompt formats.
+
+CHAT = ("{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
+        "{% if add_generation_prompt %}<s>assistant\n{% endif %}")
+DIALOGUE = "\n\nHuman: How do I bake bread?\n\nAssistant: Do you have flour?\n\nHuman: Yes.\n\nAssistant:"
+
+
+@pytest.fixture(scope="module")
+def chat_tok():
+    tok = llama_like_tokenizer()
+    tok.chat_template = CHAT
+    return tok
+
+
+def test_hh_transcripts_become_alternating_chat_messages():
+    assert tokenize.hh_to_messages(DIALOGUE) == [
+        {"role": "user", "content": "How do I bake bread?"},
+        {"role": "assistant", "content": "Do you have flour?"},
+        {"role": "user", "content": "Yes."},
+    ]
+    assert tokenize.hh_to_messages("Context.\n\nHuman: Hi\n\nAssistant:") == [
+        {"role": "user", "content": "Context.\n\nHi"}]
+
+
+def test_chat_template_format_renders_prompts_and_answers_like_the_template(chat_tok):
+    head = ("<s>user\nHow do I bake bread?</s>\n<s>assistant\nDo you have flour?</s>\n<s>user\nYes.</s>\n"
+            "<s>assistant\n")  # the template rendered by hand
+    [prompt] = tokenize.encode_prompts(chat_tok, [DIALOGUE], 512, prompt_format="chat_template")
+    assert prompt.tolist() == chat_tok(head, add_special_tokens=False)["input_ids"]  # no second BOS
+    sft, rm = (tokenize.encode_responses(chat_tok, [(DIALOGUE, "Mix it.")], 512, append_eos=eos,
+                                         prompt_format="chat_template")[0] for eos in (True, False))
+    # SFT learns the answer and its end-of-turn (here EOS itself: not appended twice).
+    assert sft.ids.tolist() == chat_tok(head + "Mix it.</s>", add_special_tokens=False)["input_ids"]
+    assert chat_tok.decode(sft.ids[sft.response_mask == 1]).strip() == "Mix it.</s>"
+    # The RM reads the answer's last token: the end-of-turn (= pad in many chat models) left out.
+    assert rm.ids.tolist() == chat_tok(head + "Mix it.", add_special_tokens=False)["input_ids"]
+    assert rm.ids[:len(prompt)].tolist() == prompt.tolist()
+    # Left truncation keeps the template's BOS and the answer's end.
+    short = tokenize.encode_responses(chat_tok, [(DIALOGUE, "Mix it.")], 12, append_eos=True,
+                                      prompt_format="chat_template")[0]
+    assert len(short.ids) == 12 and short.ids[0] == chat_tok.bos_token_id
+    assert short.ids[1:].tolist() == sft.ids[-11:].tolist()
+
+
+def test_every_phase_formats_prompts_the_same_way(chat_tok):
+    d = ml_collections.ConfigDict(dict(rm_max_len=256, sft_max_len=256, prompt_max_len=256, buckets=(256,),
+                                       reward_position="last_token", prompt_format="chat_template"))
+    pair = {"prompt": DIALOGUE, "chosen": "Mix it.", "rejected": "No."}
+    rm = pipeline.rm_set(chat_tok, [pair], d).fields["chosen"][0]
+    score = pipeline.score_set(chat_tok, [(DIALOGUE, "Mix it.")], d).fields["input"][0]
+    sft = pipeline.sft_set(chat_tok, [{"prompt": DIALOGUE, "response": "Mix it."}], d).fields["input"][0]
+    [prompt] = pipeline.prompt_ids(chat_tok, [{"prompt": DIALOGUE}], d)
+    assert rm.ids.tolist() == score.ids.tolist()
+    assert rm.ids[:len(prompt)].tolist() == sft.ids[:len(prompt)].tolist() == prompt.tolist()
+    hh = pipeline.prompt_ids(chat_tok, [{"prompt": DIALOGUE}], ml_collections.ConfigDict(dict(prompt_max_len=256)))
+    assert hh[0].tolist() == chat_tok(DIALOGUE)["input_ids"]  # "hh" (BOS + the transcript) stays the default
+
+
+def test_chat_template_format_without_a_template_is_a_clear_error(tok):
+    with pytest.raises(ValueError, match=r"data.prompt_format: 'chat_template' but the tokenizer .* no chat template"):
+        tokenize.encode_prompts(tok, [DIALOGUE], 64, prompt_format="chat_template")
+    with pytest.raises(ValueError, match=r"data.prompt_format: 'chatml'; expected one of"):
+        tokenize.check_prompt_format(tok, "chatml")

@@ -370,6 +370,21 @@ def _distinct_prompts(pairs: Iterable[dict], with_chosen: bool = False) -> list[
     return list(out.values())
 
 
+def carve_by_prompt(pairs: Sequence[dict], test_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """Splits one set of pairs into disjoint (train, test) parts by prompt, for sources that ship
+    only one split (e.g. the HH test files alone): a seeded `test_fraction` of the distinct
+    prompts, with all their pairs, is the test part; no prompt is in both. Input order is kept."""
+    if not 0.0 < test_fraction < 1.0:
+        raise SplitSizeError(f"data.carve_test_fraction: {test_fraction} must be in (0, 1)")
+    ids = sorted({p["prompt_id"] for p in pairs}, key=lambda pid: (_rank(seed, "carve", pid), pid))
+    n_test = int(round(test_fraction * len(ids)))
+    if n_test == 0 or n_test == len(ids):
+        raise SplitSizeError(f"data.carve_test_fraction: {test_fraction} of {len(ids)} prompts leaves an empty "
+                             "train or test part")
+    test_ids = set(ids[:n_test])
+    return [p for p in pairs if p["prompt_id"] not in test_ids], [p for p in pairs if p["prompt_id"] in test_ids]
+
+
 def make_splits(train_pairs: Sequence[dict], test_pairs: Sequence[dict], *, n_rm: int, n_dev: int,
                 n_llm: int = 0, n_test: int = 0, seed: int) -> HHSplits:
     """The paper's splits, deterministic from `seed` and independent of the input order.

@@ -82,13 +82,27 @@ def prepare(cfg: ml_collections.ConfigDict, run_dir: str) -> Data:
 
         train_src, test_src, gold_path = local(d.hh_train), local(d.hh_test), local(d.gold) or None
         tokenizer_path = local(d.tokenizer or cfg.policy.checkpoint)
-    train_pairs, train_report = hh.load_hh_pairs(train_src, "train", on_bad_line=d.on_bad_line)
-    test_pairs, test_report = hh.load_hh_pairs(test_src, "test", on_bad_line=d.on_bad_line)
-    reports["cleaning"] = [train_report.summary(), test_report.summary()]
+    carve = float(d.get("carve_test_fraction", 0.0))
+    if carve > 0:
+        # One split only (e.g. the HH test files alone): its prompts are carved into disjoint
+        # train and test parts; data.hh_train is not read.
+        test_pairs, test_report = hh.load_hh_pairs(test_src, "test", on_bad_line=d.on_bad_line)
+        train_pairs, test_pairs = hh.carve_by_prompt(test_pairs, carve, cfg.seed)
+        reports["cleaning"] = [test_report.summary()]
+        reports["carved"] = {"source": test_src, "test_fraction": carve, "train_pairs": len(train_pairs),
+                             "test_pairs": len(test_pairs)}
+    else:
+        train_pairs, train_report = hh.load_hh_pairs(train_src, "train", on_bad_line=d.on_bad_line)
+        test_pairs, test_report = hh.load_hh_pairs(test_src, "test", on_bad_line=d.on_bad_line)
+        reports["cleaning"] = [train_report.summary(), test_report.summary()]
     splits = hh.make_splits(train_pairs, test_pairs, n_rm=d.n_rm, n_dev=d.n_dev, n_llm=d.n_llm, n_test=d.n_test,
                             seed=cfg.seed)
     gold, reports["gold"] = hh.load_gold(gold_path, splits.rm_pairs)
     tokenizer = tokenize.load_tokenizer(tokenizer_path)
+    try:
+        tokenize.check_prompt_format(tokenizer, prompt_format(d))
+    except ValueError as e:
+        raise hh.DataError(str(e)) from None
     data = Data(tokenizer=tokenizer, rm_pairs=splits.rm_pairs, gold=gold, llm_prompts=splits.llm_prompts,
                 dev_pairs=splits.dev_pairs, test_pairs=splits.test_pairs, test_prompts=splits.test_prompts,
                 all_train_pairs=splits.all_train_pairs, demonstrations=demonstrations, true_reward=true_reward,
@@ -125,7 +139,7 @@ class TokenizedSet:
     extras: name -> per-example float/int arrays copied into the batch (weight, is_apo).
     """
 
-    kind: str  # "rm" | "sft" | "score"
+    kind: str  # "rm" | "sft" | "score" | "pair_lm"
     fields: dict[str, list[tokenize.Encoded]]
     extras: dict[str, np.ndarray]
     buckets: tuple[int, ...]
@@ -156,9 +170,17 @@ class TokenizedSet:
                 out["loss_mask"] = lm
             else:
                 out[f"{name}_ids"], out[f"{name}_mask"] = ids, mask
+                if self.kind == "pair_lm":  # DPO: which tokens of each sequence are the response
+                    out[f"{name}_response_mask"], _ = tokenize.pad_right([e.response_mask for e in picked], width,
+                                                                         len(rows), 0)
         for name, values in self.extras.items():
             out[name] = values[rows]
         return out
+
+
+def prompt_format(d: ml_collections.ConfigDict) -> str:
+    """`data.prompt_format` ("hh" when a config predates the field)."""
+    return str(d.get("prompt_format", "hh"))
 
 
 def _pad_id(tokenizer: Any) -> int:
@@ -168,10 +190,11 @@ def _pad_id(tokenizer: Any) -> int:
 def rm_set(tokenizer: Any, pairs: Sequence[dict], d: ml_collections.ConfigDict) -> TokenizedSet:
     """RM pairs -> chosen/rejected inputs `[BOS] prompt response` (+ `[EOS]` when
     data.reward_position == "eos"; the reward is read at the last token), row weight and APO flag."""
+    fmt = prompt_format(d)
     chosen = tokenize.encode_responses(tokenizer, [(p["prompt"], p["chosen"]) for p in pairs], d.rm_max_len,
-                                       append_eos=d.reward_position == "eos")
+                                       append_eos=d.reward_position == "eos", prompt_format=fmt)
     rejected = tokenize.encode_responses(tokenizer, [(p["prompt"], p["rejected"]) for p in pairs], d.rm_max_len,
-                                         append_eos=d.reward_position == "eos")
+                                         append_eos=d.reward_position == "eos", prompt_format=fmt)
     extras = {
         "weight": np.asarray([p.get("weight", 1.0) for p in pairs], np.float32),
         "is_apo": np.asarray([int(p.get("is_apo", 0)) for p in pairs], np.int32),
@@ -182,19 +205,32 @@ def rm_set(tokenizer: Any, pairs: Sequence[dict], d: ml_collections.ConfigDict) 
 def sft_set(tokenizer: Any, examples: Sequence[dict], d: ml_collections.ConfigDict) -> TokenizedSet:
     """(prompt, response) records -> inputs with a loss mask on the response tokens (+ EOS)."""
     enc = tokenize.encode_responses(tokenizer, [(e["prompt"], e["response"]) for e in examples], d.sft_max_len,
-                                    append_eos=True)
+                                    append_eos=True, prompt_format=prompt_format(d))
     extras = {"weight": np.asarray([e.get("weight", 1.0) for e in examples], np.float32)}
     return TokenizedSet("sft", {"input": enc}, extras, tuple(d.buckets), _pad_id(tokenizer))
 
 
+def pair_lm_set(tokenizer: Any, pairs: Sequence[dict], d: ml_collections.ConfigDict) -> TokenizedSet:
+    """Policy preference pairs {prompt, chosen, rejected, [weight]} -> both responses encoded like
+    SFT inputs (`[BOS] prompt response [EOS]`) with their response masks (DPO's layout)."""
+    fields = {}
+    for side in ("chosen", "rejected"):
+        fields[side] = tokenize.encode_responses(tokenizer, [(p["prompt"], p[side]) for p in pairs], d.sft_max_len,
+                                                 append_eos=True, prompt_format=prompt_format(d))
+    extras = {"weight": np.asarray([p.get("weight", 1.0) for p in pairs], np.float32)}
+    return TokenizedSet("pair_lm", fields, extras, tuple(d.buckets), _pad_id(tokenizer))
+
+
 def score_set(tokenizer: Any, texts: Sequence[tuple[str, str]], d: ml_collections.ConfigDict) -> TokenizedSet:
     """(prompt, response) texts for RM scoring, encoded exactly like RM training inputs."""
-    enc = tokenize.encode_responses(tokenizer, list(texts), d.rm_max_len, append_eos=d.reward_position == "eos")
+    enc = tokenize.encode_responses(tokenizer, list(texts), d.rm_max_len, append_eos=d.reward_position == "eos",
+                                    prompt_format=prompt_format(d))
     return TokenizedSet("score", {"input": enc}, {}, tuple(d.buckets), _pad_id(tokenizer))
 
 
 def prompt_ids(tokenizer: Any, prompts: Sequence[dict], d: ml_collections.ConfigDict) -> list[np.ndarray]:
-    return tokenize.encode_prompts(tokenizer, [p["prompt"] for p in prompts], d.prompt_max_len)
+    """Sampler prompts (token ids), formatted by `data.prompt_format` like the RM and SFT inputs."""
+    return tokenize.encode_prompts(tokenizer, [p["prompt"] for p in prompts], d.prompt_max_len, prompt_format(d))
 
 
 def prompt_batch(rows: Sequence[np.ndarray], batch_size: int, d: ml_collections.ConfigDict,

@@ -7,6 +7,16 @@ SentencePiece's leading-space tokens). Over-long examples lose tokens from the *
 prompt, after the leading special tokens (BOS), so the end of the response, where the reward is
 read and the SFT loss matters most, is never cut.
 
+Prompt formats (`data.prompt_format`), applied alike to sampling, scoring, SFT and RM training:
+- "hh" (the paper's): the HH transcript as is, `"\n\nHuman: ... \n\nAssistant:"`, the response
+  after one space, the tokenizer's own special tokens (BOS) added.
+- "chat_template": the transcript converted to messages (Human -> user, Assistant -> assistant)
+  and rendered by the tokenizer's chat template, with the generation prompt for prompts and the
+  assistant turn for responses; the template writes its own special tokens, so none are added.
+  SFT examples end with the turn's end-of-turn token (+ EOS when that is not it); an RM scores the
+  text the policy was prompted with plus its answer, up to the answer's last token
+  (data.reward_position = "last_token") or with the end-of-turn and EOS ("eos").
+
 Shapes are fixed: rows are padded to a length bucket (the smallest of `buckets` that fits the
 longest row of the *global* batch), so a phase compiles once per bucket it uses.
 """
@@ -14,9 +24,14 @@ longest row of the *global* batch), so a phase compiles once per bucket it uses.
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any, Sequence
 
 import numpy as np
+
+
+PROMPT_FORMATS = ("hh", "chat_template")
+_TURN = re.compile(r"\n\n(Human|Assistant):")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,24 +86,102 @@ def _special_prefix(offsets: Sequence[tuple[int, int]]) -> int:
     return n
 
 
+def hh_to_messages(prompt: str) -> list[dict[str, str]]:
+    """An HH prompt `"\\n\\nHuman: a\\n\\nAssistant: b\\n\\nHuman: c\\n\\nAssistant:"` as chat messages
+    [user a, assistant b, user c] (the final empty Assistant turn is the generation prompt).
+
+    Text before the first marker, if any, is kept at the start of the first user turn.
+    """
+    parts = _TURN.split(prompt)
+    head, rest = parts[0].strip(), parts[1:]
+    messages: list[dict[str, str]] = []
+    for role, text in zip(rest[0::2], rest[1::2]):
+        messages.append({"role": "user" if role == "Human" else "assistant", "content": text.strip()})
+    if messages and messages[-1]["role"] == "assistant" and not messages[-1]["content"]:
+        messages.pop()
+    if head:
+        if messages and messages[0]["role"] == "user":
+            messages[0]["content"] = (head + "\n\n" + messages[0]["content"]).strip()
+        else:
+            messages.insert(0, {"role": "user", "content": head})
+    if not messages:
+        raise ValueError(f"prompt {prompt[:60]!r}: no '\\n\\nHuman:' turn to convert to chat messages")
+    return messages
+
+
+def check_prompt_format(tokenizer: Any, prompt_format: str) -> None:
+    """ValueError (naming `data.prompt_format`) when the format is unknown or the tokenizer lacks a template."""
+    if prompt_format not in PROMPT_FORMATS:
+        raise ValueError(f"data.prompt_format: {prompt_format!r}; expected one of {PROMPT_FORMATS}")
+    if prompt_format == "chat_template" and not getattr(tokenizer, "chat_template", None):
+        raise ValueError(f"data.prompt_format: 'chat_template' but the tokenizer "
+                         f"{getattr(tokenizer, 'name_or_path', '')!r} has no chat template; use 'hh'")
+
+
+def format_prompt(tokenizer: Any, prompt: str, prompt_format: str = "hh") -> str:
+    """The text a policy is prompted with for an HH prompt under `prompt_format`."""
+    if prompt_format == "hh":
+        return prompt
+    check_prompt_format(tokenizer, prompt_format)
+    return tokenizer.apply_chat_template(hh_to_messages(prompt), tokenize=False, add_generation_prompt=True)
+
+
+def format_example(tokenizer: Any, prompt: str, response: str, prompt_format: str = "hh",
+                   end_of_turn: bool = True) -> tuple[str, str]:
+    """(prompt text, response text) whose concatenation is the whole example under `prompt_format`.
+
+    "hh": the response after one space. "chat_template": the rendered assistant turn; with
+    `end_of_turn` up to and including the template's end-of-turn token (what SFT learns, so the
+    policy learns to stop), without it up to the content's last character (RM inputs read at the
+    last response token: the end-of-turn is often the pad id too, e.g. SmolLM2's <|im_end|> = 2,
+    and `transformers` pools the last non-pad token).
+    """
+    if prompt_format == "hh":
+        return prompt, (" " + response if response else "")
+    head = format_prompt(tokenizer, prompt, prompt_format)
+    full = tokenizer.apply_chat_template(hh_to_messages(prompt) + [{"role": "assistant", "content": response}],
+                                         tokenize=False)
+    if not full.startswith(head):
+        raise ValueError("data.prompt_format: the tokenizer's chat template renders an assistant turn that does not "
+                         "extend its generation prompt; use 'hh'")
+    tail = full[len(head):].rstrip()
+    at = tail.find(response)
+    if not end_of_turn and response and at >= 0:
+        tail = tail[: at + len(response)]
+    return head, tail
+
+
+def _keep_left(ids: np.ndarray, offsets: Sequence[tuple[int, int]], tokenizer: Any, prompt_format: str) -> int:
+    """How many leading tokens left truncation must keep: the added special tokens (BOS) under "hh";
+    the BOS the template wrote, if it did, under "chat_template"."""
+    if prompt_format == "hh":
+        return _special_prefix(offsets)
+    bos = getattr(tokenizer, "bos_token_id", None)
+    return int(len(ids) > 0 and bos is not None and int(ids[0]) == bos)
+
+
 def encode_responses(
-    tokenizer: Any, pairs: Sequence[tuple[str, str]], max_len: int, *, append_eos: bool
+    tokenizer: Any, pairs: Sequence[tuple[str, str]], max_len: int, *, append_eos: bool, prompt_format: str = "hh"
 ) -> list[Encoded]:
     """`[BOS] prompt response [EOS]` for each (prompt, response), left-truncated to `max_len`.
 
-    The response mask covers the response's tokens and the appended EOS (what SFT learns).
+    Prompts are HH prompts, formatted by `prompt_format` (see the module docstring). The response
+    mask covers the response's tokens and the appended EOS (what SFT learns). Under
+    "chat_template", `append_eos` also decides whether the turn's end-of-turn token is included,
+    and EOS is not appended again when the turn already ends in it.
     """
-    texts = [f"{p} {r}" if r else p for p, r in pairs]
-    enc = tokenizer(texts, add_special_tokens=True, return_offsets_mapping=True)
+    formatted = [format_example(tokenizer, p, r, prompt_format, end_of_turn=append_eos) for p, r in pairs]
+    texts = [head + tail for head, tail in formatted]
+    enc = tokenizer(texts, add_special_tokens=prompt_format == "hh", return_offsets_mapping=True)
     eos = tokenizer.eos_token_id
     out = []
-    for (prompt, _), ids, offsets in zip(pairs, enc["input_ids"], enc["offset_mapping"]):
+    for (head, _), ids, offsets in zip(formatted, enc["input_ids"], enc["offset_mapping"]):
         ids = np.asarray(ids, np.int32)
-        n_special = _special_prefix(offsets)
+        n_special = _keep_left(ids, offsets, tokenizer, prompt_format)
         # A token belongs to the response if any of its characters lies after the prompt.
-        resp = np.asarray([end > len(prompt) for _, end in offsets], bool)
+        resp = np.asarray([end > len(head) for _, end in offsets], bool)
         resp[:n_special] = False
-        if append_eos and eos is not None:
+        if append_eos and eos is not None and not (len(ids) and resp[-1] and ids[-1] == eos):
             ids = np.append(ids, np.int32(eos))
             resp = np.append(resp, True)
         if len(ids) > max_len:
@@ -101,14 +194,16 @@ def encode_responses(
     return out
 
 
-def encode_prompts(tokenizer: Any, prompts: Sequence[str], max_len: int) -> list[np.ndarray]:
-    """`[BOS] prompt` token ids, left-truncated to `max_len` (BOS kept)."""
-    enc = tokenizer(list(prompts), add_special_tokens=True, return_offsets_mapping=True)
+def encode_prompts(tokenizer: Any, prompts: Sequence[str], max_len: int, prompt_format: str = "hh") -> list[np.ndarray]:
+    """`[BOS] prompt` token ids (HH prompts formatted by `prompt_format`), left-truncated to
+    `max_len` (BOS kept)."""
+    texts = [format_prompt(tokenizer, p, prompt_format) for p in prompts]
+    enc = tokenizer(texts, add_special_tokens=prompt_format == "hh", return_offsets_mapping=True)
     out = []
     for ids, offsets in zip(enc["input_ids"], enc["offset_mapping"]):
         ids = np.asarray(ids, np.int32)
         if len(ids) > max_len:
-            n_special = _special_prefix(offsets)
+            n_special = _keep_left(ids, offsets, tokenizer, prompt_format)
             ids = np.concatenate([ids[:n_special], ids[len(ids) - (max_len - n_special):]])
         out.append(ids)
     return out
