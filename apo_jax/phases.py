@@ -311,6 +311,9 @@ def export(ctx: Context, names: Sequence[str]) -> dict[str, str]:
         path = fileio.join(ctx.store.run_dir, "export", name)
         if not hf.is_saved(path):
             slot = ctx.store.model(name)
-            hf.save_pretrained(path, slot.config, slot.params, tokenizer=ctx.tokenizer)
+            # An RM export scores in transformers what the game scored (issue #16).
+            hf.save_pretrained(path, slot.config, slot.params, tokenizer=ctx.tokenizer,
+                               reward_position=ctx.cfg.data.reward_position,
+                               prompt_format=ctx.cfg.data.get("prompt_format", "hh"))
         out[name] = path
     return out
