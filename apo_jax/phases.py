@@ -35,9 +35,6 @@ class Context:
     def tokenizer(self) -> Any:
         return self.data.tokenizer
 
-    @property
-    def stop_ids(self) -> tuple[tuple[int, ...], ...]:
-        return tuple(tuple(self.tokenizer.encode(s, add_special_tokens=False)) for s in self.cfg.sampling.stop_strings)
 
 
 def optimizer(opt_cfg: ml_collections.ConfigDict, num_examples: int, lr: float) -> train.OptimizerConfig:
@@ -99,7 +96,6 @@ def sample(ctx: Context, policy: str, split: str, prompts: Sequence[dict], setti
     n_batches = -(-len(prompts) // bs)
     ids = pipeline.prompt_ids(ctx.tokenizer, prompts, cfg.data)
     pad_id = int(ctx.tokenizer.pad_token_id or 0)
-    stop_ids = ctx.stop_ids
     store.status(f"sampling {num_samples} answers x {len(prompts)} {split} prompts from {policy}")
     bar = tqdm(total=len(prompts), initial=done, desc=f"sample {policy} {split}", disable=not store.is_main,
                leave=False)
@@ -110,7 +106,7 @@ def sample(ctx: Context, policy: str, split: str, prompts: Sequence[dict], setti
             slot.config, gen_params, prompt_ids, prompt_mask, jax.random.fold_in(rng, b),
             num_samples=num_samples, max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
             top_p=settings.top_p, top_k=settings.top_k, eos_token_id=slot.config.eos_token_ids,
-            stop_sequences=stop_ids, mesh=store.mesh,
+            stop_strings=tuple(cfg.sampling.stop_strings), tokenizer=ctx.tokenizer, mesh=store.mesh,
         )
         tokens, lengths = scoring.gather(out.tokens), scoring.gather(out.lengths)
         lines = []
@@ -258,9 +254,12 @@ def evaluate_rm(ctx: Context, name: str, label: str, schedule: str, rnd: int) ->
             if data.true_reward is not None:
                 rec[f"{split}_true_acc"] = pipeline.true_order_accuracy(data, pairs, good, bad)
         if data.world is not None:
-            # The counterfactual probe b(RM): how much one spurious marker moves the reward of
-            # the test responses (the chosen answers of the test pairs, markers stripped).
-            plain = [(p["prompt"], data.world.strip_markers(p["chosen"])) for p in data.test_pairs]
+            # The counterfactual probe b(RM): how much one spurious marker moves the reward.
+            # The test pairs' responses without a marker: y + marker then carries one marker, as human
+            # responses do (a second one would be out of the RM's training distribution).
+            texts = [(p["prompt"], p[side]) for p in data.test_pairs for side in ("chosen", "rejected")]
+            keep = diagnostics.probe_indices(np.asarray([data.world.marker_count(y) for _, y in texts]))
+            plain = [texts[i] for i in keep]
             marked = [(x, data.world.add_marker(y)) for x, y in plain]
             probe = diagnostics.marker_bias(score_texts(ctx, slot, plain), score_texts(ctx, slot, marked))
             rec.update(marker_bias=probe["marker_bias"], marker_bias_se=probe["marker_bias_se"])
@@ -298,7 +297,8 @@ def evaluate_policy(ctx: Context, policy: str, schedule: str, rnd: int, scorer: 
                                 for r in rows])
         store.metrics.write(rec)
         extra = f", true reward {rec['true_reward']:.3f}" if "true_reward" in rec else ""
-        store.status(f"eval {policy}: RM_Test score {rec['avg_score']:.3f}{extra}")
+        shared = "" if policy.startswith(f"policy_{schedule}_") or schedule == "base" else f" (as {schedule})"
+        store.status(f"eval {policy}{shared}: {scorer} score {rec['avg_score']:.3f}{extra}")
         return rec
 
     return store.once(PolicyEvalKey(policy, schedule), run)
