@@ -95,11 +95,12 @@ def test_logits_match_transformers_on_real_hh_dialogues(loaded, real_hh):
     with torch.no_grad():
         ref = torch_lm(torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask)).logits.numpy()
     real = mask == 1
-    # float32 through 30 layers: logits (up to ~25) agree to 1e-4 + 1e-5 relative (measured max
-    # 1.5e-4 absolute, 6e-6 relative), log-probabilities to 1e-4.
-    np.testing.assert_allclose(ours[real], ref[real], atol=1e-4, rtol=1e-5)
+    # float32 through 30 layers, measured on these dialogues: 0.002% of log-probabilities differ by
+    # more than 1e-4 (at most 1.4e-4, all below -10, i.e. 1.2e-5 relative); the raw logits also
+    # carry a near-constant offset per position (softmax-invariant) of up to 1.5e-4.
     logp, ref_logp = jax.nn.log_softmax(ours[real]), jax.nn.log_softmax(ref[real])
-    np.testing.assert_allclose(np.asarray(logp), np.asarray(ref_logp), atol=1e-4, rtol=0)
+    np.testing.assert_allclose(np.asarray(logp), np.asarray(ref_logp), atol=1e-4, rtol=2e-5)
+    np.testing.assert_allclose(ours[real], ref[real], atol=2e-4, rtol=0)
     assert np.mean(ours[real].argmax(-1) == ref[real].argmax(-1)) == 1.0
 
 
