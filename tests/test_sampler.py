@@ -3,6 +3,8 @@ sharding changes nothing, and stop strings end a row whatever their tokenisation
 
 from __future__ import annotations
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -268,3 +270,49 @@ def test_stop_cuts_reads_only_running_rows_and_offsets_by_the_window_start():
     # row 0: "ab|XY|a" -> stop at a token boundary, 2 tokens kept; row 1: "a|bX|Y|a" -> the stop
     # starts inside "bX", which is kept; row 2 not running; row 3: only 1 token kept so far ("XY").
     np.testing.assert_array_equal(cuts, [12, 12, -1, 10])
+
+
+_TWO_PROCESS_STOPS = """
+import json
+import numpy as np
+from jax.experimental import multihost_utils
+from apo_jax import hf, sampler, sharding
+from hf_fixtures import padded_batch
+from test_sampler import _tokenizer_with_two_spellings
+
+path, first, second, avoid = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), set(json.loads(sys.argv[4]))
+mesh = sharding.make_mesh(sharding.MeshConfig(2, 2, 2))
+config, params = hf.load_pretrained(path, mesh=mesh)
+tok = _tokenizer_with_two_spellings(config.vocab_size, first, second, avoid)
+ids, mask = padded_batch(4, 6, config.vocab_size, "left", seed=9)
+out = sampler.generate(config, params, ids, mask, jax.random.PRNGKey(0), num_samples=1, max_new_tokens=12,
+                       temperature=1.0, eos_token_id=None, stop_strings=["\\nHuman"], tokenizer=tok,
+                       stop_check_every=3, mesh=mesh)
+gather = lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True)).tolist()
+print("RESULT" + json.dumps({"tokens": gather(out.tokens), "lengths": gather(out.lengths)}))
+"""
+
+
+@pytest.mark.e2e
+def test_stop_strings_in_two_processes_equal_one_process(lm, tmp_path):
+    """Every process checks the same replicated window of text and applies the same cuts."""
+    from multiproc import run_processes
+
+    model, config, params = lm
+    model.save_pretrained(tmp_path)
+    ids, mask = padded_batch(4, 6, config.vocab_size, "left", seed=9)
+    kw = dict(num_samples=1, max_new_tokens=12, temperature=1.0, eos_token_id=None)
+    seq = np.asarray(sampler.generate(config, params, ids, mask, jax.random.PRNGKey(0), **kw).tokens[:, 0])
+    t = next(t for t in range(2, 10) if seq[0, t] != seq[0, t + 1] and seq[0, t] not in seq[0, :t])
+    avoid = sorted(set(seq.ravel().tolist()))
+    tok = _tokenizer_with_two_spellings(config.vocab_size, int(seq[0, t]), int(seq[0, t + 1]), set(avoid))
+    ref = sampler.generate(config, params, ids, mask, jax.random.PRNGKey(0), stop_strings=["\nHuman"], tokenizer=tok,
+                           stop_check_every=3, **kw)
+    assert int(ref.lengths[0, 0]) == t + 1
+    results = run_processes(_TWO_PROCESS_STOPS, num_processes=2, devices_per_process=4, timeout=400,
+                            args=[str(tmp_path), str(int(seq[0, t])), str(int(seq[0, t + 1])), json.dumps(avoid)])
+    for r in results:
+        assert r.returncode == 0, r.stderr[-3000:]
+        out = json.loads([ln for ln in r.stdout.splitlines() if ln.startswith("RESULT")][0][len("RESULT"):])
+        np.testing.assert_array_equal(np.asarray(out["tokens"]), np.asarray(ref.tokens))
+        np.testing.assert_array_equal(np.asarray(out["lengths"]), np.asarray(ref.lengths))
