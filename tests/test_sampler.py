@@ -230,7 +230,8 @@ def test_stop_string_ends_the_row_whatever_its_tokenisation(lm):
     kw = dict(num_samples=1, max_new_tokens=n, temperature=1.0, eos_token_id=None)
     seq = np.asarray(sampler.generate(config, params, ids, mask, jax.random.PRNGKey(0), **kw).tokens[:, 0])
     t = next(t for t in range(2, n - 2) if seq[0, t] != seq[0, t + 1] and seq[0, t] not in seq[0, :t])
-    tok = _tokenizer_with_two_spellings(config.vocab_size, int(seq[0, t]), int(seq[0, t + 1]), set(seq.ravel().tolist()))
+    avoid = set(seq.ravel().tolist())
+    tok = _tokenizer_with_two_spellings(config.vocab_size, int(seq[0, t]), int(seq[0, t + 1]), avoid)
     stop = "\nHuman"
     canonical = tok.encode(stop, add_special_tokens=False)
     assert len(canonical) == 2 and canonical[0] != seq[0, t] and canonical[1] == seq[0, t + 1]
