@@ -9,7 +9,9 @@
 
 SmolLM2-135M-Instruct is a LLaMA-architecture model (30 layers, d 576, 9 query / 3 KV heads, vocab
 49152, tied embeddings, rope_theta 1e5, pad id = EOS id = 2). Sized for one GPU (an H100 or a
-24 GB card) in well under an hour: 5K RM queries, 5K policy queries, 3 rounds, S = 4.
+24 GB card) in well under an hour: 5K RM queries, 5K policy queries, 3 rounds, S = 4. (An estimate
+from step costs, not yet timed on a GPU: the largest phases are RM_Test's one epoch over all HH
+train pairs, about 2.7K steps of 32 pairs, and each sampling phase's 5K prompts x 4 x 128 tokens.)
 
 Which values are the paper's (LLaMA-7B, Section 4.1 and the official code) and which were chosen
 for a 135M model, and why:
