@@ -36,7 +36,8 @@ from benchmarks import common  # noqa: E402
 
 SAMPLE_DEFAULTS = dict(impl="jax", model="tiny", batch=2, num_samples=4, prompt_len=32, new_tokens=32,
                        temperature=1.2, top_p=1.0, top_k=0, param_dtype="float32", dtype="bfloat16",
-                       checkpoint=None, attention="xla", warmup=1, iters=3, seed=0, ref_weights="random", copy_bytes_per_s=None, profile=False)
+                       checkpoint=None, attention="xla", warmup=1, iters=3, seed=0, ref_weights="random",
+                       copy_bytes_per_s=None, profile=False)
 SCORE_DEFAULTS = dict(impl="jax", model="tiny", batch=4, seq=64, param_dtype="float32", dtype="bfloat16",
                       checkpoint=None, attention="xla",
                       warmup=1, iters=3, seed=0, ref_weights="random", profile=False)
@@ -331,7 +332,8 @@ def main(argv: list[str] | None = None) -> None:
         else:
             case = dict(bench="sample", impl=impl, model=args.model, batch=args.batch, num_samples=args.num_samples,
                         prompt_len=args.prompt_len, new_tokens=args.new_tokens, param_dtype=args.param_dtype,
-                        dtype=args.dtype, checkpoint=args.checkpoint, attention=args.attention, iters=args.iters, copy_bytes_per_s=copy_bw["bytes_per_s"])
+                        dtype=args.dtype, checkpoint=args.checkpoint, attention=args.attention, iters=args.iters,
+                        copy_bytes_per_s=copy_bw["bytes_per_s"])
         r = run_case(case)
         results.append(r)
         extra = ""

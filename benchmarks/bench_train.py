@@ -40,7 +40,8 @@ TASKS = ("rm", "sft")
 ASSUMED_LIMIT_BYTES = 75 * 2**30  # 95% of an H100's 79.6 GiB (XLA_PYTHON_CLIENT_MEM_FRACTION=0.95)
 OPT = train.OptimizerConfig(lr=1e-5, warmup_steps=0, total_steps=10_000, schedule="linear", grad_clip=1.0)
 DEFAULTS = dict(impl="jax", task="rm", model="tiny", seq=64, batch=2, remat="none", attention="xla",
-                param_dtype="float32", dtype="bfloat16", checkpoint=None, warmup=2, steps=5, torch_compile=False, ref_weights="random", seed=0,
+                param_dtype="float32", dtype="bfloat16", checkpoint=None, warmup=2, steps=5, torch_compile=False,
+                ref_weights="random", seed=0,
                 profile=False, oom_retry_remat=None)
 
 
