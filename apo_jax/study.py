@@ -26,7 +26,8 @@ metrics.jsonl, the last record per key). The field names this module reads:
    "true_reward_oracle_pick", "headroom", "onpolicy_pair_acc", "onpolicy_pair_acc_marker_free",
    "marker_rate_samples", "marker_rate_picks"}: `round` is the round whose policy update the picks
    feed, so round 1 judges policy_0's samples (older records carry "name": "<schedule>_r<round>").
-- {"kind": "rm_probe", "model", "schedule", "round", "marker_bias"}: RM_Base is model "RM_Base".
+- {"kind": "rm_probe", "model", "schedule", "round", "marker_bias"}: RM_Base is model "RM_Base"; an
+   rm_eval record carrying "marker_bias" counts as one.
 
 The checks (L = the last round):
 - P1 headroom of policy_0's samples (best_of_s, round 1) >= 0.10.
@@ -137,6 +138,9 @@ def normalise(records: Iterable[Record]) -> list[Record]:
                 {"true_reward_oracle_pick", "true_reward_mean_sample"} <= set(rec):
             rec["headroom"] = rec["true_reward_oracle_pick"] - rec["true_reward_mean_sample"]  # mean of differences
         out.append(rec)
+        if rec.get("kind") == "rm_eval" and "marker_bias" in rec:  # the game records the probe with Table 2
+            out.append({"kind": "rm_probe", **{k: rec.get(k) for k in ("model", "schedule", "round", "marker_bias",
+                                                                        "marker_bias_se") if k in rec}})
     return out
 
 

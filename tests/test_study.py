@@ -223,3 +223,16 @@ def test_headroom_is_derived_from_older_best_of_s_records():
            "true_reward_mean_sample": 0.55, "true_reward_oracle_pick": 0.8}
     (got,) = study.normalise([rec])
     assert (got["schedule"], got["round"]) == ("rjs", 1) and got["headroom"] == pytest.approx(0.25)
+
+
+def test_probe_recorded_on_rm_eval_records_counts_as_an_rm_probe():
+    values = []
+    for seed in range(3):
+        v = _passing(seed)
+        recs = [r for r in _records(v) if r["kind"] != "rm_probe"]
+        recs = [dict(r, marker_bias=v["probe.RM_Base.marker_bias"]) if r["kind"] == "rm_eval" else r for r in recs]
+        recs.append({"kind": "rm_eval", "model": "RM_APO-v1", "schedule": "apo", "round": 1,
+                     "marker_bias": v["probe.RM_APO-v1.marker_bias"]})
+        values.append(study.normalise(recs))
+    got = {c["check"]: c["status"] for c in study.checks(dict(enumerate(values)))}
+    assert got["P3"] == "PASS" and got["H3"] == "PASS"
