@@ -59,9 +59,10 @@ def _assert_same_results(run_dir: str, reference: str) -> None:
     assert [(r["kind"], r.get("name", r.get("policy")), r["schedule"], r["round"]) for r in got] == [
         (r["kind"], r.get("name", r.get("policy")), r["schedule"], r["round"]) for r in ref]
     rms = {r.get("name") for r in ref if r["kind"] == "rm_eval"}
-    assert rms == {"rm_base", "rm_test", "rm_apo_r1", "rm_apo_seq_r2"}
+    # The game plays apo_seq alone: its round-1 RM and policy are named by its own row.
+    assert rms == {"rm_base", "rm_test", "rm_apo_seq_r1", "rm_apo_seq_r2"}
     policies = {r.get("policy") for r in ref if r["kind"] == "policy_eval"}
-    assert policies == {"policy_0", "policy_apo_r1", "policy_apo_seq_r2"}
+    assert policies == {"policy_0", "policy_apo_seq_r1", "policy_apo_seq_r2"}
     for g, r in zip(got, ref):
         assert g.keys() == r.keys(), (g, r)
         for key, value in r.items():
@@ -81,7 +82,7 @@ def _assert_shared_outputs_written_once(run_dir: str, reference: str, procs, lau
         assert os.path.getsize(os.path.join(run_dir, rel)) > 0, rel
     assert open(os.path.join(run_dir, "tables.md")).read() == open(os.path.join(reference, "tables.md")).read()
     # Appended JSONL: as many lines as one process writes (N writers would multiply them).
-    for rel in ("samples/policy_0_gold.jsonl", "samples/policy_apo_r1_llm.jsonl", "samples/policy_0_test.jsonl"):
+    for rel in ("samples/policy_0_gold.jsonl", "samples/policy_apo_seq_r1_llm.jsonl", "samples/policy_0_test.jsonl"):
         assert len(_lines(os.path.join(run_dir, rel))) == len(_lines(os.path.join(reference, rel))), rel
     assert len(glob.glob(os.path.join(run_dir, "tensorboard", "events.out.tfevents.*"))) == launches
     assert sorted(os.listdir(os.path.join(run_dir, "export"))) == sorted(os.listdir(os.path.join(reference, "export")))
