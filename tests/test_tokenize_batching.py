@@ -118,7 +118,7 @@ from apo_jax.data import batching, pipeline
 from tok_fixtures import llama_like_tokenizer
 tok = llama_like_tokenizer()
 cfg = ml_collections.ConfigDict(dict(rm_max_len=64, sft_max_len=64, prompt_max_len=32, buckets=(16, 32, 64),
-                                     append_eos=True))
+                                     reward_position="eos"))
 responses = ["Paris.", "The capital of France is Paris.", "Sure! Waves roll in.", "No.", "Mix flour and water.",
              "Why did the chicken cross the road?", "cba", "Let it rise, bake."]
 pairs = [{"prompt": "\n\nHuman: q%d\n\nAssistant:" % i, "chosen": responses[i], "rejected": responses[-1 - i]}
