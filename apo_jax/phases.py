@@ -281,12 +281,14 @@ def evaluate_policy(ctx: Context, policy: str, schedule: str, rnd: int, scorer: 
         scores = score(ctx, scorer, rows, f"{policy}_test")
         rec = {"kind": "policy_eval", "policy": policy, "schedule": schedule, "round": rnd,
                "avg_score": float(np.mean(scores)), "num_answers": len(rows)}
+        true = None
         if data.true_reward is not None:
-            rec["true_reward"] = float(np.mean([data.true_reward(r["prompt"], r["response"]) for r in rows]))
+            true = [data.true_reward(r["prompt"], r["response"]) for r in rows]
+            rec["true_reward"] = float(np.mean(true))
         if data.world is not None:
             w = data.world
             rec.update(diagnostics.answer_stats(
-                [data.true_reward(r["prompt"], r["response"]) for r in rows],
+                true,
                 [w.content_reward(r["prompt"], r["response"]) for r in rows],
                 [w.marker_count(r["response"]) for r in rows]))
             # RM_Base's score of the same answers: what a fixed RM believes about the policy.
