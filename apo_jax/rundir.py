@@ -42,6 +42,7 @@ log = logging.getLogger("apo_jax")
 FINGERPRINT_NAME = "fingerprint.json"
 LOCK_NAME = "run.lock"
 LEASE_TTL_S = 120.0  # a gs:// lease not renewed for this long is free to take
+NAME_WAIT_S = 2.0  # how long a refused process waits for the lock holder to write its name
 
 # Config fields (dotted; a prefix covers its subtree) that do not change what a run computes.
 EXCLUDED: tuple[str, ...] = (
@@ -263,7 +264,12 @@ class LocalLock:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            # The winner of a race writes its name just after taking the flock: wait briefly for it.
             holder = Holder.parse(os.pread(fd, 4096, 0))
+            deadline = time.monotonic() + NAME_WAIT_S
+            while holder is None and time.monotonic() < deadline:
+                time.sleep(0.02)
+                holder = Holder.parse(os.pread(fd, 4096, 0))
             os.close(fd)
             raise _locked_error(self.run_dir, holder) from None
         except OSError as e:
