@@ -49,6 +49,9 @@ def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.run_dir = "runs/apo"
     c.seed = 0
+    # Persistent XLA compilation cache ("" = off; local path or gs://): a restarted or resumed run
+    # loads its compiled steps instead of recompiling. JAX_COMPILATION_CACHE_DIR, if set, wins.
+    c.compilation_cache_dir = ""
     c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
 
     c.data = ml_collections.ConfigDict()

@@ -20,6 +20,7 @@ import dataclasses
 import importlib.metadata
 import logging
 import re
+import os
 import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -213,3 +214,22 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def enable_compilation_cache(path: str) -> str | None:
+    """Points JAX's persistent compilation cache at `path` (user-expanded; "" leaves it off).
+
+    An explicit `JAX_COMPILATION_CACHE_DIR` in the environment wins, so a launcher or a test
+    session can share one cache between processes. Returns the directory in use, or None.
+    """
+    import jax
+
+    env = os.environ.get("JAX_COMPILATION_CACHE_DIR")
+    if env:
+        return env
+    if not path:
+        return None
+    path = path if "://" in path else os.path.expanduser(path)
+    jax.config.update("jax_compilation_cache_dir", path)
+    logging.getLogger("apo_jax").info("devices: persistent compilation cache in %s", path)
+    return path

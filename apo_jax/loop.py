@@ -339,6 +339,7 @@ def run(cfg: ml_collections.ConfigDict) -> str:
     from apo_jax import checkpointing, devices
 
     devices.resolve_config(cfg)  # "auto" dtype / attention (a no-op when main already resolved them)
+    devices.enable_compilation_cache(cfg.get("compilation_cache_dir", ""))
     checkpointing.install_preemption_handler()
     game = Game(cfg)
     try:

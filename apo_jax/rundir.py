@@ -49,6 +49,7 @@ EXCLUDED: tuple[str, ...] = (
     "run_dir",  # where the run writes
     "mesh",  # a resumed run may use another slice; the layout changes float rounding only
     "log_every_steps",
+    "compilation_cache_dir",  # compiled programs are the same, only where they are kept
     "checkpoint",  # save cadence, async saves, how many to keep
     "eval.batch_size",  # scoring rows are independent of their batch
     "policy.remat_policy", "rm.remat_policy",  # memory/speed trade-offs, same math

@@ -9,8 +9,9 @@ resumable on its own; a seed whose summary.json exists is skipped, and rerunning
 the unfinished ones. Then DIR/study.json and DIR/study.md hold, over the finished seeds:
 
 - mean +- SE (SE = sd with ddof=1 / sqrt(n)) of every numeric field of every record;
-- paired differences per round (APO - RJS, APO - ablation, APO - oracle, each schedule - policy_0)
-  of the policy fields, SE = sd of the per-seed paired difference / sqrt(N);
+- paired differences per round (APO - RJS, APO - ablation, APO - oracle; with DPO arms APO-DPO -
+  RJS-DPO and DPO - SFT per selector; each schedule - policy_0) of the policy fields, SE = sd of
+  the per-seed paired difference / sqrt(N);
 - the pre-registered checks P1-P4 and H1-H4 (issue #14) as PASS / FAIL lines, or "N/A (missing
   <what>)" where the records they need are absent;
 - DIR/study_true_reward.png: true reward (and marker rate) per round per schedule, with error bars.
@@ -61,7 +62,9 @@ CommandFn = Callable[[int, str], list[str]]
 Runner = Callable[[list[str], str], int]
 
 POLICY_FIELDS_FIRST = ("true_reward", "content_reward", "marker_rate", "avg_score", "rm_base_score")
-CONTRASTS = (("apo", "rjs"), ("apo", "ablation"), ("apo", "oracle"))
+CONTRASTS = (("apo", "rjs"), ("apo", "ablation"), ("apo", "oracle"),
+             # DPO as the policy update (#15): the RM's effect under DPO, and DPO vs SFT per RM.
+             ("apo-dpo", "rjs-dpo"), ("rjs-dpo", "rjs"), ("apo-dpo", "apo"), ("oracle-dpo", "oracle"))
 
 
 # ------------------------------------------------------------------------------------ running
@@ -240,7 +243,7 @@ def policy_fields(per_seed: dict[int, list[Record]]) -> list[str]:
 
 
 def differences(per_seed: dict[int, list[Record]]) -> list[dict[str, Any]]:
-    """Paired differences per round: APO - RJS, APO - ablation, APO - oracle, each schedule - policy_0."""
+    """Paired differences per round: the CONTRASTS both of whose arms ran, each schedule - policy_0."""
     keys = {k for k in index(per_seed) if k[0] == "policy_eval"}
     rounds = sorted({k[2] for k in keys if isinstance(k[2], int) and k[2] > 0})
     schedules = sorted({k[1] for k in keys if k[1] != "base"})

@@ -15,6 +15,7 @@ from apo_jax.config import base_config
 def get_config():
     c = base_config()
     c.run_dir = "runs/hh"
+    c.compilation_cache_dir = "~/.cache/apo_jax/xla"  # a preempted run restarts without recompiling
     c.mesh.fsdp = -1  # ZeRO-3 over every device; add tensor=2..8 for 7B+ on small-memory chips
 
     c.data.kind = "hh"

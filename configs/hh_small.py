@@ -48,6 +48,7 @@ MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 def get_config():
     c = base_config()
     c.run_dir = "runs/hh_small"
+    c.compilation_cache_dir = "~/.cache/apo_jax/xla"
     c.mesh.fsdp = -1
 
     c.data.kind = "hh"

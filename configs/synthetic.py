@@ -77,6 +77,14 @@ def get_config():
     c.sft.epochs = 3
     c.sft.warmup_steps = 5
 
+    # DPO arms (<arm>-dpo): the SFT phase's batch and epochs; a step ~5x smaller than SFT's
+    # (sigmoid loss on a log-ratio difference), beta as in the DPO paper.
+    c.dpo.batch_size = 32
+    c.dpo.lrs = (1e-4, 1e-4)
+    c.dpo.epochs = 3
+    c.dpo.warmup_steps = 5
+    c.dpo.beta = 0.1
+
     c.apo.rounds = 2
     c.apo.num_samples = 4
     c.apo.schedules = ("rjs", "apo", "apo_seq", "ablation")

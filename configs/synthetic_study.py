@@ -22,15 +22,14 @@ def _demo_config():
 
 
 def get_config():
-    from apo_jax import schedules
-
     c = _demo_config()
     c.run_dir = "runs/synthetic_study/seed_0"  # the study sets run_dir per seed
     c.data.synthetic.n_test_prompts = 2000  # one pair each: 2,000 test pairs, 2,000 test prompts
     c.data.n_test = 0  # all of them
     # apo_seq is left out: no check reads it, and it would cost a fifth of each seed. The oracle
-    # arm (r* picks best-of-S) is the control P4 reads; included where the schedule table has it.
-    c.apo.schedules = ("rjs", "apo", "ablation") + (("oracle",) if "oracle" in schedules.SCHEDULES else ())
+    # arm (r* picks best-of-S) is the control P4 reads.
+    # The DPO twins of RJS and APO (#15) read APO-DPO - RJS-DPO and DPO - SFT per RM.
+    c.apo.schedules = ("rjs", "apo", "ablation", "oracle", "rjs-dpo", "apo-dpo")
     c.sampling.batch_size = 256
     c.eval.batch_size = 256
     return c

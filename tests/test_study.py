@@ -13,7 +13,7 @@ import pytest
 
 from apo_jax import study
 
-SCHEDULES = ("rjs", "apo", "ablation", "oracle")
+SCHEDULES = ("rjs", "apo", "ablation", "oracle", "rjs-dpo", "apo-dpo")
 
 
 def _records(v: dict[str, float], rounds: int = 2) -> list[dict]:
@@ -48,7 +48,8 @@ def _passing(seed: int) -> dict[str, float]:
                   f"rjs.{r}.avg_score": 0.6 + 0.1 * r + e[8 + r], f"rjs.{r}.content_reward": 0.55 + e[10 + r],
                   f"apo.{r}.true_reward": 0.52 + e[12 + r], f"apo.{r}.marker_rate": 0.1 + e[14 + r],
                   f"apo.{r}.content_reward": 0.56 + e[16 + r], f"apo.{r}.avg_score": 0.55 + e[18 + r],
-                  f"ablation.{r}.true_reward": 0.40 + e[20 + r], f"oracle.{r}.true_reward": 0.55 + 0.05 * r + e[22 + r]})
+                  f"ablation.{r}.true_reward": 0.40 + e[20 + r], f"oracle.{r}.true_reward": 0.55 + 0.05 * r + e[22 + r],
+                  f"rjs-dpo.{r}.true_reward": 0.48 + e[40 + r], f"apo-dpo.{r}.true_reward": 0.53 + e[42 + r]})
     v.update({"bos.rjs.headroom": 0.15 + e[30], "bos.rjs.onpolicy_pair_acc_marker_free": 0.65 + e[31],
               "bos.rjs.onpolicy_pair_acc": 0.55 + e[32], "bos.apo.onpolicy_pair_acc": 0.62 + e[33],
               "probe.RM_Base.marker_bias": 0.3 + e[34], "probe.RM_APO-v1.marker_bias": 0.05 + e[35]})
@@ -81,7 +82,8 @@ def test_table_entries_are_mean_and_standard_error_over_seeds(tmp_path):
     # Paired differences: the SE is of the per-seed differences, not of the two means.
     diffs = {(d["round"], d["contrast"]): d["fields"] for d in got["differences"]}
     for rnd in (1, 2):
-        for a, b in (("apo", "rjs"), ("apo", "ablation"), ("apo", "oracle")):
+        for a, b in (("apo", "rjs"), ("apo", "ablation"), ("apo", "oracle"),
+                     ("apo-dpo", "rjs-dpo"), ("rjs-dpo", "rjs"), ("apo-dpo", "apo")):
             d = np.array([values[s][f"{a}.{rnd}.true_reward"] - values[s][f"{b}.{rnd}.true_reward"] for s in range(5)])
             stat = diffs[(rnd, f"{a} - {b}")]["true_reward"]
             assert stat["mean"] == pytest.approx(d.mean()) and stat["se"] == pytest.approx(d.std(ddof=1) / np.sqrt(5))
