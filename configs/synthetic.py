@@ -85,6 +85,12 @@ def get_config():
     c.dpo.warmup_steps = 5
     c.dpo.beta = 0.1
 
+    # The RM reads its reward at an appended EOS (the form the world was designed and piloted with).
+    # At the answer's last character instead (the `last_token` default), seed 0 measured: RM_Base
+    # picks fewer markers than the samples carry, RJS's marker rate falls 0.29 -> 0.05 and nothing
+    # is hacked; with "eos", RJS's marker rate rose 0.31 -> 0.81 and its r* fell 0.544 -> 0.486.
+    c.data.reward_position = "eos"
+
     c.apo.rounds = 2
     c.apo.num_samples = 4
     c.apo.schedules = ("rjs", "apo", "apo_seq", "ablation")

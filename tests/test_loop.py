@@ -109,11 +109,9 @@ def test_exports_load_in_transformers_with_the_same_rewards(reference_run):
     np.testing.assert_allclose(ours, ref[:, 0].numpy(), atol=1e-4)
 
 
-def _main(run_dir: str, fault: str | None, cache_dir: str) -> subprocess.CompletedProcess:
-    # A persistent compilation cache shared by the restarts: each one recompiles nothing.
-    env = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
-               JAX_COMPILATION_CACHE_DIR=cache_dir, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+def _main(run_dir: str, fault: str | None) -> subprocess.CompletedProcess:
+    # The session's persistent compilation cache (conftest) is shared by the restarts.
+    env = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     env["PYTHONPATH"] = os.pathsep.join([REPO, os.path.join(REPO, "tests"), env.get("PYTHONPATH", "")])
     args = ["--config=configs/synthetic.py", f"--config.run_dir={run_dir}", *TINY,
             *[f"--config.{k}={v}" for k, v in MESH.items()]]
@@ -126,10 +124,10 @@ def test_killed_in_each_phase_kind_and_restarted_ends_with_identical_metrics(ref
     # A crash inside RM training, inside a sampling phase, and inside an SFT phase; each restart
     # is the same command and goes on from the last checkpoint.
     for fault in ("rm_base:3", "samples:policy_0:llm:1", "policy_apo_r1:3"):
-        proc = _main(run_dir, fault, str(tmp_path / "jax_cache"))
+        proc = _main(run_dir, fault)
         assert proc.returncode == 42, (fault, proc.stderr[-3000:])
         assert "fault hook: killing the process" in proc.stderr
-    proc = _main(run_dir, None, str(tmp_path / "jax_cache"))
+    proc = _main(run_dir, None)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resumed at step 2" in proc.stderr or "resumed at step 2" in proc.stdout
     _assert_same_records(_records(run_dir), _records(reference_run))
