@@ -36,3 +36,9 @@ def pytest_sessionfinish(session, exitstatus):
         import shutil
 
         shutil.rmtree(_OWN_CACHE, ignore_errors=True)
+
+
+def pytest_xdist_auto_num_workers(config):
+    """`-n auto`: one worker per core, at most 4 (each holds JAX with 8 fake devices and its models;
+    several tests start processes of their own)."""
+    return max(1, min(4, os.cpu_count() or 1))

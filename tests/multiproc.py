@@ -153,8 +153,14 @@ def reference_run(basetemp: str) -> str:
     Kept under the session's base temp directory, so test_multiprocess (the single-process
     reference of the multi-process runs) and test_launch (the notebook's run on CPU) share it.
     """
+    import fcntl
+
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # pytest-xdist: the workers' base temps share a parent
+        basetemp = os.path.dirname(str(basetemp))
     run_dir = os.path.join(str(basetemp), "tiny_game_1x4")
-    if not os.path.exists(os.path.join(run_dir, "summary.json")):
-        [proc] = run_main(tiny_main_args(run_dir), 1, REFERENCE_DEVICES)
-        assert proc.returncode == 0, proc.stderr[-4000:]
+    with open(run_dir + ".lock", "w") as lock:  # one worker plays it, the others wait for it
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not os.path.exists(os.path.join(run_dir, "summary.json")):
+            [proc] = run_main(tiny_main_args(run_dir), 1, REFERENCE_DEVICES)
+            assert proc.returncode == 0, proc.stderr[-4000:]
     return run_dir

@@ -6,7 +6,6 @@ import gzip
 import json
 import math
 import os
-import time
 
 import numpy as np
 import pytest
@@ -37,9 +36,7 @@ def _read_jsonl(path: str) -> list[dict]:
 def world(tmp_path_factory):
     cfg = _cfg()
     out = str(tmp_path_factory.mktemp("world"))
-    start = time.perf_counter()
     info = syn.write_world(cfg, seed=0, out_dir=out)
-    info["elapsed_s"] = time.perf_counter() - start
     info["cfg"] = cfg
     return info
 
@@ -233,11 +230,6 @@ def test_labels_follow_the_bradley_terry_probability_per_reward_gap(world):
         sd = math.sqrt(np.sum(p * (1 - p))) / band.sum()
         assert abs(np.mean(dr[band] > 0) - p.mean()) < 4 * sd, (lo, hi)
 
-
-def test_generation_is_fast(world):
-    # 3000 + 500 pairs, 3000 demonstrations, 2700 gold answers and the tokenizer.
-    print(f"\nworld generated in {world['elapsed_s']:.2f} s")
-    assert world["elapsed_s"] < 10.0, world["elapsed_s"]
 
 
 def test_world_is_deterministic_from_seed_and_reused_by_hash(world, tmp_path):
