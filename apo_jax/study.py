@@ -295,9 +295,9 @@ def checks(per_seed: dict[int, list[Record]]) -> list[dict[str, str]]:
     base = _policy_key("base", 0)
     out: list[dict[str, str]] = []
 
-    def add(name: str, what: str, ok: bool | None, detail: str) -> None:
-        status = "N/A" if ok is None else ("PASS" if ok else "FAIL")
-        if ok is None and "N/A" not in detail:
+    def add(name: str, what: str, ok: bool | None, detail: str, info: bool = False) -> None:
+        status = "INFO" if info else "N/A" if ok is None else ("PASS" if ok else "FAIL")
+        if ok is None and not info and "N/A" not in detail:
             detail += " (N/A: the SE needs >= 2 seeds)"
         out.append({"check": name, "what": what, "status": status, "detail": detail})
 
@@ -350,8 +350,8 @@ def checks(per_seed: dict[int, list[Record]]) -> list[dict[str, str]]:
             None if stat is None else _above(stat, max(2 * stat["se"], 0.02)), f"true_reward diff = {text}")
         cstat, ctext = diff(_policy_key("apo", last), rjs, "content_reward", f"policy_eval apo/rjs r{last}")
         if cstat is not None:
-            add("H2c", f"(report) APO - RJS content-only reward (round {last})", None, f"content_reward diff = {ctext}")
-            out[-1]["status"] = "INFO"
+            add("H2c", f"(report) APO - RJS content-only reward (round {last})", None, f"content_reward diff = {ctext}",
+                info=True)
 
         stat, text = diff(_policy_key("apo", last), _policy_key("ablation", last), "true_reward",
                           f"policy_eval apo/ablation r{last}")

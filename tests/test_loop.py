@@ -81,13 +81,11 @@ def test_two_rounds_on_a_sharded_mesh_write_every_output(reference_run):
     best = [json.loads(x) for x in open(os.path.join(run, "best", "apo_r2.jsonl"))]
     llm = [json.loads(x) for x in open(os.path.join(run, "data", "llm_prompts.jsonl"))]
     assert len(best) == len(llm)
-    # Best-of-S is the argmax of the recorded scores, per prompt.
-    scores = [json.loads(x) for x in open(os.path.join(run, "scores", "rm_apo_r2__policy_apo_r1_llm.jsonl"))]
-    by_prompt: dict[str, list[float]] = {}
-    for row in scores:
-        by_prompt.setdefault(row["prompt_id"], []).append(row["score"])
+    # Best-of-S is the argmax of the recorded scores over the non-empty samples, per prompt.
+    by_prompt = _scores(os.path.join(run, "scores", "rm_apo_r2__policy_apo_r1_llm.jsonl"),
+                        os.path.join(run, "samples", "policy_apo_r1_llm.jsonl"), nonempty=True)
     for b in best:
-        assert b["score"] == pytest.approx(max(by_prompt[b["prompt_id"]]))
+        assert b["response"].strip() and b["score"] == pytest.approx(max(by_prompt[b["prompt_id"]]))
 
 
 def test_exports_load_in_transformers_with_the_same_rewards(reference_run):
@@ -107,6 +105,17 @@ def test_exports_load_in_transformers_with_the_same_rewards(reference_run):
     with torch.no_grad():
         ref = rm(input_ids=torch.tensor(enc["input_ids"]), attention_mask=torch.tensor(enc["attention_mask"])).logits
     np.testing.assert_allclose(ours, ref[:, 0].numpy(), atol=1e-4)
+
+
+def _scores(scores_path, samples_path, nonempty: bool = False) -> dict[str, list[float]]:
+    """prompt_id -> the RM scores of its samples (`nonempty`: of those with a non-empty answer,
+    the ones best-of-S may pick)."""
+    text = {(r["prompt_id"], r["sample"]): r["response"] for r in map(json.loads, open(samples_path))}
+    out: dict[str, list[float]] = {}
+    for row in map(json.loads, open(scores_path)):
+        if not nonempty or text[(row["prompt_id"], row["sample"])].strip():
+            out.setdefault(row["prompt_id"], []).append(row["score"])
+    return out
 
 
 def _main(run_dir: str, fault: str | None) -> subprocess.CompletedProcess:
@@ -228,12 +237,11 @@ def test_a_new_schedule_is_one_table_row(tmp_path):
                                                                         "rm_apo-dpo_r1"}
     run = tmp_path / "run"
     pairs = [json.loads(x) for x in open(run / "pairs" / "apo-dpo_r1.jsonl")]
-    scores = {}
-    for row in map(json.loads, open(run / "scores" / "rm_apo-dpo_r1__policy_0_llm.jsonl")):
-        scores.setdefault(row["prompt_id"], []).append(row["score"])
+    paths = run / "scores" / "rm_apo-dpo_r1__policy_0_llm.jsonl", run / "samples" / "policy_0_llm.jsonl"
+    scores, nonempty = _scores(*paths), _scores(*paths, nonempty=True)
     assert pairs and all(p["chosen"] != p["rejected"] for p in pairs)
-    for p in pairs:  # best and worst of the RM's scores of that prompt's samples
-        assert p["score_chosen"] == pytest.approx(max(scores[p["prompt_id"]]))
+    for p in pairs:  # the best non-empty and the worst of the RM's scores of that prompt's samples
+        assert p["chosen"].strip() and p["score_chosen"] == pytest.approx(max(nonempty[p["prompt_id"]]))
         assert p["score_rejected"] == pytest.approx(min(scores[p["prompt_id"]]))
     dpo_steps = [json.loads(x) for x in open(run / "metrics.jsonl") if '"phase": "policy_apo-dpo_r1"' in x]
     assert dpo_steps and {"reward_accuracy", "reward_margin", "kl_proxy"} <= set(dpo_steps[-1])
