@@ -19,8 +19,8 @@ import argparse
 import dataclasses
 import importlib.metadata
 import logging
-import re
 import os
+import re
 import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -195,6 +195,25 @@ def check(expect_devices: int | None = None, constraints: str | None = None) -> 
     return problems
 
 
+def enable_compilation_cache(path: str) -> str | None:
+    """Points JAX's persistent compilation cache at `path` (user-expanded; "" leaves it off).
+
+    An explicit `JAX_COMPILATION_CACHE_DIR` in the environment wins, so a launcher or a test
+    session can share one cache between processes. Returns the directory in use, or None.
+    """
+    import jax
+
+    env = os.environ.get("JAX_COMPILATION_CACHE_DIR")
+    if env:
+        return env
+    if not path:
+        return None
+    path = path if "://" in path else os.path.expanduser(path)
+    jax.config.update("jax_compilation_cache_dir", path)
+    logging.getLogger("apo_jax").info("devices: persistent compilation cache in %s", path)
+    return path
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m apo_jax.devices", description=__doc__.split("\n\n")[0])
     parser.add_argument("--expect_devices", type=int, default=None, help="the global device count required")
@@ -215,21 +234,3 @@ def main(argv: Sequence[str] | None = None) -> int:
 if __name__ == "__main__":
     sys.exit(main())
 
-
-def enable_compilation_cache(path: str) -> str | None:
-    """Points JAX's persistent compilation cache at `path` (user-expanded; "" leaves it off).
-
-    An explicit `JAX_COMPILATION_CACHE_DIR` in the environment wins, so a launcher or a test
-    session can share one cache between processes. Returns the directory in use, or None.
-    """
-    import jax
-
-    env = os.environ.get("JAX_COMPILATION_CACHE_DIR")
-    if env:
-        return env
-    if not path:
-        return None
-    path = path if "://" in path else os.path.expanduser(path)
-    jax.config.update("jax_compilation_cache_dir", path)
-    logging.getLogger("apo_jax").info("devices: persistent compilation cache in %s", path)
-    return path
