@@ -334,11 +334,13 @@ class Attention(nn.Module):
         x_btd: jax.Array,
         cos_bth: jax.Array,
         sin_bth: jax.Array,
-        mask_bts: jax.Array,
+        kv_mask_bs: jax.Array,
         cache: Cache | None,
         cache_index: jax.Array | int,
         layer: jax.Array | int = 0,
     ) -> tuple[jax.Array, Cache | None]:
+        """Queries sit at slots [cache_index, cache_index + T); each attends the slots s <= its own
+        whose `kv_mask_bs` is True (no cache: S = T, cache_index = 0, kv_mask = the padding mask)."""
         cfg = self.config
         d, n, k, h = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         q_btnh = jnp.einsum("btd,dnh->btnh", x_btd, _Proj(cfg, (d, n, h), name="q_proj")())
@@ -364,12 +366,15 @@ class Attention(nn.Module):
         k_bskh = k_bskh.astype(cfg.compute_dtype)
         v_bskh = v_bskh.astype(cfg.compute_dtype)
 
-        if cfg.attention_impl == "cudnn":
-            out_btnh = jax.nn.dot_product_attention(
-                q_btnh, k_bskh, v_bskh, mask=mask_bts[:, None], implementation="cudnn"
-            )
+        if cfg.attention_impl == "cudnn" and cache is None:
+            out_btnh = causal_length_attention(q_btnh, k_bskh, v_bskh, kv_mask_bs, "cudnn")
+        elif cfg.attention_impl == "cudnn":
+            # Left-padded prefill and decode: the slots a query sees are not a prefix, so cuDNN
+            # takes the mask (as a bias). T is 1 when decoding, the prompt length once per batch.
+            mask_b1ts = causal_slot_mask(kv_mask_bs, q_btnh.shape[1], cache_index)[:, None]
+            out_btnh = jax.nn.dot_product_attention(q_btnh, k_bskh, v_bskh, mask=mask_b1ts, implementation="cudnn")
         else:
-            out_btnh = _xla_attention(q_btnh, k_bskh, v_bskh, mask_bts)
+            out_btnh = _xla_attention(q_btnh, k_bskh, v_bskh, kv_mask_bs, cache_index)
         out_btnh = checkpoint_name(sharding.constrain(out_btnh, sharding.ACT_HEADS), "attn_out")
         o_nhd = _Proj(cfg, (n, h, d), name="o_proj")()
         return jnp.einsum("btnh,nhd->btd", out_btnh, o_nhd), cache
@@ -379,10 +384,46 @@ class Attention(nn.Module):
 # from q, k, v (already kept for their projections' gradients) instead of keeping them per layer.
 # That is the bulk of a layer's residuals at T = S = 256 and grows as T^2; recomputing costs one
 # QK^T and a softmax, a few percent of a layer's FLOPs (the projections and MLP dominate).
+def causal_slot_mask(kv_mask_bs: jax.Array, t: int, q_start: jax.Array | int = 0) -> jax.Array:
+    """[B, T, S] boolean: query t (at slot q_start + t) sees slot s iff s <= its slot and kv_mask."""
+    s = kv_mask_bs.shape[-1]
+    causal_ts = jnp.arange(s)[None, :] <= (q_start + jnp.arange(t))[:, None]
+    return causal_ts[None] & kv_mask_bs.astype(bool)[:, None, :]
+
+
+def causal_length_attention(
+    q_btnh: jax.Array, k_btkh: jax.Array, v_btkh: jax.Array, mask_bt: jax.Array, implementation: str | None
+) -> jax.Array:
+    """Causal attention over right-padded rows, given as sequence lengths, with no dense mask.
+
+    This is cuDNN's causal flash path (PADDING_CAUSAL: masked blocks are skipped, no [B, 1, T, S]
+    bias is read or differentiated). It needs each row's real tokens to be a prefix, which every
+    forward without a cache has here (`data.tokenize.pad_right`); a row padded otherwise comes
+    out NaN (so a loss shows it) rather than silently wrong. An all-padding row gets length 1
+    (its outputs are never used; length 0 gives NaNs that a 0 weight would not cancel).
+    """
+    mask_bt = mask_bt.astype(jnp.int32)
+    lengths_b = jnp.sum(mask_bt, axis=-1)
+    prefix_b = jnp.all(mask_bt == (jnp.arange(mask_bt.shape[-1])[None, :] < lengths_b[:, None]), axis=-1)
+    lengths_b = jnp.maximum(lengths_b, 1)
+    out_btnh = jax.nn.dot_product_attention(
+        q_btnh, k_btkh, v_btkh, is_causal=True, query_seq_lengths=lengths_b,
+        key_value_seq_lengths=lengths_b, implementation=implementation,
+    )
+    return jnp.where(prefix_b[:, None, None, None], out_btnh, jnp.nan)
+
+
 @jax.checkpoint
-def _xla_attention(q_btnh: jax.Array, k_bskh: jax.Array, v_bskh: jax.Array, mask_bts: jax.Array) -> jax.Array:
-    """Grouped-query softmax attention: query heads are reshaped into groups, K/V never copied."""
+def _xla_attention(
+    q_btnh: jax.Array, k_bskh: jax.Array, v_bskh: jax.Array, kv_mask_bs: jax.Array, q_start: jax.Array | int
+) -> jax.Array:
+    """Grouped-query softmax attention: query heads are reshaped into groups, K/V never copied.
+
+    The [B, T, S] mask is built here from the [B, S] slot mask (an iota compare XLA fuses into the
+    select), not passed in: nothing of size T x S is kept or carried through the layer scan.
+    """
     b, t, n, h = q_btnh.shape
+    mask_bts = causal_slot_mask(kv_mask_bs, t, q_start)
     k = k_bskh.shape[2]
     q_btkgh = q_btnh.reshape(b, t, k, n // k, h)
     logits_bkgts = jnp.einsum(
@@ -412,11 +453,11 @@ class Block(nn.Module):
     config: LlamaConfig
 
     @nn.compact
-    def __call__(self, carry, cos_bth, sin_bth, mask_bts, cache_index):
+    def __call__(self, carry, cos_bth, sin_bth, kv_mask_bs, cache_index):
         """carry: (hidden states, the whole stacked KV cache or None, this block's layer index)."""
         x_btd, cache, layer = carry
         attn_out, cache = Attention(self.config, name="attn")(
-            RMSNorm(self.config, name="attn_norm")(x_btd), cos_bth, sin_bth, mask_bts, cache, cache_index, layer
+            RMSNorm(self.config, name="attn_norm")(x_btd), cos_bth, sin_bth, kv_mask_bs, cache, cache_index, layer
         )
         x_btd = sharding.constrain(x_btd + attn_out, sharding.ACT_EMBED)
         x_btd = x_btd + MLP(self.config, name="mlp")(RMSNorm(self.config, name="mlp_norm")(x_btd))
@@ -477,10 +518,11 @@ class LlamaModel(nn.Module):
         self,
         input_ids_bt: jax.Array,
         positions_bt: jax.Array,
-        mask_bts: jax.Array,
+        kv_mask_bs: jax.Array,
         cache: Cache | None = None,
         cache_index: jax.Array | int = 0,
     ) -> tuple[jax.Array, Cache | None]:
+        """`kv_mask_bs`: which key slots hold real tokens (without a cache, the padding mask [B, T])."""
         cfg = self.config
         x_btd = Embed(cfg, name="embed")(input_ids_bt)
         x_btd = sharding.constrain(x_btd, sharding.ACT_EMBED)
@@ -503,7 +545,7 @@ class LlamaModel(nn.Module):
         # scanned input/output it would be sliced into per-layer copies and restacked every call,
         # a few full-cache copies per decoded token.)
         (x_btd, cache, _), _ = stack(cfg, name="layers")(
-            (x_btd, cache, jnp.int32(0)), cos_bth, sin_bth, mask_bts, cache_index)
+            (x_btd, cache, jnp.int32(0)), cos_bth, sin_bth, kv_mask_bs, cache_index)
         return RMSNorm(cfg, name="final_norm")(x_btd), cache
 
 
@@ -517,13 +559,6 @@ def positions_from_mask(attention_mask_bt: jax.Array) -> jax.Array:
     return jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0)
 
 
-def causal_padding_mask(attention_mask_bt: jax.Array) -> jax.Array:
-    """[B, T, T] boolean: query t sees key s iff s <= t and s is a real token (left or right pads)."""
-    t = attention_mask_bt.shape[-1]
-    causal_ts = jnp.arange(t)[None, :] <= jnp.arange(t)[:, None]
-    return causal_ts[None] & attention_mask_bt.astype(bool)[:, None, :]
-
-
 def hidden_states(
     config: LlamaConfig,
     params: Params,
@@ -531,11 +566,14 @@ def hidden_states(
     attention_mask: jax.Array,
     positions: jax.Array | None = None,
 ) -> jax.Array:
-    """Final-normed hidden states [B, T, D] (compute dtype) for a padded batch, no cache."""
+    """Final-normed hidden states [B, T, D] (compute dtype) for a padded batch, no cache.
+
+    Rows may be padded on either side with the xla attention; `attention_impl="cudnn"` reads the
+    mask as sequence lengths and needs right padding (`causal_length_attention`).
+    """
     if positions is None:
         positions = positions_from_mask(attention_mask)
-    mask_bts = causal_padding_mask(attention_mask)
-    hidden, _ = LlamaModel(config).apply({"params": params["model"]}, input_ids, positions, mask_bts)
+    hidden, _ = LlamaModel(config).apply({"params": params["model"]}, input_ids, positions, attention_mask)
     return hidden
 
 
@@ -600,7 +638,7 @@ def init_params(
     """
     trunk_rng, lm_rng, score_rng = jax.random.split(rng, 3)
     ids = jnp.zeros((1, 1), jnp.int32)
-    variables = LlamaModel(config).init(trunk_rng, ids, ids, jnp.ones((1, 1, 1), bool))
+    variables = LlamaModel(config).init(trunk_rng, ids, ids, jnp.ones((1, 1), bool))
     params: dict[str, Any] = {"model": dict(variables["params"])}
     if lm_head and not config.tie_word_embeddings:
         kernel = 0.02 * jax.random.normal(lm_rng, (config.hidden_size, config.vocab_size), jnp.float32)
@@ -658,10 +696,8 @@ def cached_forward(
     at slot i attends slots s <= i with kv_mask True. Returns final hidden states [B, T, D] and
     the updated cache.
     """
-    t, s = input_ids_bt.shape[1], kv_mask_bs.shape[1]
-    q_slots = cache_index + jnp.arange(t)
-    mask_bts = (jnp.arange(s)[None, :] <= q_slots[:, None])[None] & kv_mask_bs.astype(bool)[:, None, :]
-    return LlamaModel(config).apply({"params": params["model"]}, input_ids_bt, positions_bt, mask_bts, cache, cache_index)
+    return LlamaModel(config).apply(
+        {"params": params["model"]}, input_ids_bt, positions_bt, kv_mask_bs, cache, cache_index)
 
 
 # --------------------------------------------------------------------------------------------

@@ -34,7 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import bench_sampler, bench_train, common  # noqa: E402
 
-PRESETS = ("tiny", "cpu", "gpu", "gpu-extra", "gpu-sweep")
+PRESETS = ("tiny", "cpu", "gpu", "gpu-small", "gpu-extra", "gpu-sweep")
 TARGETS = {"train_mfu": 0.55, "train_ratio": 1.5, "sample_ratio": 3.0, "sample_roofline": 0.60}
 # Issue 18 on CPU (float32 both sides): at least PyTorch's tokens/s and at most its peak RSS for
 # the train steps, at least 2x `generate` for best-of-S sampling.
@@ -107,6 +107,23 @@ def _preset_cases(name: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         cases += _train_pair("rm-2048", task="rm", seq=2048, batch=4, **g)
         cases += _train_pair("sft-2048", task="sft", seq=2048, batch=8, **g)
         return cases, dict(isolate=True, budget_s=570)
+    if name == "gpu-small":
+        # configs/hh_small.py's steps at their largest bucket (SmolLM2-135M, bf16 compute, float32
+        # master weights, cuDNN): what `benchmarks/estimate_game.py` turns into a game's GPU time.
+        # Samples run to max_new_tokens (no EOS), so sampling is the upper bound.
+        s = dict(model="smollm2_135m", attention="cudnn", remat="auto", warmup=2, steps=8)
+        cases = [dict(id="ceiling", bench="ceiling", matmul_n=8192, copy_bytes=2**30)]
+        cases += _train_pair("rm-512", task="rm", seq=512, batch=32, **s)
+        cases += _train_pair("sft-512", task="sft", seq=512, batch=32, **s)
+        cases += [dict(id="score", bench="score", impl="jax", model="smollm2_135m", batch=64, seq=512, iters=5,
+                       attention="cudnn"),
+                  dict(id="sample-train", bench="sample", impl="jax", model="smollm2_135m", batch=64, num_samples=4,
+                       prompt_len=384, new_tokens=128, temperature=0.7, top_p=0.9, iters=3,
+                       param_dtype="bfloat16", attention="xla"),
+                  dict(id="sample-test", bench="sample", impl="jax", model="smollm2_135m", batch=64, num_samples=1,
+                       prompt_len=384, new_tokens=192, temperature=0.3, top_k=5, top_p=0.85, iters=3,
+                       param_dtype="bfloat16", attention="xla")]
+        return cases, dict(isolate=True, budget_s=300)
     if name == "gpu-extra":
         cases = [dict(id="ceiling", bench="ceiling", matmul_n=8192, copy_bytes=2**30)]
         cases += _train_pair("rm-1024-compiled", task="rm", seq=1024, batch=8, torch_compile=True, **g)

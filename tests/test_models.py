@@ -240,3 +240,82 @@ def test_sft_objective_on_token_logprobs_equals_the_logits_path(tmp_path, normal
     assert set(got) == set(ref)
     for k in ref:
         np.testing.assert_allclose(np.asarray(got[k]), np.asarray(ref[k]), rtol=1e-5, atol=1e-5, err_msg=k)
+
+
+def _qkv(b=4, t=12, n=4, k=2, h=8, seed=0):
+    rng = np.random.RandomState(seed)
+    return [jnp.asarray(rng.randn(b, t, heads, h).astype(np.float32)) for heads in (n, k, k)]
+
+
+def test_length_attention_equals_masked_attention_on_right_padded_rows():
+    """cuDNN's causal + sequence-length form (here through XLA's implementation of the same API)
+    computes what the masked einsum path computes, an all-padding row included."""
+    q, k, v = _qkv()
+    mask = np.zeros((4, 12), np.int32)
+    for i, n in enumerate([12, 7, 1, 0]):
+        mask[i, :n] = 1
+    ref = np.asarray(models._xla_attention(q, k, v, jnp.asarray(mask), 0))
+    out = np.asarray(models.causal_length_attention(q, k, v, jnp.asarray(mask), None))
+    real = mask.astype(bool)
+    assert np.isfinite(out).all()
+    np.testing.assert_allclose(out[real], ref[real], atol=1e-5, rtol=1e-5)
+
+
+def test_length_attention_turns_rows_that_are_not_right_padded_into_nan():
+    q, k, v = _qkv()
+    mask = np.ones((4, 12), np.int32)
+    mask[1, :3] = 0          # left-padded
+    mask[2, 5] = 0           # a hole
+    out = np.asarray(models.causal_length_attention(q, k, v, jnp.asarray(mask), None))
+    assert np.isfinite(out[[0, 3]]).all()
+    assert np.isnan(out[[1, 2]]).all()
+
+
+@pytest.fixture
+def cudnn_api_on_cpu(monkeypatch):
+    """`attention_impl="cudnn"` runs its real code path on CPU: the one call into
+    `jax.nn.dot_product_attention` gets the portable implementation instead of cuDNN."""
+    original = jax.nn.dot_product_attention
+    calls = []
+
+    def portable(*args, implementation=None, **kwargs):
+        calls.append({"implementation": implementation, "mask": kwargs.get("mask") is not None,
+                      "is_causal": kwargs.get("is_causal", False)})
+        return original(*args, implementation=None, **kwargs)
+
+    monkeypatch.setattr(jax.nn, "dot_product_attention", portable)
+    return calls
+
+
+def test_cudnn_path_gives_the_xla_paths_rewards_gradients_and_cached_prefill(tmp_path, cudnn_api_on_cpu):
+    model = random_reward_model(seed=21, num_key_value_heads=2)
+    config, params = _load(tmp_path, model)
+    cudnn = config.replace(attention_impl="cudnn")
+    ids, mask = padded_batch(4, 14, model.config.vocab_size, "right", seed=8)
+    mask[3] = 0  # an all-padding row, as batches are filled up to their fixed size
+
+    def loss(cfg, p):
+        r = models.rewards(cfg, p, ids, mask)
+        return jnp.sum(jnp.where(mask[:, 0] == 1, r, 0.0) ** 2), r
+
+    (ref_val, ref_r), ref_grad = jax.value_and_grad(lambda p: loss(config, p), has_aux=True)(params)
+    (val, r), grad = jax.value_and_grad(lambda p: loss(cudnn, p), has_aux=True)(params)
+    assert cudnn_api_on_cpu and all(c == {"implementation": "cudnn", "mask": False, "is_causal": True}
+                                    for c in cudnn_api_on_cpu)
+    np.testing.assert_allclose(np.asarray(r)[:3], np.asarray(ref_r)[:3], atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(val, ref_val, rtol=1e-5)
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4), grad, ref_grad)
+
+    # With a cache (left-padded prefill), the slots are not a prefix: cuDNN is given the mask.
+    cudnn_api_on_cpu.clear()
+    prompt, kv = padded_batch(3, 9, model.config.vocab_size, "left", seed=9)
+    kv_mask = np.concatenate([kv, np.zeros((3, 7), np.int32)], axis=1)
+    positions = models.positions_from_mask(jnp.asarray(kv))
+    outs = []
+    for cfg in (config, cudnn):
+        cache = models.init_cache(cfg, 3, 16)
+        hidden, _ = models.cached_forward(cfg, params, jnp.asarray(prompt), positions, jnp.asarray(kv_mask), cache, 0)
+        outs.append(np.asarray(hidden))
+    assert cudnn_api_on_cpu and all(c["mask"] and c["implementation"] == "cudnn" for c in cudnn_api_on_cpu)
+    real = kv.astype(bool)
+    np.testing.assert_allclose(outs[1][real], outs[0][real], atol=1e-5, rtol=1e-5)
