@@ -368,12 +368,10 @@ class Attention(nn.Module):
 
         if cfg.attention_impl == "cudnn" and cache is None:
             out_btnh = causal_length_attention(q_btnh, k_bskh, v_bskh, kv_mask_bs, "cudnn")
-        elif cfg.attention_impl == "cudnn":
-            # Left-padded prefill and decode: the slots a query sees are not a prefix, so cuDNN
-            # takes the mask (as a bias). T is 1 when decoding, the prompt length once per batch.
-            mask_b1ts = causal_slot_mask(kv_mask_bs, q_btnh.shape[1], cache_index)[:, None]
-            out_btnh = jax.nn.dot_product_attention(q_btnh, k_bskh, v_bskh, mask=mask_b1ts, implementation="cudnn")
         else:
+            # Forwards with a cache (left-padded prefill, one-token decode) take the XLA path under
+            # either setting: their visible slots are not a prefix, so cuDNN would need the dense
+            # mask as a bias, and decode (T = 1) is bound by reading the cache, not by this math.
             out_btnh = _xla_attention(q_btnh, k_bskh, v_bskh, kv_mask_bs, cache_index)
         out_btnh = checkpoint_name(sharding.constrain(out_btnh, sharding.ACT_HEADS), "attn_out")
         o_nhd = _Proj(cfg, (n, h, d), name="o_proj")()

@@ -7,7 +7,7 @@ On a GPU, for a GQA model in bfloat16 compute:
 - right-padded batches without a cache (training, scoring): logits and the gradient of a reward
   loss, cuDNN vs XLA; the compiled program's cuDNN calls and their `mask_type` (expected
   PADDING_CAUSAL, no bias operand);
-- a left-padded prefill into the KV cache (sampling): hidden states, cuDNN (given the mask) vs XLA;
+- a left-padded prefill into the KV cache (sampling; the XLA path under either setting): equal;
 - a left-padded batch without a cache on the cuDNN path: must come out NaN (`causal_length_attention`).
 """
 

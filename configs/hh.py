@@ -36,7 +36,9 @@ def get_config():
     c.policy.param_dtype = "float32"
     c.policy.dtype = "bfloat16"
     c.policy.remat_policy = "dots_no_batch"
-    c.policy.attention_impl = "xla"  # "cudnn" on GPUs
+    # cuDNN's causal flash attention on NVIDIA GPUs (sm80+) for training and scoring, XLA on TPU / CPU.
+    c.policy.attention_impl = "auto"
+    c.rm.attention_impl = "auto"
 
     c.rm.init_checkpoint = "huggyllama/llama-7b"  # LLaMA-7B; RM_Base, RM_Test and APO RMs start here
     c.rm.base.lr = 1e-6

@@ -69,7 +69,8 @@ def get_config():
     c.policy.checkpoint = MODEL
     c.policy.param_dtype = "float32"
     c.policy.dtype = "bfloat16"
-    c.policy.attention_impl = "xla"
+    c.policy.attention_impl = "auto"  # cuDNN causal flash attention on NVIDIA GPUs, XLA elsewhere
+    c.rm.attention_impl = "auto"
 
     c.rm.init_checkpoint = MODEL
     c.rm.reward_head_std = 0.02
