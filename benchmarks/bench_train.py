@@ -42,7 +42,7 @@ OPT = train.OptimizerConfig(lr=1e-5, warmup_steps=0, total_steps=10_000, schedul
 DEFAULTS = dict(impl="jax", task="rm", model="tiny", seq=64, batch=2, remat="none", attention="xla",
                 param_dtype="float32", dtype="bfloat16", checkpoint=None, warmup=2, steps=5, torch_compile=False,
                 ref_weights="random", seed=0,
-                profile=False, oom_retry_remat=None)
+                profile=False, oom_retry_remat=None, scan_layers=True)
 
 
 def case_defaults(case: dict[str, Any]) -> dict[str, Any]:
@@ -59,6 +59,8 @@ def case_name(case: dict[str, Any]) -> str:
         name += f" params={c['param_dtype']}"
     if c["attention"] != "xla":
         name += f" attn={c['attention']}"
+    if not c["scan_layers"]:
+        name += " unrolled"
     return name
 
 

@@ -116,10 +116,10 @@ def case_config(c: dict[str, Any], *, remat: str = "none", attention: str = "xla
     `param_dtype`. The pad id is 0 either way (random ids never use it; HF's sequence classifier
     needs one to find the last token)."""
     runtime = dict(dtype=c.get("dtype", "bfloat16"), param_dtype=c.get("param_dtype", "float32"),
-                   remat_policy=remat, attention_impl=attention)
+                   remat_policy=remat, attention_impl=attention, scan_layers=c.get("scan_layers", True))
     if not c.get("checkpoint"):
         return model_config(c["model"], remat=remat, attention=attention, dtype=runtime["dtype"],
-                            param_dtype=runtime["param_dtype"])
+                            param_dtype=runtime["param_dtype"], scan_layers=runtime["scan_layers"])
     from apo_jax import hf
 
     hf_config = hf.read_config(hf.resolve_checkpoint_dir(c["checkpoint"]))
