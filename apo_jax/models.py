@@ -378,10 +378,6 @@ class Attention(nn.Module):
         return jnp.einsum("btnh,nhd->btd", out_btnh, o_nhd), cache
 
 
-# Rematerialised: the backward recomputes the float32 [B, K, G, T, S] logits and probabilities
-# from q, k, v (already kept for their projections' gradients) instead of keeping them per layer.
-# That is the bulk of a layer's residuals at T = S = 256 and grows as T^2; recomputing costs one
-# QK^T and a softmax, a few percent of a layer's FLOPs (the projections and MLP dominate).
 def causal_slot_mask(kv_mask_bs: jax.Array, t: int, q_start: jax.Array | int = 0) -> jax.Array:
     """[B, T, S] boolean: query t (at slot q_start + t) sees slot s iff s <= its slot and kv_mask."""
     s = kv_mask_bs.shape[-1]
@@ -411,6 +407,10 @@ def causal_length_attention(
     return jnp.where(prefix_b[:, None, None, None], out_btnh, jnp.nan)
 
 
+# Rematerialised: the backward recomputes the float32 [B, K, G, T, S] logits and probabilities
+# from q, k, v (already kept for their projections' gradients) instead of keeping them per layer.
+# That is the bulk of a layer's residuals at T = S = 256 and grows as T^2; recomputing costs one
+# QK^T and a softmax, a few percent of a layer's FLOPs (the projections and MLP dominate).
 @jax.checkpoint
 def _xla_attention(
     q_btnh: jax.Array, k_bskh: jax.Array, v_bskh: jax.Array, kv_mask_bs: jax.Array, q_start: jax.Array | int

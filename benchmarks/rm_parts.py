@@ -3,10 +3,19 @@ on the SmolLM2-135M width with L layers (float32, 8 pairs x 256), apo_jax vs tra
 
     python benchmarks/rm_parts.py 4
 """
-import time, sys, numpy as np, jax, jax.numpy as jnp, torch
-sys.path.insert(0, '.')
-from benchmarks import bench_train, common
-from apo_jax import models, losses
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from apo_jax import models  # noqa: E402
+from benchmarks import bench_train  # noqa: E402
+
 torch.set_num_threads(2)
 L = int(sys.argv[1]) if len(sys.argv) > 1 else 4
 case = dict(impl="jax", task="rm", model="smollm2_135m", seq=256, batch=8, dtype="float32", param_dtype="float32",
@@ -23,13 +32,12 @@ def tm(f, n=3):
     for _ in range(n): jax.block_until_ready(f())
     return (time.perf_counter() - t) / n
 fwd = jax.jit(loss_fn); grad = jax.jit(jax.grad(loss_fn))
-def trunk_grad(p):  # everything but the embedding gather's gradient
-    return loss_fn(p)
-emb_frozen = jax.jit(lambda p: jax.grad(lambda q: loss_fn({**p, 'model': {**p['model'], **{k: v for k, v in q.items()}}}))(
+# The gradient with respect to everything but the embedding (no scatter-add into [V, D]).
+emb_frozen = jax.jit(lambda p: jax.grad(lambda q: loss_fn({**p, 'model': {**p['model'], **q}}))(
     {k: v for k, v in p['model'].items() if k != 'embed'}))
 res = {"fwd": tm(lambda: fwd(params)), "grad": tm(lambda: grad(params)), "grad_no_embed": tm(lambda: emb_frozen(params))}
 # torch
-import transformers
+import transformers  # noqa: E402
 hc = transformers.LlamaConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
     num_hidden_layers=L, num_attention_heads=cfg.num_attention_heads, num_key_value_heads=cfg.num_key_value_heads,
     num_labels=1, pad_token_id=0, tie_word_embeddings=True, attn_implementation="sdpa")

@@ -109,7 +109,7 @@ def _preset_cases(name: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         return cases, dict(isolate=True, budget_s=570)
     if name == "gpu-small":
         # configs/hh_small.py's steps at their largest bucket (SmolLM2-135M, bf16 compute, float32
-        # master weights, cuDNN): what `benchmarks/estimate_game.py` turns into a game's GPU time.
+        # master weights, cuDNN): the step costs a GPU time for the small real game is summed from.
         # Samples run to max_new_tokens (no EOS), so sampling is the upper bound.
         s = dict(model="smollm2_135m", attention="cudnn", remat="auto", warmup=2, steps=8)
         cases = [dict(id="ceiling", bench="ceiling", matmul_n=8192, copy_bytes=2**30)]
