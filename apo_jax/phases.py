@@ -72,7 +72,8 @@ def train_params(ctx: Context, phase: str, config: models.LlamaConfig, params: A
 def sample(ctx: Context, policy: str, split: str, prompts: Sequence[dict], settings: Any, num_samples: int) -> str:
     """Samples `num_samples` answers per prompt from `policy`; returns the JSONL path.
 
-    Resumable: finished batches are appended to the file; a restart continues after them.
+    Resumable: finished batches are appended to the file; a restart continues after them. On
+    a preemption signal it stops after the current batch (`checkpointing.Preempted`).
     """
     store, cfg = ctx.store, ctx.cfg
     key = SamplesKey(policy, split)
@@ -119,6 +120,12 @@ def sample(ctx: Context, policy: str, split: str, prompts: Sequence[dict], setti
             out_file.write_jsonl(lines)
         fit.progress(key.id, b + 1)
         bar.update(len(recs))
+        # A SIGTERM (a preemptible VM's notice) stops the phase at this batch boundary: the file
+        # holds every finished batch and the same command resumes after them.
+        if b + 1 < n_batches and checkpointing.agree_on_preemption():
+            if out_file is not None:
+                out_file.close()
+            raise checkpointing.Preempted(f"{key.id} after batch {b + 1} of {n_batches}")
     bar.close()
     if out_file is not None:
         out_file.close()

@@ -157,29 +157,39 @@ def _train_steps(run_dir: str) -> list[tuple[str, int]]:
 def test_gcs_run_dir_preempted_and_resumed_ends_with_the_reference_results(reference_run, fake_gcs, monkeypatch,
                                                                            tmp_path):
     """run_dir=gs://...: Orbax checkpoints go through TensorStore's GCS driver, every other file
-    through epath; a preemption inside RM training saves to the bucket, and the restarted run
-    resumes from there (a replacement VM has only the bucket) and ends with the reference's numbers."""
+    through epath; a preemption inside RM training saves to the bucket, one inside a sampling
+    phase stops at a batch boundary, and the restarted run resumes from there (a replacement VM
+    has only the bucket) and ends with the reference's numbers."""
     monkeypatch.setenv("APO_JAX_CACHE", str(tmp_path / "cache"))
     monkeypatch.chdir(tmp_path)
     url = fake_gcs.url("bucket", "runs/apo")
     bucket_run = fake_gcs.root / "bucket" / "runs" / "apo"
     cfg = tiny_config(run_dir=url, **{k.replace(".", "__"): v for k, v in MESH.items()})
 
-    def preempt(phase: str, step: int) -> None:
-        if (phase, step) == ("rm_base", 2):
-            checkpointing._SIGNALLED.set()  # what the SIGTERM handler does
+    def preempt_at(where: tuple[str, int]):
+        def hook(phase: str, step: int) -> None:
+            if (phase, step) == where:
+                checkpointing._SIGNALLED.set()  # what the SIGTERM handler does
+        return hook
 
-    remove = fit.add_progress_hook(preempt)
-    try:
-        with pytest.raises(checkpointing.Preempted, match="rm_base step 3"):
-            loop.run(cfg)
-    finally:
-        remove()
-        checkpointing._SIGNALLED.clear()
-        checkpointing._PREEMPTED.clear()
+    def run_until_preempted(where: tuple[str, int], message: str) -> None:
+        remove = fit.add_progress_hook(preempt_at(where))
+        try:
+            with pytest.raises(checkpointing.Preempted, match=message):
+                loop.run(cfg)
+        finally:
+            remove()
+            checkpointing._SIGNALLED.clear()
+            checkpointing._PREEMPTED.clear()
+
+    run_until_preempted(("rm_base", 2), "rm_base step 3")
     assert sorted(p.name for p in (bucket_run / "ckpt" / "rm_base").iterdir() if p.name.isdigit()) == ["2", "3"]
     assert any(r.kind == "upload" and "rm_base" in r.query.get("name", "") for r in fake_gcs.requests), \
         "Orbax's arrays did not go through the GCS driver"
+    # Preempted again inside a sampling phase: it stops at that batch boundary with the finished
+    # batches in the bucket (the resumed file is compared with the reference's below).
+    run_until_preempted(("samples:policy_0:llm", 1), "samples:policy_0:llm after batch 1 of")
+    assert len((bucket_run / "samples" / "policy_0_llm.jsonl").read_text().splitlines()) > 0
 
     text = loop.run(cfg)
     assert f"Outputs in {url}:" in text
