@@ -28,6 +28,7 @@ k key/value heads, g query heads per K/V head, h head dim, f MLP width, v vocabu
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Mapping
 
@@ -325,6 +326,45 @@ class _Proj(nn.Module):
         return w.astype(self.config.compute_dtype)
 
 
+def project(x: jax.Array, w: jax.Array, n_in: int = 1) -> jax.Array:
+    """`x @ w` over x's last `n_in` axes and w's first: every weight projection of a layer.
+
+    The output is named "proj" for the remat policies. The forward is the plain `dot_general`; the
+    backward is written out (`_project`) so the weight gradient contracts over batch x length with
+    the narrower of (x, dy) on the left. With the autodiff rule XLA's CPU backend transposed the
+    wider one ([B*T, F] of the MLP) inside the elementwise fusion before it, a strided write that
+    took as long as the matmul itself; on GPU and TPU the order is immaterial.
+    """
+    return checkpoint_name(_project(x, w, n_in), "proj")
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _project(x: jax.Array, w: jax.Array, n_in: int) -> jax.Array:
+    return jnp.tensordot(x, w, axes=n_in)
+
+
+def _project_fwd(x: jax.Array, w: jax.Array, n_in: int) -> tuple[jax.Array, tuple]:
+    return _project(x, w, n_in), (x, w)
+
+
+def _project_bwd(n_in: int, res: tuple, dy: jax.Array) -> tuple[jax.Array, jax.Array]:
+    x, w = res
+    n_out = w.ndim - n_in
+    n_batch = x.ndim - n_in
+    out_axes = tuple(range(n_in, w.ndim))
+    dx = jnp.tensordot(dy, w, axes=(tuple(range(n_batch, dy.ndim)), out_axes)).astype(x.dtype)
+    batch_axes = tuple(range(n_batch))
+    if math.prod(x.shape[n_batch:]) <= math.prod(dy.shape[n_batch:]):
+        dw = jnp.tensordot(x, dy, axes=(batch_axes, batch_axes))
+    else:
+        dw_out_in = jnp.tensordot(dy, x, axes=(batch_axes, batch_axes))
+        dw = jnp.transpose(dw_out_in, tuple(range(n_out, w.ndim)) + tuple(range(n_out)))
+    return dx, dw.astype(w.dtype)
+
+
+_project.defvjp(_project_fwd, _project_bwd)
+
+
 class Attention(nn.Module):
     config: LlamaConfig
 
@@ -343,9 +383,9 @@ class Attention(nn.Module):
         whose `kv_mask_bs` is True (no cache: S = T, cache_index = 0, kv_mask = the padding mask)."""
         cfg = self.config
         d, n, k, h = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        q_btnh = jnp.einsum("btd,dnh->btnh", x_btd, _Proj(cfg, (d, n, h), name="q_proj")())
-        k_btkh = jnp.einsum("btd,dkh->btkh", x_btd, _Proj(cfg, (d, k, h), name="k_proj")())
-        v_btkh = jnp.einsum("btd,dkh->btkh", x_btd, _Proj(cfg, (d, k, h), name="v_proj")())
+        q_btnh = project(x_btd, _Proj(cfg, (d, n, h), name="q_proj")())
+        k_btkh = project(x_btd, _Proj(cfg, (d, k, h), name="k_proj")())
+        v_btkh = project(x_btd, _Proj(cfg, (d, k, h), name="v_proj")())
         q_btnh = sharding.constrain(apply_rope(q_btnh, cos_bth, sin_bth), sharding.ACT_HEADS)
         k_btkh = sharding.constrain(apply_rope(k_btkh, cos_bth, sin_bth), sharding.ACT_KV_HEADS)
         v_btkh = sharding.constrain(v_btkh, sharding.ACT_KV_HEADS)
@@ -375,7 +415,7 @@ class Attention(nn.Module):
             out_btnh = _xla_attention(q_btnh, k_bskh, v_bskh, kv_mask_bs, cache_index)
         out_btnh = checkpoint_name(sharding.constrain(out_btnh, sharding.ACT_HEADS), "attn_out")
         o_nhd = _Proj(cfg, (n, h, d), name="o_proj")()
-        return jnp.einsum("btnh,nhd->btd", out_btnh, o_nhd), cache
+        return project(out_btnh, o_nhd, n_in=2), cache
 
 
 def causal_slot_mask(kv_mask_bs: jax.Array, t: int, q_start: jax.Array | int = 0) -> jax.Array:
@@ -441,10 +481,10 @@ class MLP(nn.Module):
     def __call__(self, x_btd: jax.Array) -> jax.Array:
         cfg = self.config
         d, f = cfg.hidden_size, cfg.intermediate_size
-        gate_btf = jnp.einsum("btd,df->btf", x_btd, _Proj(cfg, (d, f), name="gate_proj")())
-        up_btf = jnp.einsum("btd,df->btf", x_btd, _Proj(cfg, (d, f), name="up_proj")())
+        gate_btf = project(x_btd, _Proj(cfg, (d, f), name="gate_proj")())
+        up_btf = project(x_btd, _Proj(cfg, (d, f), name="up_proj")())
         hidden_btf = sharding.constrain(nn.silu(gate_btf) * up_btf, sharding.ACT_MLP)
-        return jnp.einsum("btf,fd->btd", hidden_btf, _Proj(cfg, (f, d), name="down_proj")())
+        return project(hidden_btf, _Proj(cfg, (f, d), name="down_proj")())
 
 
 class Block(nn.Module):
@@ -462,17 +502,19 @@ class Block(nn.Module):
         return (sharding.constrain(x_btd, sharding.ACT_EMBED), cache, layer + 1), None
 
 
+# Weight projections go through `project` (a custom VJP, which the dot-based policies cannot see
+# into), so each policy that keeps weight matmuls names their outputs ("proj") as well.
+_SAVE_PROJ = jax.checkpoint_policies.save_only_these_names("proj")
 _REMAT = {
     "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.checkpoint_dots,
-    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-    # Every projection's output (the weight matmuls: no batch dims) and the attention output; the
-    # norms, RoPE, SwiGLU's elementwise product and the attention probabilities are recomputed.
+    "dots": jax.checkpoint_policies.save_from_both_policies(jax.checkpoint_policies.checkpoint_dots, _SAVE_PROJ),
+    "dots_no_batch": jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable, _SAVE_PROJ),
+    # Every projection's output (the weight matmuls) and the attention output; the norms, RoPE,
+    # SwiGLU's elementwise product and the attention probabilities are recomputed.
     # No weight matmul runs twice, so it costs a few percent of a step, while a layer keeps
     # ~(4D + 2F + 2Kh) values per token instead of ~(8D + 6F): 0.35-0.4x the residuals of "none".
-    "minimal": jax.checkpoint_policies.save_from_both_policies(
-        jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-        jax.checkpoint_policies.save_only_these_names("attn_out")),
+    "minimal": jax.checkpoint_policies.save_only_these_names("proj", "attn_out"),
 }
 
 # "auto" keeps every activation ("none") while the layers' residuals under "none" stay below this

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from jax.extend import core as jax_core
 
 from apo_jax import hf, models
 from hf_fixtures import padded_batch, random_causal_lm, random_reward_model, torch_positions
@@ -124,6 +125,61 @@ def test_remat_and_unrolled_layers_give_same_logits_and_grads(tmp_path, policy):
         val, grad = jax.value_and_grad(lambda p: loss(variant, p))(params)
         np.testing.assert_allclose(val, ref_val, rtol=1e-5)
         jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4), grad, ref_grad)
+
+
+def test_projection_gradients_match_torch_autograd(tmp_path):
+    """Every weight projection's gradient (written out in `models.project`'s custom VJP) equals
+    PyTorch's autograd, on a GQA reward model with right and left padding."""
+    model = random_reward_model(seed=23)
+    config, params = _load(tmp_path, model)
+    ids, mask = padded_batch(4, 12, model.config.vocab_size, "right", seed=9)
+    ids[2:], mask[2:] = padded_batch(2, 12, model.config.vocab_size, "left", seed=10)
+    weights_b = np.array([1.0, -2.0, 0.5, 3.0], np.float32)  # a loss whose rows all differ
+    r = model(torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask),
+              position_ids=torch_positions(mask)).logits[:, 0]
+    (r * torch.tensor(weights_b)).sum().backward()
+    grad = jax.grad(lambda p: jnp.sum(models.rewards(config, p, jnp.asarray(ids), jnp.asarray(mask)) * weights_b))(
+        params)
+    layers = grad["model"]["layers"]
+    for i, layer in enumerate(model.model.layers):
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            ours = np.asarray(layers["attn"][name]["kernel"][i])
+            ours = ours.reshape(-1, ours.shape[-1]) if name == "o_proj" else ours.reshape(ours.shape[0], -1)
+            ref = getattr(layer.self_attn, name).weight.grad.numpy().T
+            np.testing.assert_allclose(ours, ref, atol=2e-5, rtol=1e-4, err_msg=f"layer {i} {name}")
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            ours = np.asarray(layers["mlp"][name]["kernel"][i])
+            ref = getattr(layer.mlp, name).weight.grad.numpy().T
+            np.testing.assert_allclose(ours, ref, atol=2e-5, rtol=1e-4, err_msg=f"layer {i} {name}")
+
+
+@pytest.mark.parametrize("policy,recomputed", [("none", 0), ("minimal", 0), ("dots_no_batch", 0), ("full", 6)])
+def test_remat_policies_recompute_no_weight_matmul_unless_full(policy, recomputed):
+    """The policies that keep weight matmuls still see them through `project`'s custom VJP (its
+    output is named "proj"): only "full" reruns a layer's projections in the backward, the six
+    whose outputs it needs (down_proj's output only feeds the residual sum)."""
+    config = models.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                num_attention_heads=4, num_key_value_heads=2, remat_policy=policy)
+    params = models.init_params(config, jax.random.PRNGKey(0), reward_head=True, reward_head_std=0.02)
+    ids, mask = jnp.ones((2, 8), jnp.int32), jnp.ones((2, 8), jnp.int32)
+    grad_fn = jax.grad(lambda p: jnp.sum(models.rewards(config, p, ids, mask)))
+
+    def weight_dots(jaxpr) -> int:
+        """dot_generals without batch dimensions (the weight matmuls: attention's einsums have
+        batch dims), counted through sub-jaxprs (the layer scan's body once)."""
+        n = 0
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "dot_general":
+                (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+                n += not lb  # projections have no batch dims; attention's einsums do
+            for sub in jax_core.jaxprs_in_params(eqn.params):
+                n += weight_dots(sub)
+        return n
+
+    plain = config.replace(remat_policy="none")
+    baseline = weight_dots(jax.make_jaxpr(jax.grad(lambda p: jnp.sum(models.rewards(plain, p, ids, mask))))(
+        params).jaxpr)
+    assert weight_dots(jax.make_jaxpr(grad_fn)(params).jaxpr) == baseline + recomputed
 
 
 def test_config_rejects_bad_fields():
