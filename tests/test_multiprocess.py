@@ -103,9 +103,10 @@ def _ok(procs) -> None:
 
 def test_two_processes_on_gcs_killed_together_resume_and_match_one_process(reference, fake_gcs):
     """A pod's run: 2 processes x 4 devices (4 x 2 took twice the time on 2 cores: 289 vs 147 s),
-    the run dir a gs:// URL (a fake GCS: TensorStore's GCS driver over HTTP to this test's server, epath through fsspec on the same files), every process
-    writes its own checkpoint shards there, all are killed inside RM training, and the restart
-    (the same command) reads only what the bucket holds and ends with the one-process results."""
+    the run dir a gs:// URL (a fake GCS: TensorStore's GCS driver over HTTP to this test's server,
+    epath through fsspec on the same files), every process writes its own checkpoint shards there,
+    all are killed inside RM training, and the restart (the same command) reads only what the
+    bucket holds and ends with the one-process results."""
     run_dir = str(fake_gcs.local_path("bucket", "runs/apo"))  # what the bucket holds, on disk
     args = multiproc.tiny_main_args(fake_gcs.url("bucket", "runs/apo"))
     bootstrap = "import fake_gcs; fake_gcs.install_in_child()"
