@@ -100,35 +100,37 @@ def sample(ctx: Context, policy: str, split: str, prompts: Sequence[dict], setti
     store.status(f"sampling {num_samples} answers x {len(prompts)} {split} prompts from {policy}")
     bar = tqdm(total=len(prompts), initial=done, desc=f"sample {policy} {split}", disable=not store.is_main,
                leave=False)
-    for b in range(done // bs, n_batches):
-        recs = prompts[b * bs:(b + 1) * bs]
-        prompt_ids, prompt_mask = pipeline.prompt_batch(ids[b * bs:(b + 1) * bs], bs, cfg.data, pad_id)
-        out = sampler.generate(
-            slot.config, gen_params, prompt_ids, prompt_mask, jax.random.fold_in(rng, b),
-            num_samples=num_samples, max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
-            top_p=settings.top_p, top_k=settings.top_k, eos_token_id=slot.config.eos_token_ids,
-            stop_strings=tuple(cfg.sampling.stop_strings), tokenizer=ctx.tokenizer, mesh=store.mesh,
-        )
-        tokens, lengths = scoring.gather(out.tokens), scoring.gather(out.lengths)
-        lines = []
-        for i, rec in enumerate(recs):
-            for s in range(num_samples):
-                text = tokenize.decode_response(ctx.tokenizer, tokens[i, s, : lengths[i, s]], cfg.sampling.stop_strings)
-                lines.append({"prompt_id": rec["prompt_id"], "prompt": rec["prompt"], "sample": s,
-                              "response": text, "num_tokens": int(lengths[i, s])})
-        if out_file is not None:
-            out_file.write_jsonl(lines)
-        fit.progress(key.id, b + 1)
-        bar.update(len(recs))
-        # A SIGTERM (a preemptible VM's notice) stops the phase at this batch boundary: the file
-        # holds every finished batch and the same command resumes after them.
-        if b + 1 < n_batches and checkpointing.agree_on_preemption():
+    # Closing flushes every finished batch (on GCS too) whether the phase ends, is preempted or fails.
+    try:
+        for b in range(done // bs, n_batches):
+            recs = prompts[b * bs:(b + 1) * bs]
+            prompt_ids, prompt_mask = pipeline.prompt_batch(ids[b * bs:(b + 1) * bs], bs, cfg.data, pad_id)
+            out = sampler.generate(
+                slot.config, gen_params, prompt_ids, prompt_mask, jax.random.fold_in(rng, b),
+                num_samples=num_samples, max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
+                top_p=settings.top_p, top_k=settings.top_k, eos_token_id=slot.config.eos_token_ids,
+                stop_strings=tuple(cfg.sampling.stop_strings), tokenizer=ctx.tokenizer, mesh=store.mesh,
+            )
+            tokens, lengths = scoring.gather(out.tokens), scoring.gather(out.lengths)
+            lines = []
+            for i, rec in enumerate(recs):
+                for s in range(num_samples):
+                    text = tokenize.decode_response(ctx.tokenizer, tokens[i, s, : lengths[i, s]],
+                                                    cfg.sampling.stop_strings)
+                    lines.append({"prompt_id": rec["prompt_id"], "prompt": rec["prompt"], "sample": s,
+                                  "response": text, "num_tokens": int(lengths[i, s])})
             if out_file is not None:
-                out_file.close()
-            raise checkpointing.Preempted(f"{key.id} after batch {b + 1} of {n_batches}")
-    bar.close()
-    if out_file is not None:
-        out_file.close()
+                out_file.write_jsonl(lines)
+            fit.progress(key.id, b + 1)
+            bar.update(len(recs))
+            # A SIGTERM (a preemptible VM's notice) stops the phase at this batch boundary: the file
+            # holds every finished batch and the same command resumes after them.
+            if b + 1 < n_batches and checkpointing.agree_on_preemption():
+                raise checkpointing.Preempted(f"{key.id} after batch {b + 1} of {n_batches}")
+    finally:
+        bar.close()
+        if out_file is not None:
+            out_file.close()
     store.barrier(key.id)  # every process reads the file next; process 0 must have finished writing it
     store.once(key, lambda: {"path": path, "count": len(prompts) * num_samples})
     return path

@@ -190,6 +190,20 @@ def test_gcs_run_dir_preempted_and_resumed_ends_with_the_reference_results(refer
     # batches in the bucket (the resumed file is compared with the reference's below).
     run_until_preempted(("samples:policy_0:llm", 1), "samples:policy_0:llm after batch 1 of")
     assert len((bucket_run / "samples" / "policy_0_llm.jsonl").read_text().splitlines()) > 0
+    # A crash inside a sampling phase (raised here by its progress hook after the first batch, within
+    # the Appender's 60 s between uploads) leaves that batch in the bucket too: the file is closed,
+    # so uploaded, on the way out.
+    def crash(phase: str, step: int) -> None:
+        if (phase, step) == ("samples:policy_0:gold", 1):
+            raise RuntimeError("simulated crash")
+
+    remove = fit.add_progress_hook(crash)
+    try:
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            loop.run(cfg)
+    finally:
+        remove()
+    assert len((bucket_run / "samples" / "policy_0_gold.jsonl").read_text().splitlines()) > 0
 
     text = loop.run(cfg)
     assert f"Outputs in {url}:" in text

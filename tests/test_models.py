@@ -317,6 +317,44 @@ def test_length_attention_equals_masked_attention_on_right_padded_rows():
     np.testing.assert_allclose(out[real], ref[real], atol=1e-5, rtol=1e-5)
 
 
+def _torch_masked_attention(q, k, v, mask_bt):
+    """Dense float64 causal GQA attention in PyTorch: [B, T, N, h] from [B, T, N|K, h] and [B, T]."""
+    q, k, v = (torch.tensor(np.asarray(x), dtype=torch.float64, requires_grad=True) for x in (q, k, v))
+    t, n, kh = q.shape[1], q.shape[2], k.shape[2]
+    kr, vr = (x.repeat_interleave(n // kh, dim=2) for x in (k, v))
+    logits = torch.einsum("btnh,bsnh->bnts", q, kr) / np.sqrt(q.shape[-1])
+    see = torch.tril(torch.ones(t, t, dtype=torch.bool))[None] & torch.tensor(mask_bt, dtype=torch.bool)[:, None]
+    logits = logits.masked_fill(~see[:, None], float("-inf"))
+    probs = torch.nan_to_num(torch.softmax(logits, dim=-1))  # a query that sees nothing: 0
+    return (q, k, v), torch.einsum("bnts,bsnh->btnh", probs, vr)
+
+
+@pytest.mark.parametrize("t", [300, 2100])  # 128-row blocks with a short last one; 256-row blocks (> 16 x 128)
+def test_blocked_causal_attention_matches_dense_torch_attention_and_its_gradients(t):
+    """The no-cache attention (query blocks, keys cut at each block's end) against dense masked
+    attention in float64 PyTorch, outputs and q/k/v gradients, on right- and left-padded rows and a
+    row with a hole; a query that sees no slot (left padding) is left out (its output is unused)."""
+    assert models.attention_block(300) == 128 and models.attention_block(2100) == 256
+    q, k, v = _qkv(b=3, t=t, n=4, k=2, h=8, seed=1)
+    mask = np.ones((3, t), np.int32)
+    mask[0, t - 37:] = 0      # right-padded
+    mask[1, :140] = 0         # left-padded past the first block
+    mask[2, 5:9] = 0          # a hole
+    seen = np.cumsum(mask, axis=1) > 0
+    w = jnp.asarray(np.random.RandomState(2).randn(3, t, 4, 8).astype(np.float32) * seen[:, :, None, None])
+
+    out, grads = jax.value_and_grad(
+        lambda *x: jnp.sum(models._blocked_causal_attention(*x, jnp.asarray(mask)) * w), argnums=(0, 1, 2))(q, k, v)
+    out_btnh = np.asarray(models._blocked_causal_attention(q, k, v, jnp.asarray(mask)))
+    leaves, ref = _torch_masked_attention(q, k, v, mask)
+    total = (ref * torch.tensor(np.asarray(w), dtype=torch.float64)).sum()
+    total.backward()
+    np.testing.assert_allclose(out_btnh[seen], ref.detach().numpy()[seen], atol=2e-5, rtol=1e-4)
+    np.testing.assert_allclose(float(out), total.item(), rtol=1e-4)
+    for g, leaf in zip(grads, leaves):
+        np.testing.assert_allclose(np.asarray(g), leaf.grad.numpy(), atol=2e-5, rtol=1e-4)
+
+
 def test_length_attention_turns_rows_that_are_not_right_padded_into_nan():
     q, k, v = _qkv()
     mask = np.ones((4, 12), np.int32)
