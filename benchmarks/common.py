@@ -522,6 +522,19 @@ def hf_model(cfg: models.LlamaConfig, *, reward: bool, params: Any = None, dtype
 # Environment, tables and JSON.
 
 
+def cpu_model() -> str | None:
+    """The host CPU's model name (Linux /proc/cpuinfo; None elsewhere): CPU numbers differ by 2x
+    between the machines this project runs on, so every result names its CPU."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or None
+
+
 def environment() -> dict[str, Any]:
     dev = jax.devices()[0]
     env = {
@@ -533,6 +546,8 @@ def environment() -> dict[str, Any]:
         "device_kind": dev.device_kind,
         "device_count": jax.device_count(),
         "cpu_count": os.cpu_count(),
+        "cpu_model": cpu_model(),
+        "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
         "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
     }
     try:
@@ -571,7 +586,7 @@ def fmt_time(s: float | None) -> str:
 def fmt_bytes(b: float | None) -> str:
     if b is None:
         return "-"
-    return f"{b / 2**30:.3g} GiB" if b >= 2**30 else f"{b / 2**20:.3g} MiB"
+    return f"{b / 2**30:.3g} GiB" if b >= 1000 * 2**20 else f"{b / 2**20:.3g} MiB"  # never "1.01e+03 MiB"
 
 
 def fmt_pct(x: float | None) -> str:
@@ -579,7 +594,7 @@ def fmt_pct(x: float | None) -> str:
 
 
 TABLE_COLUMNS = ("config", "tokens/s", "step time", "MFU / roofline", "peak memory", "reference tokens/s",
-                 "ratio", "reference peak", "status")
+                 "ratio", "reference peak", "calls min / median", "reference min / median", "load", "status")
 
 
 def table_lines(rows: Sequence[dict[str, Any]]) -> list[str]:

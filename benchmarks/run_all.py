@@ -288,6 +288,9 @@ def table_rows(results: dict[str, dict[str, Any]]) -> list[dict[str, str]]:
             "config": r.get("name", cid),
             "tokens/s": common.fmt_num(r.get("tokens_per_s")) if ok else "-",
             "step time": common.fmt_time(r.get("step_time_s")) if ok else "-",
+            "calls min / median": _timing_cell(r) if ok else "-",
+            "reference min / median": _timing_cell(ref) if ref_ok else "-",
+            "load": _load_cell(r, ref),
             "MFU / roofline": eff,
             "peak memory": _peak_cell(r) if ok else "-",
             "reference tokens/s": (common.fmt_num(ref.get("tokens_per_s")) if ref_ok
@@ -297,6 +300,24 @@ def table_rows(results: dict[str, dict[str, Any]]) -> list[dict[str, str]]:
             "status": _status(r) + (f"; reference {_status(ref)}" if ref.get("oom_at_remat") else ""),
         })
     return rows
+
+
+def _timing_cell(r: dict[str, Any]) -> str:
+    """Min / median of the timed calls (a train or scoring step; a whole best-of-S call)."""
+    t = r.get("timing") or {}
+    if "min_s" not in t:
+        return "-"
+    return f"{common.fmt_time(t['min_s'])} / {common.fmt_time(t['median_s'])} (n={t['iters']})"
+
+
+def _load_cell(*rs: dict[str, Any]) -> str:
+    """The 1-minute load average before -> after each of the cases (apo_jax, then its reference)."""
+    cells = []
+    for r in rs:
+        la = r.get("load_average") or {}
+        if la.get("before") is not None and la.get("after") is not None:
+            cells.append(f"{la['before']:.1f}->{la['after']:.1f}")
+    return ", ".join(cells) or "-"
 
 
 def _peak_cell(r: dict[str, Any]) -> str:
@@ -396,8 +417,10 @@ def run_preset(preset: str, out: str | None, *, isolate: bool | None = None, bud
             continue
         if not quiet:
             print(f"[{elapsed:6.1f} s] {case['id']} ({case.get('impl', '')})", flush=True)
+        load_before = _load_average()
         r = run_isolated(case, ceilings, remaining) if isolate else run_case(case, ceilings)
         r.setdefault("case", case)
+        r["load_average"] = {"before": load_before, "after": _load_average()}
         r["case"] = {**r["case"], "id": case["id"], "ref": case.get("ref")}
         r["elapsed_s"] = time.perf_counter() - t0 - elapsed
         if case["bench"] == "ceiling" and r.get("status") == "ok":
@@ -417,6 +440,12 @@ def run_preset(preset: str, out: str | None, *, isolate: bool | None = None, bud
     return payload
 
 
+def _load_average() -> float | None:
+    """The host's 1-minute load average (None where the OS has none): on a shared CPU it says
+    whether a case ran alone (about its own thread count) or beside other work."""
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+
+
 def _summarize(payload: dict[str, Any], results: dict[str, Any], ceilings: Any, t0: float) -> None:
     payload["ceilings"] = ceilings
     payload["results"] = results
@@ -429,7 +458,8 @@ def print_report(payload: dict[str, Any]) -> None:
     env = payload.get("environment", {})
     ceil = payload.get("ceilings") or {}
     print()
-    print(f"device: {env.get('device_kind', '?')} ({env.get('backend', '?')}), jax {env.get('jax', '?')}, "
+    print(f"device: {env.get('device_kind', '?')} ({env.get('backend', '?')}; host CPU "
+          f"{env.get('cpu_model') or '?'} x {env.get('cpu_count', '?')}), jax {env.get('jax', '?')}, "
           f"torch {env.get('torch', '?')} on {env.get('torch_device', 'cpu')}, {env.get('date', '')}")
     if ceil:
         print(f"measured ceilings: bf16 matmul {common.fmt_num(ceil['matmul']['flops_per_s'], 'FLOP/s')} "

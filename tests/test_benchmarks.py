@@ -56,9 +56,16 @@ def test_every_case_runs_and_the_table_has_one_row_per_apo_jax_case(tiny):
     for row in payload["table"]:
         assert set(common.TABLE_COLUMNS) <= set(row)
         assert row["ratio"].endswith("x") and row["reference tokens/s"] != "-"
+        # The issue asks for min / median and the load beside every number.
+        assert " / " in row["calls min / median"] and " / " in row["reference min / median"]
+        assert row["load"].count("->") == 2
+    for r in payload["results"].values():
+        if r["bench"] != "ceiling":
+            assert r["timing"]["min_s"] <= r["timing"]["median_s"], r["name"]
+            assert r["load_average"]["before"] >= 0 and r["load_average"]["after"] >= 0
     assert "| config" in stdout and "measured ceilings" in stdout
     assert payload["ceilings"]["matmul"]["flops_per_s"] > 0 and payload["ceilings"]["copy"]["bytes_per_s"] > 0
-    assert payload["environment"]["backend"] == "cpu"
+    assert payload["environment"]["backend"] == "cpu" and payload["environment"]["cpu_model"]
 
 
 def test_train_rates_and_mfu_follow_the_stated_formula(tiny):
