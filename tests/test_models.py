@@ -233,6 +233,18 @@ def test_token_and_sequence_logprobs_match_transformers(tmp_path, side, chunk_si
     np.testing.assert_allclose(np.asarray(seq), ref_seq, atol=2e-4, rtol=0)
 
 
+def test_default_chunk_needs_the_fewest_chunks_and_pads_less_than_one_position_each():
+    """By hand: 8 rows x 49,152 logits allow 42 positions per 64 MiB chunk; 255 positions need 7
+    chunks, and 7 of 37 pad 4 positions where 7 of 42 padded 39."""
+    assert models._default_chunk(8, 255, 49152) == 37
+    for batch, length, vocab in [(8, 255, 49152), (1, 4095, 128256), (16, 1023, 32000), (4, 7, 512), (2, 1, 10)]:
+        most = max((1 << 24) // (batch * vocab), 8)
+        chunk = models._default_chunk(batch, length, vocab)
+        chunks = -(-length // chunk)
+        assert chunk <= max(most, 1) and chunks == -(-length // most)
+        assert 0 <= chunks * chunk - length < chunks
+
+
 def test_chunked_logprob_gradients_match_torch_autograd(tmp_path):
     """The rematerialised chunk scan's backward equals PyTorch's gradient of the summed response
     log-probabilities (LM head, embedding and a layer weight)."""
