@@ -109,6 +109,23 @@ def test_bfloat16_compute_close_to_float32(tmp_path):
     real = mask.astype(bool)
     # bf16 has 8 mantissa bits: a loose bound, but far below the logit spread.
     assert np.abs(out[real] - ref[real]).max() < 0.05 * np.abs(ref[real]).max() + 0.05
+    # The chunked LM head (`project` with float32 logits from bf16 operands) and its gradient.
+    def summed_logp(cfg, p):
+        return jnp.sum(models.token_logprobs(cfg, p, ids, mask, chunk_size=5)[0] * mask)
+
+    # The head's dot itself yields float32 logits from bf16 operands (not bf16 logits cast later).
+    jaxpr = str(jax.make_jaxpr(lambda p: summed_logp(bf_config, p))(bf_params))
+    assert f"f32[2,5,{model.config.vocab_size}] = dot_general" in jaxpr
+    ref_lp, ref_g = jax.value_and_grad(lambda p: summed_logp(config, p))(params)
+    lp, g = jax.value_and_grad(lambda p: summed_logp(bf_config, p))(bf_params)
+    assert lp.dtype == jnp.float32
+    assert abs(float(lp) - float(ref_lp)) < 0.02 * abs(float(ref_lp))
+    for path in (("model", "embed", "embedding"), ("model", "final_norm", "scale")):
+        a, b = ref_g, g
+        for key in path:
+            a, b = a[key], b[key]
+        a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+        assert np.linalg.norm(b - a) < 0.05 * np.linalg.norm(a), path
 
 
 @pytest.mark.parametrize("policy", ["minimal", "full", "dots", "dots_no_batch"])
