@@ -830,10 +830,19 @@ def token_logprobs(
     the backward recomputes one chunk's logits, turns them into that chunk's gradient, and
     accumulates the LM-head gradient across chunks.
     """
-    b, t = input_ids.shape
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size={chunk_size}; expected a positive number of positions")
     hidden_btd = hidden_states(config, params, input_ids, attention_mask)
+    return logprobs_from_hidden(config, params, hidden_btd, input_ids, chunk_size=chunk_size)
+
+
+def logprobs_from_hidden(
+    config: LlamaConfig, params: Params, hidden_btd: jax.Array, input_ids: jax.Array, *, chunk_size: int | None = None
+) -> tuple[jax.Array, jax.Array]:
+    """`token_logprobs` from the final hidden states [B, T, D]: the chunked LM head and log-softmax."""
+    b, t = input_ids.shape
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size={chunk_size}; expected a positive number of positions")
     if t < 2:
         return jnp.zeros((b, t), jnp.float32), jnp.zeros((b, t), bool)
     n = t - 1  # position t - 1 predicts token t

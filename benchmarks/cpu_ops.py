@@ -1,5 +1,6 @@
-"""One RM layer's pieces, apo_jax vs PyTorch, at the SmolLM2-135M width (float32, 8 pairs x 256):
-where a CPU train step's time goes when the whole step is slower than transformers'.
+"""One RM layer's pieces and the SFT step's LM head, apo_jax vs PyTorch, at the SmolLM2-135M width
+(float32, 8 pairs x 256; the head at 8 x 256): where a CPU train step's time goes when the whole
+step is slower than transformers'.
 
     python benchmarks/cpu_ops.py [--rows 4096] [--iters 10]
 
@@ -28,7 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from apo_jax import models  # noqa: E402
 from benchmarks import common  # noqa: E402
 
-D, N, K, H, F = 576, 9, 3, 64, 1536  # SmolLM2-135M: hidden, query heads, KV heads, head dim, MLP width
+D, N, K, H, F, V = 576, 9, 3, 64, 1536, 49152  # SmolLM2-135M: hidden, heads, KV heads, head dim, MLP, vocabulary
 
 
 def _cases(rows: int, seq: int, rng: np.random.Generator) -> list[tuple[str, Callable, Callable, dict]]:
@@ -81,11 +82,27 @@ def _cases(rows: int, seq: int, rng: np.random.Generator) -> list[tuple[str, Cal
         out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         return torch.sum(out.transpose(1, 2) * p["c"])
 
+    head_cfg = models.LlamaConfig(vocab_size=V, hidden_size=D, intermediate_size=F, num_hidden_layers=1,
+                                  num_attention_heads=N, num_key_value_heads=K, tie_word_embeddings=False,
+                                  dtype="float32", param_dtype="float32")
+    head = dict(h=arr(batch // 2, seq, D), w=arr(D, V, scale=0.02), c=arr(batch // 2, seq - 1))
+    ids = jnp.asarray(rng.integers(0, V, (batch // 2, seq)).astype(np.int32))
+    ids_t = torch.tensor(np.asarray(ids)).long()
+
+    def j_head(p):  # what the SFT and DPO objectives run after the layers
+        logp, _ = models.logprobs_from_hidden(head_cfg, {"lm_head": {"kernel": p["w"]}}, p["h"], ids)
+        return jnp.sum(logp[:, 1:] * p["c"])
+
+    def t_head(p):  # transformers: the whole [B, T, V] logits, then log-softmax
+        logp = torch.log_softmax(linear(p["h"][:, :-1], p["w"]).float(), dim=-1)
+        return torch.sum(logp.gather(-1, ids_t[:, 1:, None])[..., 0] * p["c"])
+
     return [
         (f"GEMM x @ W [{rows}x{D}]x[{D}x{F}]", j_gemm, t_gemm, gemm),
         (f"MLP (gate, up, SwiGLU, down), {rows} rows", j_mlp, t_mlp, mlp),
         (f"attention q/k/v/o projections, {rows} rows", j_proj, t_proj, proj),
         (f"causal attention core {batch}x{seq}, {N}/{K} heads", j_attn, t_attn, attn),
+        (f"SFT LM head + log-softmax {batch // 2}x{seq}, vocab {V}", j_head, t_head, head),
     ]
 
 
