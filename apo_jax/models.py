@@ -504,26 +504,34 @@ def _blocked_causal_attention(
     """Causal grouped-query attention with no cache (S = T): query t sees the slots s <= t whose
     `kv_mask_bt` is True. Equal to `_xla_attention(..., q_start=0)` on every query that sees at
     least one slot (a query that sees none, a padding position, averages its block's visible
-    values instead of all T; its output is never read)."""
+    values instead of all T; its output is never read).
+
+    Queries are laid out [B, K, T, G, h], so a block's queries of one KV head are G x block
+    contiguous rows and both products are plain batched matmuls over (B, K) (forward + backward
+    ~8% faster on CPU than with G as a batch axis; the same values)."""
     b, t, n, h = q_btnh.shape
-    k = k_btkh.shape[2]
+    kh = k_btkh.shape[2]
+    g = n // kh
     block = attention_block(t)
-    q_bkgth = jnp.transpose(q_btnh.reshape(b, t, k, n // k, h), (0, 2, 3, 1, 4))
+    q_bktgh = jnp.transpose(q_btnh.reshape(b, t, kh, g, h), (0, 2, 1, 3, 4))
     k_bksh = jnp.transpose(k_btkh, (0, 2, 1, 3))
     v_bksh = jnp.transpose(v_btkh, (0, 2, 1, 3))
     kv_mask_bt = kv_mask_bt.astype(bool)
     outs = []
     for start in range(0, t, block):
         end = min(start + block, t)
-        logits_bkgqs = jnp.einsum(
-            "bkgqh,bksh->bkgqs", q_bkgth[:, :, :, start:end], k_bksh[:, :, :end], preferred_element_type=jnp.float32
+        rows_bkrh = q_bktgh[:, :, start:end].reshape(b, kh, (end - start) * g, h)
+        logits_bkrs = jnp.einsum(
+            "bkrh,bksh->bkrs", rows_bkrh, k_bksh[:, :, :end], preferred_element_type=jnp.float32
         ) / np.sqrt(h).astype(np.float32)
+        logits_bkqgs = logits_bkrs.reshape(b, kh, end - start, g, end)
         mask_bqs = causal_slot_mask(kv_mask_bt[:, :end], end - start, start)
-        logits_bkgqs = jnp.where(mask_bqs[:, None, None], logits_bkgqs, jnp.finfo(jnp.float32).min)
-        probs_bkgqs = jax.nn.softmax(logits_bkgqs, axis=-1).astype(v_bksh.dtype)
-        outs.append(jnp.einsum("bkgqs,bksh->bkgqh", probs_bkgqs, v_bksh[:, :, :end]))
-    out_bkgth = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=3)
-    return jnp.transpose(out_bkgth, (0, 3, 1, 2, 4)).reshape(b, t, n, h)
+        logits_bkqgs = jnp.where(mask_bqs[:, None, :, None], logits_bkqgs, jnp.finfo(jnp.float32).min)
+        probs_bkrs = jax.nn.softmax(logits_bkqgs, axis=-1).astype(v_bksh.dtype).reshape(b, kh, -1, end)
+        out_bkrh = jnp.einsum("bkrs,bksh->bkrh", probs_bkrs, v_bksh[:, :, :end])
+        outs.append(out_bkrh.reshape(b, kh, end - start, g, h))
+    out_bktgh = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=2)
+    return jnp.transpose(out_bktgh, (0, 2, 1, 3, 4)).reshape(b, t, n, h)
 
 
 class MLP(nn.Module):
