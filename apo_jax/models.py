@@ -838,7 +838,7 @@ def token_logprobs(
     the backward recomputes one chunk's logits, turns them into that chunk's gradient, and
     accumulates the LM-head gradient across chunks.
     """
-    if chunk_size is not None and chunk_size < 1:
+    if chunk_size is not None and chunk_size < 1:  # before the layers run, not after
         raise ValueError(f"chunk_size={chunk_size}; expected a positive number of positions")
     hidden_btd = hidden_states(config, params, input_ids, attention_mask)
     return logprobs_from_hidden(config, params, hidden_btd, input_ids, chunk_size=chunk_size)

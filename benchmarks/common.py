@@ -535,6 +535,12 @@ def cpu_model() -> str | None:
     return platform.processor() or None
 
 
+def load_average() -> float | None:
+    """The host's 1-minute load average (None where the OS has none): on a shared CPU it says
+    whether a case ran alone (about its own thread count) or beside other work."""
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+
+
 def environment() -> dict[str, Any]:
     dev = jax.devices()[0]
     env = {
@@ -547,7 +553,7 @@ def environment() -> dict[str, Any]:
         "device_count": jax.device_count(),
         "cpu_count": os.cpu_count(),
         "cpu_model": cpu_model(),
-        "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
+        "load_average": load_average(),
         "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
     }
     try:

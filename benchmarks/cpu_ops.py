@@ -161,7 +161,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     rows = measure(args.rows, args.seq, args.iters)
     env = common.environment()
-    print(f"{env.get('cpu_model', env['device_kind'])}, {env['cpu_count']} CPUs, jax {env['jax']}, torch "
+    print(f"{env.get('cpu_model') or env['device_kind']}, {env['cpu_count']} CPUs, jax {env['jax']}, torch "
           f"{env['torch']}, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}, "
           f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r}")
     head = ("op", "pass", "apo_jax min / median", "PyTorch min / median", "apo_jax / PyTorch (median)")

@@ -417,10 +417,10 @@ def run_preset(preset: str, out: str | None, *, isolate: bool | None = None, bud
             continue
         if not quiet:
             print(f"[{elapsed:6.1f} s] {case['id']} ({case.get('impl', '')})", flush=True)
-        load_before = _load_average()
+        load_before = common.load_average()
         r = run_isolated(case, ceilings, remaining) if isolate else run_case(case, ceilings)
         r.setdefault("case", case)
-        r["load_average"] = {"before": load_before, "after": _load_average()}
+        r["load_average"] = {"before": load_before, "after": common.load_average()}
         r["case"] = {**r["case"], "id": case["id"], "ref": case.get("ref")}
         r["elapsed_s"] = time.perf_counter() - t0 - elapsed
         if case["bench"] == "ceiling" and r.get("status") == "ok":
@@ -438,12 +438,6 @@ def run_preset(preset: str, out: str | None, *, isolate: bool | None = None, bud
     if not quiet:
         print_report(payload)
     return payload
-
-
-def _load_average() -> float | None:
-    """The host's 1-minute load average (None where the OS has none): on a shared CPU it says
-    whether a case ran alone (about its own thread count) or beside other work."""
-    return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
 
 
 def _summarize(payload: dict[str, Any], results: dict[str, Any], ceilings: Any, t0: float) -> None:
