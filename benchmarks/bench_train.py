@@ -373,6 +373,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--torch-compile", action="store_true")
     p.add_argument("--ref-weights", choices=("random", "identical"), default="random")
+    p.add_argument("--profile", action="store_true",
+                   help="trace one more apo_jax step and print its wall time per op kind (common.profile_top_ops)")
     p.add_argument("--sweep", action="store_true")
     p.add_argument("--sweep-models", default="1b,3b,7b_l18,7b_l22,7b")
     p.add_argument("--memory-limit-gib", type=float, default=None,
@@ -400,12 +402,19 @@ def main(argv: list[str] | None = None) -> None:
                     attention=args.attention if impl == "jax" else "xla", param_dtype=args.param_dtype,
                     dtype=args.dtype, checkpoint=args.checkpoint,
                     steps=args.steps, warmup=args.warmup, torch_compile=args.torch_compile,
-                    ref_weights=args.ref_weights)
+                    ref_weights=args.ref_weights, profile=args.profile and impl == "jax")
         results.append(run_case(case))
         r = results[-1]
         print(f"{impl:5s} {r['name']}: {r['status']}  {common.fmt_num(r.get('tokens_per_s'), ' tok/s')}  "
               f"step {common.fmt_time(r.get('step_time_s'))}  peak {common.fmt_bytes(r.get('peak_bytes'))}  "
               f"first loss {r.get('first_loss')}", flush=True)
+        prof = r.get("profile") or {}
+        if prof.get("by_kind"):
+            print(f"  traced step: {prof['total_ms']:.0f} ms with an op running, {prof['idle_ms']:.0f} ms without")
+            for o in prof["by_kind"]:
+                print(f"  {o['ms']:9.1f} ms {100 * o['share']:5.1f}%  {o['op']}")
+        elif prof:
+            print("  profile:", prof.get("error"))
     if args.result_file:
         common.write_json(args.result_file, {"environment": common.environment(), "results": results})
 

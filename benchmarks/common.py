@@ -330,12 +330,68 @@ def guarded_transfers(call: Callable[[], Any], steps: int = 1) -> dict[str, str]
     return out
 
 
+_RUNTIME_EVENTS = ("$", "end: ", "ThunkExecutor", "ThreadpoolListener", "PjitFunction", "PjRt", "Pjrt",
+                   "CommonPjRt", "AllocateOutputBuffers", "Handle inputs", "ParseArguments", "PythonRefManager",
+                   "SlinkyThreadPool")
+
+
+def attribute_op_time(events: list[dict[str, Any]]) -> dict[str, Any]:
+    """Wall time per op from trace events ({"name", "ts", "dur", "tid"}, microseconds), each instant
+    shared equally by the ops running then, so the ops' times add up to the busy wall time.
+
+    XLA:CPU runs independent thunks concurrently (summed durations overcount a 2-core step by
+    ~1.5x), and a control-flow thunk (`while`, `conditional`) spans the ops it runs: an event that
+    contains another op event of its thread is such a container and is left out. Returns
+    {"ops": {name: us}, "busy_us", "idle_us" (no op running between the first start and last end)}.
+    """
+    # By start, a container before the ops it holds (the longer first on equal starts).
+    ops = sorted(((float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0.0)), e.get("tid"), str(e["name"]))
+                  for e in events if not str(e["name"]).startswith(_RUNTIME_EVENTS)), key=lambda o: (o[0], -o[1]))
+    containers = set()
+    open_by_tid: dict[Any, list[tuple[float, int]]] = {}
+    for i, (start, end, tid, _) in enumerate(ops):
+        stack = open_by_tid.setdefault(tid, [])
+        while stack and stack[-1][0] <= start:
+            stack.pop()
+        if stack and end <= stack[-1][0]:
+            containers.add(stack[-1][1])
+        stack.append((end, i))
+    kept = [op for i, op in enumerate(ops) if i not in containers and op[1] > op[0]]
+    edges = sorted([(s, 1, n) for s, _, _, n in kept] + [(e, -1, n) for _, e, _, n in kept], key=lambda x: (x[0], x[1]))
+    running: dict[str, int] = {}
+    totals: dict[str, float] = {}
+    busy = idle = 0.0
+    last = None
+    for t, delta, name in edges:
+        if last is not None and t > last:
+            width = sum(running.values())
+            if width:
+                busy += t - last
+                for n, k in running.items():
+                    totals[n] = totals.get(n, 0.0) + (t - last) * k / width
+            else:
+                idle += t - last
+        last = t
+        running[name] = running.get(name, 0) + delta
+        if not running[name]:
+            del running[name]
+    return {"ops": totals, "busy_us": busy, "idle_us": idle}
+
+
+def op_kind(name: str) -> str:
+    """An HLO op's kind: its name without the ".N" XLA appends (`ynn_fusion.43` -> `ynn_fusion`)."""
+    head, _, tail = name.rpartition(".")
+    return head if head and tail.isdigit() else name
+
+
 def profile_top_ops(call: Callable[[], Any], sync: Callable[[Any], None], *, top: int = 12) -> dict[str, Any]:
-    """One call under `jax.profiler.trace`; the trace's ops summed by name, longest first.
+    """One call under `jax.profiler.trace`: wall time per op (`attribute_op_time`), longest first,
+    and the same summed by op kind.
 
     On a GPU the device's "XLA Ops" line is used (HLO ops: fusions, cuBLAS/cuDNN custom calls),
-    else its stream lines (kernels); without a device line (CPU) the host line. A failure is
-    returned as {"error": ...}: profiling must never cost the benchmark its numbers."""
+    else its stream lines (kernels); without a device line (CPU) the host's threads, runtime
+    events left out. "idle_ms" is time inside the call with no op running (host work, waits). A
+    failure is returned as {"error": ...}: profiling must never cost the benchmark its numbers."""
     import glob
     import gzip
 
@@ -356,19 +412,20 @@ def profile_top_ops(call: Callable[[], Any], sync: Callable[[Any], None], *, top
         lines = {k: v for k, v in threads.items() if k[0] in pids}
         chosen = ([k for k, v in lines.items() if v == "XLA Ops"]
                   or [k for k, v in lines.items() if v.startswith("Stream")] or list(lines))
-        totals: dict[str, float] = {}
-        for e in events:
-            if e.get("ph") != "X" or (e.get("pid"), e.get("tid")) not in chosen:
-                continue
-            name = str(e.get("name", ""))
-            if name.startswith(("$", "end: ")):
-                continue
-            totals[name] = totals.get(name, 0.0) + float(e.get("dur", 0.0))
-        total = sum(totals.values())
-        ranked = sorted(totals.items(), key=lambda kv: -kv[1])[:top]
+        spans = [e for e in events if e.get("ph") == "X" and (e.get("pid"), e.get("tid")) in chosen]
+        attributed = attribute_op_time(spans)
+        total = attributed["busy_us"]
+        kinds: dict[str, float] = {}
+        for name, us in attributed["ops"].items():
+            kinds[op_kind(name)] = kinds.get(op_kind(name), 0.0) + us
+
+        def ranked(d: dict[str, float]) -> list[dict[str, Any]]:
+            return [{"op": n, "ms": us / 1e3, "share": us / total if total else 0.0}
+                    for n, us in sorted(d.items(), key=lambda kv: -kv[1])[:top]]
+
         return {"source": procs.get(pids[0], "?") if pids else "?", "lines": sorted({lines[k] for k in chosen}),
-                "total_ms": total / 1e3,
-                "top": [{"op": n, "ms": us / 1e3, "share": us / total if total else 0.0} for n, us in ranked]}
+                "total_ms": total / 1e3, "idle_ms": attributed["idle_us"] / 1e3,
+                "top": ranked(attributed["ops"]), "by_kind": ranked(kinds)}
     except Exception as exc:  # noqa: BLE001
         return {"error": f"{type(exc).__name__}: {exc}"[:300]}
 
@@ -395,11 +452,22 @@ def measure_matmul_ceiling(n: int, *, iters: int = 10, inner: int = 10, sets: in
 
 
 def measure_copy_bandwidth(nbytes: int, *, iters: int = 10, inner: int = 10) -> dict[str, float]:
-    """Device copy bandwidth: y = x + 1 over a float32 array of `nbytes`, counting bytes read
-    plus bytes written (2 * nbytes), as ANCHORS.md's ~3.0 TB/s does."""
-    x = jax.random.normal(jax.random.PRNGKey(1), (nbytes // 4,), jnp.float32)
-    add = jax.jit(lambda a: a + 1.0)
-    t = time_calls(lambda: add(x), jax_sync, warmup=3, iters=iters, inner=inner)
+    """Device copy bandwidth: x = x + 1 over a float32 array of `nbytes`, counting bytes read
+    plus bytes written (2 * nbytes), as ANCHORS.md's ~3.0 TB/s does.
+
+    The array is donated, so each call writes the buffer it reads. Without donation every call
+    writes a freshly allocated output: on a GPU the allocator hands back the same memory, but on a
+    CPU a buffer this size is a fresh mmap whose page faults (the kernel zeroing each page) then
+    set the rate: 7.4 GB/s against 48 GB/s in place on a 2-vCPU Xeon, a floor 6x too high for
+    the decode roofline."""
+    holder = {"x": jax.random.normal(jax.random.PRNGKey(1), (nbytes // 4,), jnp.float32)}
+    add = jax.jit(lambda a: a + 1.0, donate_argnums=0)
+
+    def call():
+        holder["x"] = add(holder["x"])
+        return holder["x"]
+
+    t = time_calls(call, jax_sync, warmup=3, iters=iters, inner=inner)
     return {"nbytes": nbytes, "bytes_per_s": 2.0 * nbytes / t.median_s, "time_s": t.median_s}
 
 

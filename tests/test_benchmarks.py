@@ -120,7 +120,26 @@ def test_profiled_case_lists_its_longest_ops(tiny):
     assert prof["top"] and prof["total_ms"] > 0
     shares = [o["share"] for o in prof["top"]]
     assert shares == sorted(shares, reverse=True) and 0 < sum(shares) <= 1.0 + 1e-9
+    kinds = [o["share"] for o in prof["by_kind"]]
+    assert kinds == sorted(kinds, reverse=True) and kinds[0] >= shares[0] and sum(kinds) <= 1.0 + 1e-9
+    assert not any(o["op"].startswith(("ThunkExecutor", "$", "end: ")) for o in prof["top"])
     assert "profile score" in stdout
+
+
+def test_op_time_is_shared_between_concurrent_ops_and_containers_are_left_out():
+    """Hand-computed: fusion.1 [0, 10) and dot.2 [5, 15) overlap for 5 us (2.5 each); while.3
+    [20, 40) holds copy.4 [22, 30) on its thread and outer [50, 54) holds inner [50, 52) (same
+    start), so only the inner ones count; 15-22 and 30-50 have no op running (idle 27); runtime
+    events (ThunkExecutor, python frames) are never ops."""
+    ev = [dict(name="fusion.1", ts=0, dur=10, tid=1), dict(name="dot.2", ts=5, dur=10, tid=2),
+          dict(name="while.3", ts=20, dur=20, tid=1), dict(name="copy.4", ts=22, dur=8, tid=1),
+          dict(name="ThunkExecutor::Execute", ts=0, dur=40, tid=3), dict(name="$api.py:1 f", ts=0, dur=40, tid=4),
+          dict(name="outer", ts=50, dur=4, tid=5), dict(name="inner", ts=50, dur=2, tid=5)]
+    got = common.attribute_op_time(ev)
+    assert got["ops"] == pytest.approx({"fusion.1": 7.5, "dot.2": 7.5, "copy.4": 8.0, "inner": 2.0})
+    assert got["busy_us"] == pytest.approx(25.0) and got["idle_us"] == pytest.approx(27.0)
+    assert [common.op_kind(n) for n in ("ynn_fusion.43", "ynn_fusion", "copy.4", "v1.x")] == [
+        "ynn_fusion", "ynn_fusion", "copy", "v1.x"]
 
 
 def test_compiles_are_bounded_and_steps_never_touch_the_host(tiny):
