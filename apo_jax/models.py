@@ -609,9 +609,16 @@ class Embed(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    """The trunk: embeddings, L decoder blocks (scanned), final norm. Returns hidden states."""
+    """The trunk: embeddings, L decoder blocks, final norm. Returns hidden states.
+
+    The blocks' parameters are stacked [L, ...] under "layers" and run by `nn.scan` (training,
+    scoring, checkpoints), or, with `per_layer`, held as L separate trees "layer_0" ... and run
+    by an unrolled Python loop: the decode layout of `params_for_generation`, where each step's
+    dots read a layer's weights where they lie instead of a `dynamic-slice` copy of them.
+    """
 
     config: LlamaConfig
+    per_layer: bool = False
 
     @nn.compact
     def __call__(
@@ -632,7 +639,13 @@ class LlamaModel(nn.Module):
         # Only a differentiated forward keeps residuals; decoding with a cache never does.
         policy = "none" if cache is not None else remat_for(cfg, *input_ids_bt.shape)
         if policy != "none":
-            block = nn.remat(Block, policy=_REMAT[policy], prevent_cse=not cfg.scan_layers)
+            block = nn.remat(Block, policy=_REMAT[policy], prevent_cse=not cfg.scan_layers or self.per_layer)
+        if self.per_layer:
+            carry = (x_btd, cache, 0)  # a static layer index: each layer's cache slice is a fixed offset
+            for i in range(cfg.num_hidden_layers):
+                carry, _ = block(cfg, name=f"{PER_LAYER_PREFIX}{i}")(carry, cos_bth, sin_bth, kv_mask_bs, cache_index)
+            x_btd, cache, _ = carry
+            return RMSNorm(cfg, name="final_norm")(x_btd), cache
         stack = nn.scan(
             block,
             variable_axes={"params": 0},
@@ -647,6 +660,15 @@ class LlamaModel(nn.Module):
         (x_btd, cache, _), _ = stack(cfg, name="layers")(
             (x_btd, cache, jnp.int32(0)), cos_bth, sin_bth, kv_mask_bs, cache_index)
         return RMSNorm(cfg, name="final_norm")(x_btd), cache
+
+
+PER_LAYER_PREFIX = "layer_"
+"""Key prefix of the per-layer blocks in `params_for_generation`'s layout ("layer_0", ...)."""
+
+
+def _trunk(config: LlamaConfig, model_params: Params) -> LlamaModel:
+    """The trunk for these parameters: scanned (stacked "layers") or per-layer ("layer_0", ...)."""
+    return LlamaModel(config, per_layer="layers" not in model_params)
 
 
 # --------------------------------------------------------------------------------------------
@@ -673,7 +695,7 @@ def hidden_states(
     """
     if positions is None:
         positions = positions_from_mask(attention_mask)
-    hidden, _ = LlamaModel(config).apply({"params": params["model"]}, input_ids, positions, attention_mask)
+    hidden, _ = _trunk(config, params["model"]).apply({"params": params["model"]}, input_ids, positions, attention_mask)
     return hidden
 
 
@@ -755,19 +777,30 @@ def new_reward_head(config: LlamaConfig, rng: jax.Array, std: float = 0.0) -> ja
 
 
 def params_for_generation(config: LlamaConfig, params: Params) -> Params:
-    """The LM's parameters in the compute dtype (the reward head, read in float32, is dropped).
+    """The LM's parameters for sampling: in the compute dtype, the layer stack split per layer
+    (the reward head, read in float32, is dropped).
 
     Every LM-path use of a parameter casts it to the compute dtype first (`_Proj`, `Embed`,
-    `RMSNorm`, the LM head), so sampling with these gives bit-identical results while each decode
-    step reads half the weight bytes of float32 master weights under bfloat16 compute. A no-op
-    (the same arrays) when the two dtypes agree. Shardings are kept.
+    `RMSNorm`, the LM head), so sampling with these gives the same samples while each decode step
+    reads half the weight bytes of float32 master weights under bfloat16 compute. The stacked
+    [L, ...] block weights become L trees "layer_0", ... (`LlamaModel(per_layer=True)`), so a
+    decode step's dots read each layer's weights in place: from the stack, every step copied each
+    layer's slice first (`dynamic-slice`, a quarter of a SmolLM2-135M decode step on CPU). The
+    split is one copy of the block weights, made once per sampling phase, held on top of the
+    training weights while the phase runs. Shardings of the weights' own axes are kept; params
+    already split are only cast.
     """
     lm = {k: v for k, v in params.items() if k != "score"}
+    model = dict(lm["model"])
+    layers = model.pop("layers", None)
+    if layers is not None:
+        for i in range(config.num_hidden_layers):
+            model[f"{PER_LAYER_PREFIX}{i}"] = jax.tree_util.tree_map(lambda x: x[i], layers)
+    lm["model"] = model
     if config.compute_dtype == config.weight_dtype:
         return lm
     dtype = config.compute_dtype
-    return jax.tree_util.tree_map(
-        lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, lm)
+    return jax.tree_util.tree_map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, lm)
 
 
 # --------------------------------------------------------------------------------------------
@@ -796,7 +829,7 @@ def cached_forward(
     at slot i attends slots s <= i with kv_mask True. Returns final hidden states [B, T, D] and
     the updated cache.
     """
-    return LlamaModel(config).apply(
+    return _trunk(config, params["model"]).apply(
         {"params": params["model"]}, input_ids_bt, positions_bt, kv_mask_bs, cache, cache_index)
 
 

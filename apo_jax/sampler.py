@@ -62,6 +62,29 @@ def apply_top_p(logits_bv: jax.Array, top_p: float) -> jax.Array:
     return jnp.where(logits_bv < threshold, -jnp.inf, logits_bv)
 
 
+SAMPLE_BLOCK = 256
+"""Vocabulary entries per block of `categorical`'s first draw."""
+
+
+def categorical(rng: jax.Array, logits_bv: jax.Array, block: int = SAMPLE_BLOCK) -> jax.Array:
+    """One draw per row from softmax(logits_bv), in two exact stages: a block of `block` entries
+    with probability its mass (logsumexp of its logits), then an entry of that block with
+    probability its share of the block. P(token) = (m_b / M)(p_t / m_b) = p_t / M, as with
+    `jax.random.categorical` over the whole row, but from V / block + block Gumbel draws per row
+    instead of V: at SmolLM2's 49,152 entries, 448 instead of 49,152, and on a 2-vCPU Xeon
+    2-3 ms instead of 13 ms for 16 rows (most of it generating and transforming the random bits),
+    a tenth of a decode step. Entries at -inf (filtered) are never drawn; the vocabulary is padded
+    with -inf to whole blocks."""
+    b, v = logits_bv.shape
+    blocks = -(-v // block)
+    x_bv = jnp.pad(logits_bv, ((0, 0), (0, blocks * block - v)), constant_values=-jnp.inf)
+    x_bnk = x_bv.reshape(b, blocks, block)
+    block_rng, entry_rng = jax.random.split(rng)
+    chosen_b = jax.random.categorical(block_rng, jax.nn.logsumexp(x_bnk, axis=-1), axis=-1)
+    inside_bk = jnp.take_along_axis(x_bnk, chosen_b[:, None, None], axis=1)[:, 0]
+    return chosen_b * block + jax.random.categorical(entry_rng, inside_bk, axis=-1)
+
+
 def sample_token(
     rng: jax.Array, logits_bv: jax.Array, temperature: float, top_k: int, top_p: float
 ) -> tuple[jax.Array, jax.Array]:
@@ -72,7 +95,7 @@ def sample_token(
         logp = jax.nn.log_softmax(logits_bv, axis=-1)
     else:
         filtered = apply_top_p(apply_top_k(logits_bv / temperature, top_k), top_p)
-        token = jax.random.categorical(rng, filtered, axis=-1)
+        token = categorical(rng, filtered)
         logp = jax.nn.log_softmax(filtered, axis=-1)
     return token.astype(jnp.int32), jnp.take_along_axis(logp, token[:, None], axis=-1)[:, 0]
 

@@ -76,7 +76,9 @@ def _kv_len_avg(c: dict[str, Any]) -> float:
 def run_jax_sample(c: dict[str, Any]) -> dict[str, Any]:
     rss0 = common.rss_bytes()["rss"]
     cfg = common.case_config(c, attention=c["attention"])
-    params = common.case_params(cfg, c, lm_head=True, reward_head=False)
+    # The sampling phase's weights, made once per phase as `phases.sample` does: compute dtype,
+    # one tree per layer (`models.params_for_generation`).
+    params = models.params_for_generation(cfg, common.case_params(cfg, c, lm_head=True, reward_head=False))
     ids_np, mask_np = _prompts(c, cfg.vocab_size)
     kw = dict(num_samples=c["num_samples"], max_new_tokens=c["new_tokens"], temperature=c["temperature"],
               top_p=c["top_p"], top_k=c["top_k"], eos_token_id=None)

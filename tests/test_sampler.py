@@ -154,6 +154,25 @@ def test_sharded_sampling_equals_single_device(lm):
     np.testing.assert_allclose(np.asarray(sharded.logprobs), np.asarray(single.logprobs), atol=1e-4)
 
 
+def _split_layers_match(params, split, mesh=None):
+    """`params_for_generation`'s tree: every non-layer leaf where it was, layer i of every stacked
+    leaf under "layer_i" (sharded like the stack on its own axes when `mesh` is given)."""
+    stacked = params["model"]["layers"]
+    assert "layers" not in split["model"]
+    n = jax.tree_util.tree_leaves(stacked)[0].shape[0]
+    assert sorted(k for k in split["model"] if k.startswith(models.PER_LAYER_PREFIX)) == sorted(
+        f"{models.PER_LAYER_PREFIX}{i}" for i in range(n))
+    for path, x in jax.tree_util.tree_leaves_with_path(stacked):
+        for i in range(n):
+            got = split["model"][f"{models.PER_LAYER_PREFIX}{i}"]
+            for key in path:
+                got = got[key.key]
+            np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(x[i].astype(got.dtype), np.float32))
+            if mesh is not None:
+                want = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*x.sharding.spec[1:]))
+                assert got.sharding.is_equivalent_to(want, got.ndim), (path, i, got.sharding)  # no gather
+
+
 def test_compute_dtype_weights_sample_exactly_like_float32_master_weights(lm):
     _, config, params = lm
     config = config.replace(dtype="bfloat16")  # float32 params, bfloat16 compute
@@ -162,18 +181,55 @@ def test_compute_dtype_weights_sample_exactly_like_float32_master_weights(lm):
     cast = models.params_for_generation(config, params)
     leaves = jax.tree_util.tree_leaves(cast)
     assert leaves and all(x.dtype == jnp.bfloat16 for x in leaves)
-    flat, cast_flat = jax.tree_util.tree_leaves_with_path(params), dict(jax.tree_util.tree_leaves_with_path(cast))
-    for path, x in flat:
-        assert cast_flat[path].sharding == x.sharding, path  # no resharding, no gather
+    _split_layers_match(params, cast, mesh)
+    for name in ("embed", "final_norm"):
+        for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(params["model"][name]),
+                                jax.tree_util.tree_leaves(cast["model"][name])):
+            assert y.sharding == x.sharding, (name, path)  # no resharding, no gather
     ids, mask = padded_batch(4, 7, config.vocab_size, "left", seed=12)
     kw = dict(num_samples=2, max_new_tokens=6, temperature=1.0, top_p=0.9, eos_token_id=None, mesh=mesh)
     ref = sampler.generate(config, params, ids, mask, jax.random.PRNGKey(3), **kw)
     got = sampler.generate(config, cast, ids, mask, jax.random.PRNGKey(3), **kw)
     np.testing.assert_array_equal(np.asarray(got.tokens), np.asarray(ref.tokens))
-    np.testing.assert_array_equal(np.asarray(got.logprobs), np.asarray(ref.logprobs))
-    # Same compute and weight dtype: the very same arrays.
+    np.testing.assert_allclose(np.asarray(got.logprobs), np.asarray(ref.logprobs), atol=1e-6)
+    # Same compute and weight dtype: the layers split, every other array the very same one.
     same = models.params_for_generation(config.replace(dtype="float32"), params)
-    assert all(a is b for a, b in zip(jax.tree_util.tree_leaves(same), jax.tree_util.tree_leaves(params)))
+    _split_layers_match(params, same)
+    assert same["model"]["embed"]["embedding"] is params["model"]["embed"]["embedding"]
+    assert models.params_for_generation(config.replace(dtype="float32"), same)["model"].keys() == same["model"].keys()
+
+
+def test_per_layer_weights_compute_what_the_stack_computes(lm):
+    """The decode layout runs the same model: logits of a padded batch (no cache) and a sampled
+    continuation (prefill + cached decode) against the stacked weights, float32."""
+    _, config, params = lm
+    split = models.params_for_generation(config, params)
+    ids, mask = padded_batch(3, 8, config.vocab_size, "left", seed=4)
+    np.testing.assert_allclose(np.asarray(models.lm_logits(config, split, ids, mask)),
+                               np.asarray(models.lm_logits(config, params, ids, mask)), atol=1e-5, rtol=1e-5)
+    kw = dict(num_samples=2, max_new_tokens=7, temperature=1.0, eos_token_id=None)
+    ref = sampler.generate(config, params, ids, mask, jax.random.PRNGKey(8), **kw)
+    got = sampler.generate(config, split, ids, mask, jax.random.PRNGKey(8), **kw)
+    np.testing.assert_array_equal(np.asarray(got.tokens), np.asarray(ref.tokens))
+    np.testing.assert_allclose(np.asarray(got.logprobs), np.asarray(ref.logprobs), atol=1e-5)
+
+
+def test_two_stage_categorical_draws_each_entry_with_its_probability():
+    """Blocks of 4 over 10 entries (the last block padded), -inf entries among them and a whole
+    -inf block: 60,000 draws; every frequency within 4.5 standard errors of its probability
+    (a draw skewed by 1% of the mass fails), and no -inf entry ever drawn."""
+    p = np.array([0.22, 0.0, 0.18, 0.1, 0.0, 0.0, 0.0, 0.0, 0.3, 0.2])
+    logits = jnp.log(jnp.asarray(p, jnp.float32))[None].repeat(2, axis=0)
+    n = 30000
+    draws = np.asarray(jax.vmap(lambda k: sampler.categorical(k, logits, block=4))(
+        jax.random.split(jax.random.PRNGKey(7), n))).ravel()
+    freq = np.bincount(draws, minlength=10) / draws.size
+    assert freq.shape == (10,) and np.all(freq[p == 0] == 0)
+    se = np.sqrt(p * (1 - p) / draws.size)
+    assert np.all(np.abs(freq - p) <= 4.5 * se + 1e-12), (freq, p)
+    # The two rows draw independently (not the same token from the same bits).
+    pairs = draws.reshape(n, 2)
+    assert np.mean(pairs[:, 0] == pairs[:, 1]) == pytest.approx(np.sum(p ** 2), abs=0.02)
 
 
 def test_sample_dataset_buckets_and_keeps_order(lm):
