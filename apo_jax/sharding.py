@@ -55,7 +55,8 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
     ("act_cache_length", None),
 )
 
-# Param path regex -> logical axes, first match wins. Stacked layer params lead with `layers`.
+# Param path regex -> logical axes, first match wins. Stacked layer params lead with `layers` (dropped
+# for one layer's params under "layer_<i>", the sampler's split layout).
 PARAM_AXES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
     (r"embed/embedding$", ("vocab", "embed")),
     (r"attn/q_proj/kernel$", ("layers", "embed", "heads", "head_dim")),
@@ -287,8 +288,12 @@ def logical_axes_for(path: str, ndim: int) -> tuple[str | None, ...]:
     """
     if ndim == 0:
         return ()
+    # One layer of the stack (`models.params_for_generation`'s "layer_<i>" trees): no layer axis.
+    per_layer = re.search(r"(^|/)layer_\d+/", path) is not None
     for pattern, axes in PARAM_AXES:
         if re.search(pattern, path):
+            if per_layer and axes[:1] == ("layers",):
+                axes = axes[1:]
             if len(axes) != ndim:
                 raise ShardingRuleError(f"parameter {path!r} has rank {ndim} but its rule {pattern!r} in "
                                         f"sharding.PARAM_AXES names {len(axes)} axes {axes}")

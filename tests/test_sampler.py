@@ -182,6 +182,9 @@ def test_compute_dtype_weights_sample_exactly_like_float32_master_weights(lm):
     leaves = jax.tree_util.tree_leaves(cast)
     assert leaves and all(x.dtype == jnp.bfloat16 for x in leaves)
     _split_layers_match(params, cast, mesh)
+    # The rules table places the split layout where it lies (re-placing it would move nothing).
+    for x, want in zip(leaves, jax.tree_util.tree_leaves(sharding.tree_shardings(cast, mesh))):
+        assert x.sharding.is_equivalent_to(want, x.ndim)
     for name in ("embed", "final_norm"):
         for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(params["model"][name]),
                                 jax.tree_util.tree_leaves(cast["model"][name])):

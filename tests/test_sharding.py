@@ -42,6 +42,12 @@ def test_rules_table_specs():
     assert spec(("act_batch",), (2,)) == P("data")
     # Optimizer moments follow their parameter's rule through the path.
     assert sharding.logical_axes_for("1/0/mu/model/layers/mlp/down_proj/kernel", 3) == ("layers", "mlp", "embed")
+    # One layer of the sampler's split layout has no layer axis; a layer-less rule is untouched.
+    assert sharding.logical_axes_for("model/layer_12/mlp/down_proj/kernel", 2) == ("mlp", "embed")
+    assert sharding.logical_axes_for("model/layer_0/attn_norm/scale", 1) == ("norm",)
+    assert sharding.logical_axes_for("model/embed/embedding", 2) == ("vocab", "embed")
+    with pytest.raises(sharding.ShardingRuleError, match="rank 3"):
+        sharding.logical_axes_for("model/layer_3/mlp/up_proj/kernel", 3)
 
 
 @pytest.mark.parametrize("kind", ["lm", "rm"])
