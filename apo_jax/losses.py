@@ -117,7 +117,7 @@ def sft_stats(
     """Sums for the SFT negative log-likelihood on response tokens (eq. 6), from logits [B, T, V].
 
     `loss_mask_bt[t] = 1` marks token t as a response token, predicted from position t - 1.
-    The train step uses `sft_stats_from_logprobs` on `models.token_logprobs` (no [B, T, V] array).
+    The train step uses `sft_stats_from_logprobs` on `models.weighted_logprob_sum` (no [B, T, V] array).
     """
     logp_btv = jax.nn.log_softmax(logits_btv[:, :-1].astype(jnp.float32), axis=-1)
     targets_bt = input_ids_bt[:, 1:]
@@ -127,6 +127,23 @@ def sft_stats(
     return sft_stats_from_logprobs(jnp.concatenate([pad, token_logp], axis=1),
                                    jnp.concatenate([pad.astype(bool), hit], axis=1),
                                    loss_mask_bt, weight_b, normalize)
+
+
+def sft_loss_coefficients(loss_mask_bt: jax.Array, weight_b: jax.Array, normalize: str = "token") -> jax.Array:
+    """[B, T] float32 c with the SFT loss numerator = -sum_t c[:, t] * logp[:, t] (position 0 is 0).
+
+    normalize="token": c = weight * mask (every response token of the batch counts equally);
+    normalize="sequence": c = weight * mask / the sequence's response tokens (each sequence's mean
+    token NLL counts equally). The loss is linear in the log-probabilities, so these are its
+    gradient with respect to them: `models.weighted_logprob_sum` uses that.
+    """
+    w_b = weight_b.astype(jnp.float32)
+    mask_bt = loss_mask_bt.astype(jnp.float32).at[:, 0].set(0.0) * (w_b > 0)[:, None]
+    if normalize == "token":
+        return w_b[:, None] * mask_bt
+    if normalize == "sequence":
+        return w_b[:, None] * mask_bt / jnp.maximum(jnp.sum(mask_bt, axis=1, keepdims=True), 1.0)
+    raise ValueError(f"normalize={normalize!r}; expected 'token' or 'sequence'")
 
 
 def sft_stats_from_logprobs(
@@ -143,19 +160,17 @@ def sft_stats_from_logprobs(
     normalize="token": every response token of the batch counts equally;
     normalize="sequence": each sequence's mean token NLL counts equally.
     """
+    coeff_bt = sft_loss_coefficients(loss_mask_bt, weight_b, normalize)
     token_logp = logp_bt[:, 1:].astype(jnp.float32)
     w_b = weight_b.astype(jnp.float32)
     mask_bt = loss_mask_bt[:, 1:].astype(jnp.float32) * (w_b > 0)[:, None]
     nll_bt = -token_logp * mask_bt
     tokens_b = jnp.sum(mask_bt, axis=1)
+    num = -jnp.sum(coeff_bt[:, 1:] * token_logp)
     if normalize == "token":
-        num = jnp.sum(w_b[:, None] * nll_bt)
         den = jnp.sum(w_b[:, None] * mask_bt)
-    elif normalize == "sequence":
-        num = jnp.sum(w_b * jnp.sum(nll_bt, axis=1) / jnp.maximum(tokens_b, 1.0))
-        den = jnp.sum(w_b * (tokens_b > 0))
     else:
-        raise ValueError(f"normalize={normalize!r}; expected 'token' or 'sequence'")
+        den = jnp.sum(w_b * (tokens_b > 0))
     correct = argmax_bt[:, 1:].astype(jnp.float32) * mask_bt
     return {
         "loss_num": num,

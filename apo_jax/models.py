@@ -920,6 +920,118 @@ def logprobs_from_hidden(
     return logp_bt, argmax_bt
 
 
+def weighted_logprob_sum(
+    config: LlamaConfig,
+    params: Params,
+    input_ids: jax.Array,
+    attention_mask: jax.Array,
+    coeff_bt: jax.Array,
+    *,
+    chunk_size: int | None = None,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(total, logp_bt, argmax_bt): total = sum_t coeff_bt[:, t] * logp_bt[:, t], differentiable
+    in the parameters; logp_bt and argmax_bt as `token_logprobs` returns them, as values only
+    (no gradient flows through them). `coeff_bt` [B, T] is data (SFT's token weights), never
+    differentiated; position 0 has no log-probability and its coefficient is ignored.
+
+    For a loss linear in the token log-probabilities with known coefficients (SFT's NLL), the LM
+    head's gradient is known in the forward pass: each chunk's logit gradient coeff * (onehot -
+    softmax) is turned into the hidden states' and the head's gradients right there, and the
+    backward only scales them by the incoming cotangent. The head costs three matmuls of [B, T]
+    x [D, V] instead of `token_logprobs`' four (its backward recomputes each chunk's logits), and
+    still never holds [B, T, V] float32 logits. The head's gradient [D, V] (float32) is kept from
+    the forward to the backward.
+    """
+    if chunk_size is not None and chunk_size < 1:  # before the layers run, not after
+        raise ValueError(f"chunk_size={chunk_size}; expected a positive number of positions")
+    b, t = input_ids.shape
+    hidden_btd = hidden_states(config, params, input_ids, attention_mask)
+    if t < 2:
+        zero = jnp.sum(hidden_btd) * 0.0
+        return zero.astype(jnp.float32), jnp.zeros((b, t), jnp.float32), jnp.zeros((b, t), bool)
+    n = t - 1
+    chunk = min(chunk_size or _default_chunk(b, n, config.vocab_size), n)
+    w_dv = lm_head_kernel(config, params).astype(config.compute_dtype)
+    total, logp_bn, hit_bn = _fused_head(hidden_btd[:, :-1], w_dv, input_ids[:, 1:],
+                                         coeff_bt[:, 1:].astype(jnp.float32), chunk)
+    logp_bt = jnp.concatenate([jnp.zeros((b, 1), jnp.float32), jax.lax.stop_gradient(logp_bn)], axis=1)
+    argmax_bt = jnp.concatenate([jnp.zeros((b, 1), bool), hit_bn], axis=1)
+    return total, logp_bt, argmax_bt
+
+
+def _head_chunks(h_bnd: jax.Array, y_bn: jax.Array, c_bn: jax.Array, chunk: int):
+    """[chunks, B, C, ...] views of the head's inputs, the tail padded (coefficient 0)."""
+    b, n = y_bn.shape
+    chunks = -(-n // chunk)
+    pad = chunks * chunk - n
+
+    def split(x: jax.Array) -> jax.Array:
+        x = jnp.pad(x, ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2))
+        return jnp.swapaxes(x.reshape((b, chunks, chunk) + x.shape[2:]), 0, 1)
+
+    return split(h_bnd), split(y_bn), split(c_bn)
+
+
+def _unchunk(x_cbc: jax.Array, n: int) -> jax.Array:
+    return jnp.swapaxes(x_cbc, 0, 1).reshape((x_cbc.shape[1], -1) + x_cbc.shape[3:])[:, :n]
+
+
+def _head_chunk(h_bcd: jax.Array, w_dv: jax.Array, y_bc: jax.Array):
+    """One chunk's float32 logits, log-probabilities of the targets, argmax hits, log-sum-exp."""
+    logits_bcv = sharding.constrain(jnp.einsum("bcd,dv->bcv", h_bcd, w_dv, preferred_element_type=jnp.float32),
+                                    sharding.ACT_VOCAB)
+    lse_bc = jax.nn.logsumexp(logits_bcv, axis=-1)
+    logp_bc = jnp.take_along_axis(logits_bcv, y_bc[..., None], axis=-1)[..., 0] - lse_bc
+    return logits_bcv, logp_bc, jnp.argmax(logits_bcv, axis=-1) == y_bc, lse_bc
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _fused_head(h_bnd: jax.Array, w_dv: jax.Array, y_bn: jax.Array, c_bn: jax.Array, chunk: int):
+    """(sum c * logp, logp [B, N], hits [B, N]) over chunks of N positions, values only."""
+    n = y_bn.shape[1]
+
+    def body(total, xs):
+        h_bcd, y_bc, c_bc = xs
+        _, logp_bc, hit_bc, _ = _head_chunk(h_bcd, w_dv, y_bc)
+        return total + jnp.sum(c_bc * logp_bc), (logp_bc, hit_bc)
+
+    total, (logp, hit) = jax.lax.scan(body, jnp.float32(0.0), _head_chunks(h_bnd, y_bn, c_bn, chunk))
+    return total, _unchunk(logp, n), _unchunk(hit, n)
+
+
+def _fused_head_fwd(h_bnd, w_dv, y_bn, c_bn, chunk):
+    n = y_bn.shape[1]
+
+    def body(carry, xs):
+        total, dw_dv = carry
+        h_bcd, y_bc, c_bc = xs
+        logits_bcv, logp_bc, hit_bc, lse_bc = _head_chunk(h_bcd, w_dv, y_bc)
+        # d(sum c * logp) / dlogits = c * (onehot(y) - softmax), float32.
+        g_bcv = -jnp.exp(logits_bcv - lse_bc[..., None])
+        g_bcv = g_bcv + jax.nn.one_hot(y_bc, g_bcv.shape[-1], dtype=g_bcv.dtype)
+        g_bcv = g_bcv * c_bc[..., None]
+        dh_bcd = jnp.einsum("bcv,dv->bcd", g_bcv, w_dv.astype(jnp.float32)).astype(h_bcd.dtype)
+        # The narrower operand (h, D wide) on the left, as `_project_bwd` does: no transpose of g.
+        dw_dv = dw_dv + jnp.tensordot(h_bcd.astype(jnp.float32), g_bcv, axes=((0, 1), (0, 1)))
+        return (total + jnp.sum(c_bc * logp_bc), dw_dv), (logp_bc, hit_bc, dh_bcd)
+
+    init = (jnp.float32(0.0), jnp.zeros(w_dv.shape, jnp.float32))
+    (total, dw_dv), (logp, hit, dh) = jax.lax.scan(body, init, _head_chunks(h_bnd, y_bn, c_bn, chunk))
+    out = (total, _unchunk(logp, n), _unchunk(hit, n))
+    return out, (_unchunk(dh, n), dw_dv.astype(w_dv.dtype), y_bn, c_bn)
+
+
+def _fused_head_bwd(chunk, res, cotangents):
+    del chunk
+    dh_bnd, dw_dv, y_bn, c_bn = res
+    g = cotangents[0]  # the log-probabilities and hits are values only (stop_gradient outside)
+    return ((g * dh_bnd).astype(dh_bnd.dtype), (g * dw_dv).astype(dw_dv.dtype),
+            np.zeros(y_bn.shape, jax.dtypes.float0), jnp.zeros_like(c_bn))
+
+
+_fused_head.defvjp(_fused_head_fwd, _fused_head_bwd)
+
+
 def sequence_logprobs(
     config: LlamaConfig,
     params: Params,

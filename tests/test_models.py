@@ -442,3 +442,42 @@ def test_cudnn_path_gives_the_xla_paths_rewards_gradients_and_cached_prefill(tmp
     assert cudnn_api_on_cpu == []
     real = kv.astype(bool)
     np.testing.assert_allclose(outs[1][real], outs[0][real], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_weighted_logprob_sum_and_its_gradient_match_torch_autograd(tmp_path, tied):
+    """SFT's fused head (`weighted_logprob_sum`: the head's gradient formed in the forward pass,
+    the backward only scales it) against PyTorch autograd of sum_t c_t log p(ids[t] | ids[:t]):
+    the total, the log-probabilities, and the gradients of the embedding, the untied head, the
+    final norm and every layer's down projection; chunks of 5 over 22 positions (uneven tail)."""
+    model = random_causal_lm(seed=29, tie_word_embeddings=tied)
+    config, params = _load(tmp_path, model)
+    ids, mask = padded_batch(3, 23, model.config.vocab_size, "right", seed=11)
+    coeff = (np.random.RandomState(3).rand(3, 23) * 2 - 0.5).astype(np.float32) * mask
+    token, _ = _torch_token_logprobs(model, ids, mask)
+    ref_total = (token * torch.tensor(coeff[:, 1:])).sum()
+    (-2.5 * ref_total).backward()  # a cotangent other than 1 (the SFT loss is -total / den)
+
+    def total(p):
+        return models.weighted_logprob_sum(config, p, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(coeff),
+                                           chunk_size=5)[0]
+
+    value, grad = jax.value_and_grad(total)(params)
+    grad = jax.grad(lambda p: -2.5 * total(p))(params)
+    _, logp, hit = models.weighted_logprob_sum(config, params, ids, mask, coeff, chunk_size=5)
+    assert float(value) == pytest.approx(ref_total.item(), rel=1e-5, abs=1e-4)
+    real = (mask[:, 1:] & mask[:, :-1]).astype(bool)
+    np.testing.assert_allclose(np.asarray(logp[:, 1:])[real], token.detach().numpy()[real], atol=1e-4, rtol=0)
+    assert logp.shape == ids.shape and hit.shape == ids.shape and not np.asarray(hit[:, 0]).any()
+    close = dict(atol=2e-5, rtol=1e-4)
+    np.testing.assert_allclose(np.asarray(grad["model"]["embed"]["embedding"]),
+                               model.model.embed_tokens.weight.grad.numpy(), **close)
+    if not tied:
+        np.testing.assert_allclose(np.asarray(grad["lm_head"]["kernel"]), model.lm_head.weight.grad.numpy().T, **close)
+    np.testing.assert_allclose(np.asarray(grad["model"]["final_norm"]["scale"]), model.model.norm.weight.grad.numpy(),
+                               **close)
+    for i, layer in enumerate(model.model.layers):
+        np.testing.assert_allclose(np.asarray(grad["model"]["layers"]["mlp"]["down_proj"]["kernel"][i]),
+                                   layer.mlp.down_proj.weight.grad.numpy().T, err_msg=f"layer {i}", **close)
+    with pytest.raises(ValueError, match="chunk_size=0"):
+        models.weighted_logprob_sum(config, params, ids, mask, coeff, chunk_size=0)

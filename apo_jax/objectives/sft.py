@@ -35,8 +35,13 @@ class SFT(Objective):
 
     def stats(self, config: models.LlamaConfig, params: Any, batch: Mapping[str, jax.Array]) -> Stats:
         # Chunked over the sequence: no [B, T, V] float32 logits in the forward or the backward.
-        logp, hit = models.token_logprobs(config, params, batch["input_ids"], batch["attention_mask"])
-        return losses.sft_stats_from_logprobs(logp, hit, batch["loss_mask"], batch["weight"], self.normalize)
+        # The loss is linear in the token log-probabilities, so the head's gradient is formed in
+        # the forward pass (`weighted_logprob_sum`): no recomputed logits in the backward.
+        coeff = losses.sft_loss_coefficients(batch["loss_mask"], batch["weight"], self.normalize)
+        total, logp, hit = models.weighted_logprob_sum(
+            config, params, batch["input_ids"], batch["attention_mask"], coeff)
+        stats = losses.sft_stats_from_logprobs(logp, hit, batch["loss_mask"], batch["weight"], self.normalize)
+        return {**stats, "loss_num": -total}
 
     def metrics(self, stats: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
         return losses.sft_metrics(stats)
