@@ -137,8 +137,8 @@ def sft_loss_coefficients(loss_mask_bt: jax.Array, weight_b: jax.Array, normaliz
     token NLL counts equally). The loss is linear in the log-probabilities, so these are its
     gradient with respect to them: `models.weighted_logprob_sum` uses that.
     """
-    w_b = weight_b.astype(jnp.float32)
-    mask_bt = loss_mask_bt.astype(jnp.float32).at[:, 0].set(0.0) * (w_b > 0)[:, None]
+    w_b = jnp.asarray(weight_b, jnp.float32)
+    mask_bt = jnp.asarray(loss_mask_bt, jnp.float32).at[:, 0].set(0.0) * (w_b > 0)[:, None]
     if normalize == "token":
         return w_b[:, None] * mask_bt
     if normalize == "sequence":

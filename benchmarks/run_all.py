@@ -467,8 +467,9 @@ def print_report(payload: dict[str, Any]) -> None:
         prof = r.get("profile") or {}
         if prof.get("top"):
             ops = ", ".join(f"{o['op'][:40]} {100 * o['share']:.0f}%" for o in prof["top"][:4])
-            print(f"profile {r['name']}: {prof['total_ms']:.3g} ms with an op running (+{prof.get('idle_ms', 0):.3g} ms "
-                  f"without) on {prof['source']}: {ops}")
+            idle = prof.get("idle_ms", 0.0)
+            print(f"profile {r['name']}: {prof['total_ms']:.3g} ms with an op running (+{idle:.3g} ms without) "
+                  f"on {prof['source']}: {ops}")
 
 
 def main(argv: list[str] | None = None) -> None:
