@@ -887,37 +887,19 @@ def logprobs_from_hidden(
     if t < 2:
         return jnp.zeros((b, t), jnp.float32), jnp.zeros((b, t), bool)
     n = t - 1  # position t - 1 predicts token t
-    chunk = chunk_size or _default_chunk(b, n, config.vocab_size)
-    chunk = min(chunk, n)
-    chunks = -(-n // chunk)
-    pad = chunks * chunk - n
-    # [chunks, B, C, ...]: the scan runs over chunks; padded tail positions are dropped below.
-    h_cbcd = jnp.pad(hidden_btd[:, :-1], ((0, 0), (0, pad), (0, 0)))
-    h_cbcd = h_cbcd.reshape(b, chunks, chunk, -1).transpose(1, 0, 2, 3)
-    y_cbc = jnp.pad(input_ids[:, 1:], ((0, 0), (0, pad))).reshape(b, chunks, chunk).transpose(1, 0, 2)
+    chunk = min(chunk_size or _default_chunk(b, n, config.vocab_size), n)
     w_dv = lm_head_kernel(config, params).astype(config.compute_dtype)
 
     @jax.checkpoint
     def one_chunk(h_bcd: jax.Array, y_bc: jax.Array) -> tuple[jax.Array, jax.Array]:
-        # `project`: its written-out gradient keeps XLA:CPU from transposing the [B, C, V] logit
-        # gradient for the LM head's weight gradient (SmolLM2 vocabulary, 8 x 256 tokens on 2
-        # cores: the head's loss and gradient 3.4 -> 2.5 s; PyTorch's unchunked head 1.7 s).
-        logits_bcv = project(h_bcd, w_dv, preferred_element_type=jnp.float32)
-        logits_bcv = sharding.constrain(logits_bcv, sharding.ACT_VOCAB)
-        target_bc = jnp.take_along_axis(logits_bcv, y_bc[..., None], axis=-1)[..., 0]
-        logp_bc = target_bc - jax.nn.logsumexp(logits_bcv, axis=-1)
-        hit_bc = jnp.argmax(logits_bcv, axis=-1) == y_bc
+        _, logp_bc, hit_bc, _ = _head_chunk(h_bcd, w_dv, y_bc)
         return logp_bc, hit_bc
 
     def body(carry: None, xs: tuple[jax.Array, jax.Array]) -> tuple[None, tuple[jax.Array, jax.Array]]:
         return carry, one_chunk(*xs)
 
-    _, (logp_cbc, hit_cbc) = jax.lax.scan(body, None, (h_cbcd, y_cbc))
-    logp_bn = logp_cbc.transpose(1, 0, 2).reshape(b, chunks * chunk)[:, :n]
-    hit_bn = hit_cbc.transpose(1, 0, 2).reshape(b, chunks * chunk)[:, :n]
-    logp_bt = jnp.concatenate([jnp.zeros((b, 1), jnp.float32), logp_bn], axis=1)
-    argmax_bt = jnp.concatenate([jnp.zeros((b, 1), bool), hit_bn], axis=1)
-    return logp_bt, argmax_bt
+    _, (logp_cbc, hit_cbc) = jax.lax.scan(body, None, _head_chunks(chunk, hidden_btd[:, :-1], input_ids[:, 1:]))
+    return _from_position_one(_unchunk(logp_cbc, n), _unchunk(hit_cbc, n))
 
 
 def weighted_logprob_sum(
@@ -954,14 +936,20 @@ def weighted_logprob_sum(
     w_dv = lm_head_kernel(config, params).astype(config.compute_dtype)
     total, logp_bn, hit_bn = _fused_head(hidden_btd[:, :-1], w_dv, input_ids[:, 1:],
                                          coeff_bt[:, 1:].astype(jnp.float32), chunk)
-    logp_bt = jnp.concatenate([jnp.zeros((b, 1), jnp.float32), jax.lax.stop_gradient(logp_bn)], axis=1)
-    argmax_bt = jnp.concatenate([jnp.zeros((b, 1), bool), hit_bn], axis=1)
-    return total, logp_bt, argmax_bt
+    return (total,) + _from_position_one(jax.lax.stop_gradient(logp_bn), hit_bn)
 
 
-def _head_chunks(h_bnd: jax.Array, y_bn: jax.Array, c_bn: jax.Array, chunk: int):
-    """[chunks, B, C, ...] views of the head's inputs, the tail padded (coefficient 0)."""
-    b, n = y_bn.shape
+def _from_position_one(logp_bn: jax.Array, hit_bn: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """[B, T] log-probabilities and hits from those of positions 1..T-1 (position 0: 0, False)."""
+    b = logp_bn.shape[0]
+    return (jnp.concatenate([jnp.zeros((b, 1), jnp.float32), logp_bn], axis=1),
+            jnp.concatenate([jnp.zeros((b, 1), bool), hit_bn], axis=1))
+
+
+def _head_chunks(chunk: int, *xs_bn: jax.Array) -> tuple[jax.Array, ...]:
+    """[chunks, B, C, ...] views of [B, N, ...] arrays for a scan over chunks of N positions, the
+    tail padded with zeros (a zero coefficient; padded positions are dropped by `_unchunk`)."""
+    b, n = xs_bn[0].shape[:2]
     chunks = -(-n // chunk)
     pad = chunks * chunk - n
 
@@ -969,7 +957,7 @@ def _head_chunks(h_bnd: jax.Array, y_bn: jax.Array, c_bn: jax.Array, chunk: int)
         x = jnp.pad(x, ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2))
         return jnp.swapaxes(x.reshape((b, chunks, chunk) + x.shape[2:]), 0, 1)
 
-    return split(h_bnd), split(y_bn), split(c_bn)
+    return tuple(split(x) for x in xs_bn)
 
 
 def _unchunk(x_cbc: jax.Array, n: int) -> jax.Array:
@@ -977,9 +965,12 @@ def _unchunk(x_cbc: jax.Array, n: int) -> jax.Array:
 
 
 def _head_chunk(h_bcd: jax.Array, w_dv: jax.Array, y_bc: jax.Array):
-    """One chunk's float32 logits, log-probabilities of the targets, argmax hits, log-sum-exp."""
-    logits_bcv = sharding.constrain(jnp.einsum("bcd,dv->bcv", h_bcd, w_dv, preferred_element_type=jnp.float32),
-                                    sharding.ACT_VOCAB)
+    """One chunk's float32 logits, log-probabilities of the targets, argmax hits, log-sum-exp.
+
+    `project`: under autodiff (`logprobs_from_hidden`) its written-out gradient keeps XLA:CPU from
+    transposing the [B, C, V] logit gradient for the LM head's weight gradient (SmolLM2
+    vocabulary, 8 x 256 tokens on 2 cores: the head's loss and gradient 3.4 -> 2.5 s)."""
+    logits_bcv = sharding.constrain(project(h_bcd, w_dv, preferred_element_type=jnp.float32), sharding.ACT_VOCAB)
     lse_bc = jax.nn.logsumexp(logits_bcv, axis=-1)
     logp_bc = jnp.take_along_axis(logits_bcv, y_bc[..., None], axis=-1)[..., 0] - lse_bc
     return logits_bcv, logp_bc, jnp.argmax(logits_bcv, axis=-1) == y_bc, lse_bc
@@ -995,7 +986,7 @@ def _fused_head(h_bnd: jax.Array, w_dv: jax.Array, y_bn: jax.Array, c_bn: jax.Ar
         _, logp_bc, hit_bc, _ = _head_chunk(h_bcd, w_dv, y_bc)
         return total + jnp.sum(c_bc * logp_bc), (logp_bc, hit_bc)
 
-    total, (logp, hit) = jax.lax.scan(body, jnp.float32(0.0), _head_chunks(h_bnd, y_bn, c_bn, chunk))
+    total, (logp, hit) = jax.lax.scan(body, jnp.float32(0.0), _head_chunks(chunk, h_bnd, y_bn, c_bn))
     return total, _unchunk(logp, n), _unchunk(hit, n)
 
 
@@ -1016,7 +1007,7 @@ def _fused_head_fwd(h_bnd, w_dv, y_bn, c_bn, chunk):
         return (total + jnp.sum(c_bc * logp_bc), dw_dv), (logp_bc, hit_bc, dh_bcd)
 
     init = (jnp.float32(0.0), jnp.zeros(w_dv.shape, jnp.float32))
-    (total, dw_dv), (logp, hit, dh) = jax.lax.scan(body, init, _head_chunks(h_bnd, y_bn, c_bn, chunk))
+    (total, dw_dv), (logp, hit, dh) = jax.lax.scan(body, init, _head_chunks(chunk, h_bnd, y_bn, c_bn))
     out = (total, _unchunk(logp, n), _unchunk(hit, n))
     return out, (_unchunk(dh, n), dw_dv.astype(w_dv.dtype), y_bn, c_bn)
 

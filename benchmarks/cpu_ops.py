@@ -89,7 +89,7 @@ def _cases(rows: int, seq: int, rng: np.random.Generator) -> list[tuple[str, Cal
     ids = jnp.asarray(rng.integers(0, V, (batch // 2, seq)).astype(np.int32))
     ids_t = torch.tensor(np.asarray(ids)).long()
 
-    def j_head(p):  # what the SFT and DPO objectives run after the layers
+    def j_head(p):  # what the DPO objective runs after the layers (SFT: `models.weighted_logprob_sum`)
         logp, _ = models.logprobs_from_hidden(head_cfg, {"lm_head": {"kernel": p["w"]}}, p["h"], ids)
         return jnp.sum(logp[:, 1:] * p["c"])
 
