@@ -3,7 +3,7 @@
 The public API (imported on first use, so `import apo_jax` stays light):
 
     apo_jax.run(cfg)                          play the APO game of a config in its run dir
-    apo_jax.LlamaConfig                       the model config (HF interchange: from_hf / to_hf)
+    apo_jax.ModelConfig                       the model config (HF interchange: from_hf / to_hf)
     apo_jax.load_pretrained / save_pretrained Hugging Face LLaMA checkpoints in and out
     apo_jax.lm_logits / rewards / sequence_logprobs   the model's functional heads
     apo_jax.generate                          KV-cache sampling (best-of-S: num_samples)
@@ -22,7 +22,7 @@ __version__ = "0.1.0"
 
 _API = {
     "run": ("apo_jax.loop", "run"),
-    "LlamaConfig": ("apo_jax.models", "LlamaConfig"),
+    "ModelConfig": ("apo_jax.models", "ModelConfig"),
     "lm_logits": ("apo_jax.models", "lm_logits"),
     "rewards": ("apo_jax.models", "rewards"),
     "sequence_logprobs": ("apo_jax.models", "sequence_logprobs"),

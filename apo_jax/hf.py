@@ -1,12 +1,15 @@
-"""Hugging Face interchange: LLaMA `config.json` + safetensors in and out, through one key table.
+"""Hugging Face interchange: `config.json` + safetensors in and out, through the family's key table.
 
 Reading accepts a local directory (single `model.safetensors` or sharded with
 `model.safetensors.index.json`) or a hub id (fetched with `huggingface_hub`). Only safetensors
 are read: pickled `.bin` checkpoints are refused, never unpickled.
 
-Writing produces what `transformers` loads with no missing or unexpected keys:
-`LlamaForCausalLM` for a policy (params without `score`) and
-`LlamaForSequenceClassification(num_labels=1)` for a reward model (params with `score`).
+Every family of `models.FAMILIES` (LLaMA, Qwen2/2.5, Qwen3, Mistral, Gemma 2, Gemma 3 text) is
+read and written the same way: the family file gives the `config.json` mapping and the weight-key
+table; the tensors' shapes come from the parameters the config implies (`jax.eval_shape` of
+`models.init_params`). Writing produces what `transformers` loads with no missing or unexpected
+keys: the family's causal-LM class (e.g. `Qwen2ForCausalLM`) for a policy (params without
+`score`) and its `*ForSequenceClassification(num_labels=1)` for a reward model (params with `score`).
 """
 
 from __future__ import annotations
@@ -24,8 +27,8 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from apo_jax import fileio
-from apo_jax.models import LlamaConfig
+from apo_jax import fileio, models
+from apo_jax.models import ModelConfig
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
@@ -37,90 +40,69 @@ TOKENIZER_FILES = (
 
 
 class CheckpointError(ValueError):
-    """A checkpoint that cannot be read as a LLaMA model (message names the file/key)."""
+    """A checkpoint that cannot be read as a supported model (message names the file/key)."""
 
 
 # --------------------------------------------------------------------------------------------
-# The key table: HF key pattern ({i} = layer), our param path, and the tensor layout kind.
-
-_LAYER = "model.layers.{i}."
-KEY_TABLE: tuple[tuple[str, tuple[str, ...], str], ...] = (
-    ("model.embed_tokens.weight", ("model", "embed", "embedding"), "same"),
-    (_LAYER + "input_layernorm.weight", ("model", "layers", "attn_norm", "scale"), "same"),
-    (_LAYER + "self_attn.q_proj.weight", ("model", "layers", "attn", "q_proj", "kernel"), "q"),
-    (_LAYER + "self_attn.k_proj.weight", ("model", "layers", "attn", "k_proj", "kernel"), "kv"),
-    (_LAYER + "self_attn.v_proj.weight", ("model", "layers", "attn", "v_proj", "kernel"), "kv"),
-    (_LAYER + "self_attn.o_proj.weight", ("model", "layers", "attn", "o_proj", "kernel"), "o"),
-    (_LAYER + "post_attention_layernorm.weight", ("model", "layers", "mlp_norm", "scale"), "same"),
-    (_LAYER + "mlp.gate_proj.weight", ("model", "layers", "mlp", "gate_proj", "kernel"), "linear"),
-    (_LAYER + "mlp.up_proj.weight", ("model", "layers", "mlp", "up_proj", "kernel"), "linear"),
-    (_LAYER + "mlp.down_proj.weight", ("model", "layers", "mlp", "down_proj", "kernel"), "linear"),
-    ("model.norm.weight", ("model", "final_norm", "scale"), "same"),
-    ("lm_head.weight", ("lm_head", "kernel"), "linear"),
-    ("score.weight", ("score", "kernel"), "linear"),
-)
+# The key table (`models.Family.keys`): HF key pattern ({i} = layer), our param path, layout kind.
 
 # Keys some checkpoints carry that hold no parameters (recomputed buffers).
 _IGNORED_KEYS = re.compile(r"rotary_emb\.inv_freq$")
 
 
-def _hf_shape(kind: str, key: str, c: LlamaConfig) -> tuple[int, ...]:
-    """The tensor shape transformers stores under `key` (one layer)."""
-    d, f, v = c.hidden_size, c.intermediate_size, c.vocab_size
-    n, k, h = c.num_attention_heads, c.num_key_value_heads, c.head_dim
-    if key.endswith("embed_tokens.weight"):
-        return (v, d)
+def _hf_shape(kind: str, ours: tuple[int, ...]) -> tuple[int, ...]:
+    """The tensor shape transformers stores for one layer's parameter of our shape `ours`."""
     if kind == "same":
-        return (d,)
-    if kind == "q":
-        return (n * h, d)
-    if kind == "kv":
-        return (k * h, d)
-    if kind == "o":
-        return (d, n * h)
-    if "gate_proj" in key or "up_proj" in key:
-        return (f, d)
-    if "down_proj" in key:
-        return (d, f)
-    if key == "lm_head.weight":
-        return (v, d)
-    if key == "score.weight":
-        return (1, d)
-    raise KeyError(key)
+        return ours
+    if kind == "linear":  # torch stores [out, in]
+        return ours[::-1]
+    if kind == "qkv":  # ours [D, heads, h]
+        return (ours[1] * ours[2], ours[0])
+    if kind == "o":  # ours [heads, h, D]
+        return (ours[2], ours[0] * ours[1])
+    if kind == "heads_bias":  # ours [heads, h]
+        return (ours[0] * ours[1],)
+    raise KeyError(kind)
 
 
-def _to_ours(kind: str, w: np.ndarray, c: LlamaConfig) -> np.ndarray:
-    d, n, k, h = c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim
+def _to_ours(kind: str, w: np.ndarray, ours: tuple[int, ...]) -> np.ndarray:
     if kind == "same":
         return w
-    if kind == "q":
-        return w.T.reshape(d, n, h)
-    if kind == "kv":
-        return w.T.reshape(d, k, h)
+    if kind == "qkv":
+        return w.T.reshape(ours)
     if kind == "o":
-        return w.T.reshape(n, h, d)
-    return w.T  # "linear": torch stores [out, in]
+        return w.T.reshape(ours)
+    if kind == "heads_bias":
+        return w.reshape(ours)
+    return w.T  # "linear"
 
 
-def _to_hf(kind: str, w: np.ndarray, c: LlamaConfig) -> np.ndarray:
+def _to_hf(kind: str, w: np.ndarray) -> np.ndarray:
     if kind == "same":
         return w
-    if kind in ("q", "kv"):
+    if kind == "qkv":
         return w.reshape(w.shape[0], -1).T
     if kind == "o":
         return w.reshape(-1, w.shape[-1]).T
+    if kind == "heads_bias":
+        return w.reshape(-1)
     return w.T
 
 
-def _wanted_entries(config: LlamaConfig, keys: set[str]):
-    """Table rows that this checkpoint must (or may) provide."""
-    for hf_key, path, kind in KEY_TABLE:
-        if hf_key == "lm_head.weight":
-            if config.tie_word_embeddings or "lm_head.weight" not in keys and "score.weight" in keys:
-                continue  # tied, or a reward model saved without an LM head
-        if hf_key == "score.weight" and "score.weight" not in keys:
-            continue
-        yield hf_key, path, kind
+def param_shapes(config: ModelConfig, *, lm_head: bool, reward_head: bool) -> dict[str, Any]:
+    """The parameter tree `config` implies, as ShapeDtypeStructs (nothing is allocated)."""
+    return jax.eval_shape(lambda: models.init_params(config, jax.random.PRNGKey(0), lm_head=lm_head,
+                                                     reward_head=reward_head))
+
+
+def _entries(config: ModelConfig, shapes: Mapping[str, Any]):
+    """(HF key pattern, our path, kind, our shape of one layer) for every parameter in `shapes`."""
+    for hf_key, path, kind in models.family_for(config.model_type).keys:
+        like = _get_path(shapes, path)
+        if like is None:
+            continue  # a parameter this config does not have (a bias, a q/k norm, the LM head of an RM)
+        shape = tuple(like.shape[1:]) if "{i}" in hf_key else tuple(like.shape)
+        yield hf_key, path, kind, shape
 
 
 # --------------------------------------------------------------------------------------------
@@ -242,10 +224,10 @@ def load_pretrained(
     *,
     mesh: jax.sharding.Mesh | None = None,
     **runtime: Any,
-) -> tuple[LlamaConfig, dict[str, Any]]:
-    """Reads a HF LLaMA checkpoint into (config, params).
+) -> tuple[ModelConfig, dict[str, Any]]:
+    """Reads a HF checkpoint of a supported family (`models.FAMILIES`) into (config, params).
 
-    `runtime` sets LlamaConfig's run fields (param_dtype, dtype, remat_policy, ...); weights are
+    `runtime` sets ModelConfig's run fields (param_dtype, dtype, remat_policy, ...); weights are
     cast to `param_dtype`. With a `mesh`, each parameter is placed on it by the rules table as
     soon as it is read, so the host holds at most one (layer-stacked) tensor at a time.
     The params hold `score` (the reward head) when the checkpoint has `score.weight`.
@@ -255,7 +237,7 @@ def load_pretrained(
     ckpt_dir = resolve_checkpoint_dir(path_or_hub_id)
     hf_config = read_config(ckpt_dir)
     try:
-        config = LlamaConfig.from_hf(hf_config, **runtime)
+        config = models.config_from_hf(hf_config, **runtime)
     except (ValueError, TypeError) as e:
         raise CheckpointError(f"{os.path.join(ckpt_dir, CONFIG_NAME)}: {e}") from None
     files = safetensors_files(ckpt_dir)
@@ -271,15 +253,18 @@ def load_pretrained(
             handles[fname] = safe_open(fname, framework="numpy")
         return handles[fname].get_tensor(key)
 
+    # An LM checkpoint carries its LM head (unless tied); an RM may carry one beside `score`.
+    shapes = param_shapes(config, lm_head="lm_head.weight" in keys or "score.weight" not in keys,
+                          reward_head="score.weight" in keys)
     params: dict[str, Any] = {}
     used: set[str] = set()
     try:
-        for hf_key, path, kind in _wanted_entries(config, keys):
+        for hf_key, path, kind, ours in _entries(config, shapes):
             per_layer = "{i}" in hf_key
             layer_keys = [hf_key.format(i=i) for i in range(config.num_hidden_layers)] if per_layer else [hf_key]
+            expected = _hf_shape(kind, ours)
             tensors = []
             for key in layer_keys:
-                expected = _hf_shape(kind, key, config)
                 if key not in keys:
                     raise CheckpointError(f"{ckpt_dir}: missing tensor {key} (expected shape {list(expected)})")
                 w = get(key)
@@ -288,7 +273,7 @@ def load_pretrained(
                         f"{files[key]}: tensor {key} has shape {list(w.shape)}, expected {list(expected)} "
                         "from config.json"
                     )
-                tensors.append(_to_ours(kind, w, config).astype(config.weight_dtype))
+                tensors.append(_to_ours(kind, w, ours).astype(config.weight_dtype))
                 used.add(key)
             value = np.stack(tensors) if per_layer else tensors[0]
             if mesh is not None:
@@ -300,10 +285,12 @@ def load_pretrained(
         for h in handles.values():
             if hasattr(h, "__exit__"):
                 h.__exit__(None, None, None)
-    unexpected = sorted(k for k in keys - used if not _IGNORED_KEYS.search(k) and k != "lm_head.weight")
+    # A tied checkpoint may still store lm_head.weight (a copy of the embedding).
+    unexpected = sorted(k for k in keys - used if not _IGNORED_KEYS.search(k)
+                        and not (k == "lm_head.weight" and config.tie_word_embeddings))
     if unexpected:
         raise CheckpointError(
-            f"{ckpt_dir}: unexpected tensors for a LLaMA model: {', '.join(unexpected[:5])}"
+            f"{ckpt_dir}: unexpected tensors for a {config.model_type} model: {', '.join(unexpected[:5])}"
             + (f" and {len(unexpected) - 5} more" if len(unexpected) > 5 else "")
         )
     return config, params
@@ -338,7 +325,7 @@ def _to_host(x: Any) -> np.ndarray:
 
 def save_pretrained(
     path: str,
-    config: LlamaConfig,
+    config: ModelConfig,
     params: Mapping[str, Any],
     *,
     tokenizer: Any = None,
@@ -348,8 +335,8 @@ def save_pretrained(
 ) -> str:
     """Writes `config.json` + safetensors (sharded above `max_shard_bytes`) that transformers loads.
 
-    Params with a `score` head are written as `LlamaForSequenceClassification(num_labels=1)`
-    (the LM head, if any, is left out); otherwise as `LlamaForCausalLM`. Tensors keep the dtype
+    Params with a `score` head are written as the family's `*ForSequenceClassification(num_labels=1)`
+    (the LM head, if any, is left out); otherwise as its causal-LM class (`LlamaForCausalLM`, ...). Tensors keep the dtype
     of `config.param_dtype`. The directory is written under a temporary name and renamed into
     place, so an interrupted save never leaves a half-written checkpoint at `path`. In a
     multi-process run every process must call this (arrays are gathered) and only process 0 writes.
@@ -366,28 +353,28 @@ def save_pretrained(
     if reward_position not in REWARD_POSITIONS:
         raise ValueError(f"reward_position: {reward_position!r}; expected one of {REWARD_POSITIONS}")
     is_rm = _get_path(params, ("score", "kernel")) is not None
+    family = models.family_for(config.model_type)
+    try:
+        hf_config = models.config_to_hf(config)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: cannot export: {e}") from None
     tensors: dict[str, np.ndarray] = {}
-    for hf_key, tree_path, kind in KEY_TABLE:
-        if hf_key == "lm_head.weight" and (is_rm or config.tie_word_embeddings):
-            continue
-        if hf_key == "score.weight" and not is_rm:
-            continue
+    for hf_key, tree_path, kind, _ in _entries(config, param_shapes(config, lm_head=not is_rm, reward_head=is_rm)):
         value = _get_path(params, tree_path)
         if value is None:
             raise CheckpointError(f"params lack {'/'.join(tree_path)} needed for {hf_key}")
         value = _to_host(value).astype(config.weight_dtype)
         if "{i}" in hf_key:
             for i in range(config.num_hidden_layers):
-                tensors[hf_key.format(i=i)] = np.ascontiguousarray(_to_hf(kind, value[i], config))
+                tensors[hf_key.format(i=i)] = np.ascontiguousarray(_to_hf(kind, value[i]))
         else:
-            tensors[hf_key] = np.ascontiguousarray(_to_hf(kind, value, config))
+            tensors[hf_key] = np.ascontiguousarray(_to_hf(kind, value))
     if jax.process_index() != 0:
         return path
 
-    hf_config = config.to_hf()
     if is_rm:
         hf_config.update(
-            architectures=["LlamaForSequenceClassification"],
+            architectures=[family.sequence_classification],
             num_labels=1,
             id2label={"0": "LABEL_0"},
             label2id={"LABEL_0": 0},

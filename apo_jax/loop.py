@@ -138,7 +138,7 @@ class Game:
         self.store.drop_checkpoints(phase)
         return name
 
-    def _init(self, recipe: Recipe) -> tuple[models.LlamaConfig, Any]:
+    def _init(self, recipe: Recipe) -> tuple[models.ModelConfig, Any]:
         cfg, store = self.cfg, self.store
         if isinstance(recipe.init, Recipe):
             slot = store.model(self.realize(recipe.init))
@@ -147,7 +147,7 @@ class Game:
             # No checkpoint: a new LLaMA, pretrained by SFT on the demonstrations (the synthetic
             # world's analogue of the paper's Alpaca policy).
             tok = self.ctx.tokenizer
-            config = models.LlamaConfig(
+            config = models.ModelConfig(
                 vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                 pad_token_id=tok.pad_token_id, **dict(cfg.policy.arch), **_runtime(cfg.policy),
                 scan_layers=cfg.policy.scan_layers,

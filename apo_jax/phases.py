@@ -48,7 +48,7 @@ def optimizer(opt_cfg: ml_collections.ConfigDict, num_examples: int, lr: float) 
     )
 
 
-def train_params(ctx: Context, phase: str, config: models.LlamaConfig, params: Any, objective: Objective,
+def train_params(ctx: Context, phase: str, config: models.ModelConfig, params: Any, objective: Objective,
                  records: Sequence[dict], opt_cfg: ml_collections.ConfigDict, lr: float) -> Any:
     """Trains `params` with `objective` on `records`; resumable from `ckpt/<phase>/`."""
     cfg, store = ctx.cfg, ctx.store

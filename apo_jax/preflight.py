@@ -28,14 +28,14 @@ def _get(cfg: ml_collections.ConfigDict, field: str) -> str:
 
 
 def check_checkpoint_contents(ckpt_dir: str, *, reward_model: bool = False) -> None:
-    """Raises hf.CheckpointError (naming the file) unless `ckpt_dir` holds a loadable LLaMA:
-    a LLaMA config.json, safetensors weights whose headers parse, and `score.weight` if
+    """Raises hf.CheckpointError (naming the file) unless `ckpt_dir` holds a loadable model:
+    a config.json of a supported family (`models.FAMILIES`), safetensors weights whose headers parse, and `score.weight` if
     `reward_model`. Reads only headers (a few KB per file)."""
-    from apo_jax.models import LlamaConfig
+    from apo_jax.models import ModelConfig
 
     config = hf.read_config(ckpt_dir)
     try:
-        LlamaConfig.from_hf(config)
+        ModelConfig.from_hf(config)
     except (ValueError, TypeError, KeyError) as e:
         raise hf.CheckpointError(f"{os.path.join(ckpt_dir, hf.CONFIG_NAME)}: {e}") from None
     index = os.path.join(ckpt_dir, hf.INDEX_NAME)

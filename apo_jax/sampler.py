@@ -105,7 +105,7 @@ def sample_token(
 
 
 @functools.lru_cache(maxsize=64)
-def _prefill_fn(config: models.LlamaConfig, num_samples: int, max_new_tokens: int, mesh: Any):
+def _prefill_fn(config: models.ModelConfig, num_samples: int, max_new_tokens: int, mesh: Any):
     def prefill(params, prompt_ids_bp, prompt_mask_bp):
         COMPILES["prefill"] += 1
         with sharding.activation_sharding(mesh):
@@ -145,7 +145,7 @@ class _DecodeState(NamedTuple):
     rng: jax.Array
 
 
-def _decode_steps(config: models.LlamaConfig, n: int, temperature: float, top_k: int, top_p: float,
+def _decode_steps(config: models.ModelConfig, n: int, temperature: float, top_k: int, top_p: float,
                   eos_ids: tuple[int, ...], stop_sequences: tuple[tuple[int, ...], ...], pad_id: int, mesh: Any):
     """A traced function running decode steps from `state.i` until step `end` or every row is done."""
 
@@ -214,7 +214,7 @@ _finish_with_cuts_jit = jax.jit(_finish_with_cuts, static_argnums=(2,))
 
 @functools.lru_cache(maxsize=64)
 def _decode_fn(
-    config: models.LlamaConfig,
+    config: models.ModelConfig,
     max_new_tokens: int,
     temperature: float,
     top_k: int,
@@ -239,7 +239,7 @@ def _decode_fn(
 
 @functools.lru_cache(maxsize=64)
 def _decode_chunk_fn(
-    config: models.LlamaConfig,
+    config: models.ModelConfig,
     max_new_tokens: int,
     temperature: float,
     top_k: int,
@@ -304,7 +304,7 @@ def _window_tokens(stop_strings: Sequence[str], every: int, n: int) -> int:
 
 
 def generate(
-    config: models.LlamaConfig,
+    config: models.ModelConfig,
     params: Any,
     prompt_ids: Any,
     prompt_mask: Any,
@@ -386,7 +386,7 @@ def generate(
 
 
 def sample_dataset(
-    config: models.LlamaConfig,
+    config: models.ModelConfig,
     params: Any,
     prompts: Sequence[Sequence[int]],
     rng: jax.Array,

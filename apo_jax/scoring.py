@@ -17,7 +17,7 @@ from apo_jax import models, sharding
 
 
 @functools.lru_cache(maxsize=32)
-def make_reward_fn(config: models.LlamaConfig, mesh: jax.sharding.Mesh):
+def make_reward_fn(config: models.ModelConfig, mesh: jax.sharding.Mesh):
     """Jitted `(params, ids, mask) -> rewards [B]` on the mesh (one per model config and mesh, so
     every RM of a run shares its compiled programs)."""
 
@@ -29,7 +29,7 @@ def make_reward_fn(config: models.LlamaConfig, mesh: jax.sharding.Mesh):
 
 
 def score_texts_with(
-    config: models.LlamaConfig,
+    config: models.ModelConfig,
     params: Any,
     tokenizer: Any,
     texts: Sequence[tuple[str, str]],

@@ -56,7 +56,9 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
 )
 
 # Param path regex -> logical axes, first match wins. Stacked layer params lead with `layers` (dropped
-# for one layer's params under "layer_<i>", the sampler's split layout).
+# for one layer's params under "layer_<i>", the sampler's split layout). These are the parameters
+# every family has; the rows of those only some families have (biases, q/k norms, sandwich norms)
+# come from the family files (`models.families`, through `register_param_axes`).
 PARAM_AXES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
     (r"embed/embedding$", ("vocab", "embed")),
     (r"attn/q_proj/kernel$", ("layers", "embed", "heads", "head_dim")),
@@ -72,6 +74,20 @@ PARAM_AXES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
 
 # Param path regexes deliberately replicated on every device (small, rank >= 1).
 REPLICATED: tuple[str, ...] = ()
+
+_FAMILY_AXES: list[tuple[str, tuple[str | None, ...]]] = []
+
+
+def register_param_axes(rows: Sequence[tuple[str, tuple[str | None, ...]]]) -> None:
+    """Adds a model family's partition rows (after `PARAM_AXES`; a row already there is kept once)."""
+    for row in rows:
+        if row not in _FAMILY_AXES and row not in PARAM_AXES:
+            _FAMILY_AXES.append(row)
+
+
+def param_axes() -> tuple[tuple[str, tuple[str | None, ...]], ...]:
+    """Every partition row: the core table, then the families' rows."""
+    return PARAM_AXES + tuple(_FAMILY_AXES)
 
 # Activation layouts used by the model and steps.
 ACT_EMBED = ("act_batch", "act_length", "act_embed")
@@ -283,14 +299,14 @@ def logical_axes_for(path: str, ndim: int) -> tuple[str | None, ...]:
     """Logical axes of a param (or optimizer moment) at `path`.
 
     Scalars (step counters, Adam's count) are replicated. Any other array must match a rule of
-    `PARAM_AXES` with its rank, or a pattern of `REPLICATED`: a new parameter is never silently
+    `param_axes()` with its rank, or a pattern of `REPLICATED`: a new parameter is never silently
     replicated (a 7B model would then hold a full copy on every device).
     """
     if ndim == 0:
         return ()
     # One layer of the stack (`models.params_for_generation`'s "layer_<i>" trees): no layer axis.
     per_layer = re.search(r"(^|/)layer_\d+/", path) is not None
-    for pattern, axes in PARAM_AXES:
+    for pattern, axes in param_axes():
         if re.search(pattern, path):
             if per_layer and axes[:1] == ("layers",):
                 axes = axes[1:]

@@ -80,7 +80,7 @@ class ProbeKey(Key):
 class ModelSlot:
     """A finished model: its architecture/runtime config and its params on the mesh."""
 
-    config: models.LlamaConfig
+    config: models.ModelConfig
     params: Any
 
 
@@ -151,7 +151,7 @@ class RunStore:
     def has_model(self, name: str) -> bool:
         return self.done(ModelKey(name))
 
-    def save_model(self, name: str, config: models.LlamaConfig, params: Any) -> None:
+    def save_model(self, name: str, config: models.ModelConfig, params: Any) -> None:
         """Writes a finished model and records it; its step checkpoints are no longer needed."""
         self._orbax.save(name, params)
         heads = sorted(k for k in ("lm_head", "score") if k in params)
@@ -162,7 +162,7 @@ class RunStore:
         """A finished model's params on the mesh (kept in memory once read)."""
         if name not in self._models:
             meta = self.result(ModelKey(name))
-            config = models.LlamaConfig.from_json(meta["config"])
+            config = models.ModelConfig.from_json(meta["config"])
             heads = meta["heads"]
             like = jax.eval_shape(lambda: models.init_params(config, jax.random.PRNGKey(0), lm_head="lm_head" in heads,
                                                              reward_head="score" in heads))
@@ -183,7 +183,7 @@ class RunStore:
 
     # ------------------------------------------------------------------ compiled steps
 
-    def train_step(self, config: models.LlamaConfig, objective: Objective, opt: train.OptimizerConfig,
+    def train_step(self, config: models.ModelConfig, objective: Objective, opt: train.OptimizerConfig,
                    grad_accum: int) -> train.TrainStep:
         """The compiled step for (model, objective, static optimizer settings), bound to `opt`'s
         schedule: phases that differ only in lr / warmup / length share one program."""

@@ -119,7 +119,7 @@ def state_shardings(state: Any, mesh: jax.sharding.Mesh) -> Any:
     return sharding.tree_shardings(state, mesh)
 
 
-def init_state(config: models.LlamaConfig, params: Any, opt_cfg: OptimizerConfig, mesh: jax.sharding.Mesh) -> TrainState:
+def init_state(config: models.ModelConfig, params: Any, opt_cfg: OptimizerConfig, mesh: jax.sharding.Mesh) -> TrainState:
     """A sharded train state: params placed by the rules table, Adam moments sharded like them."""
     del config
     tx = make_optimizer(opt_cfg)
@@ -132,7 +132,7 @@ def init_state(config: models.LlamaConfig, params: Any, opt_cfg: OptimizerConfig
     return TrainState(step=step, params=params, opt_state=opt_state)
 
 
-def rm_params_from(config: models.LlamaConfig, params: Any, rng: jax.Array, std: float = 0.0) -> dict[str, Any]:
+def rm_params_from(config: models.ModelConfig, params: Any, rng: jax.Array, std: float = 0.0) -> dict[str, Any]:
     """RM params from LM or RM params: keeps an existing `score` head, else adds a new one
     (zeros for std=0, else normal(std)); the LM head is dropped."""
     out = {"model": params["model"]}
@@ -232,14 +232,14 @@ def _hyper_on(mesh: jax.sharding.Mesh, opt_cfg: OptimizerConfig) -> jax.Array:
     return jax.device_put(_hyper(opt_cfg), NamedSharding(mesh, P()))
 
 
-def step_key(config: models.LlamaConfig, objective: Objective, opt_cfg: OptimizerConfig,
+def step_key(config: models.ModelConfig, objective: Objective, opt_cfg: OptimizerConfig,
              mesh: jax.sharding.Mesh, grad_accum: int) -> tuple:
     """What a compiled step depends on: steps with equal keys can share one `TrainStep`."""
     return (config, objective, _static_opt(opt_cfg), mesh, int(grad_accum))
 
 
 def make_train_step(
-    config: models.LlamaConfig,
+    config: models.ModelConfig,
     objective: Objective,
     opt_cfg: OptimizerConfig,
     mesh: jax.sharding.Mesh,

@@ -93,7 +93,7 @@ def memory_section(models_: list[str]) -> list[dict[str, Any]]:
     return rows
 
 
-def _residual_bytes(cfg: models.LlamaConfig, task: str, batch: int, seq: int) -> int:
+def _residual_bytes(cfg: models.ModelConfig, task: str, batch: int, seq: int) -> int:
     """Bytes autodiff keeps from the forward for the backward (jaxpr level, so the same on every
     backend), arguments excluded."""
     from jax._src.ad_checkpoint import saved_residuals
@@ -152,7 +152,7 @@ def decode_section() -> list[dict[str, Any]]:
     # float32 compute has no dtype conversions at all, so its counts are the program's structure;
     # the bf16 rows add the CPU backend's bf16 -> f32 upcasts around every dot (GPUs do bf16 dots).
     for param_dtype, dtype in (("float32", "float32"), ("float32", "bfloat16"), ("bfloat16", "bfloat16")):
-        cfg = models.LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+        cfg = models.ModelConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
                                  num_attention_heads=4, num_key_value_heads=2, dtype=dtype,
                                  param_dtype=param_dtype, pad_token_id=0, scan_layers=False)
         params = jax.eval_shape(lambda c=cfg: models.init_params(c, jax.random.PRNGKey(0)))

@@ -80,11 +80,11 @@ def make_batch(task: str, batch: int, seq: int, vocab: int, seed: int) -> dict[s
             "loss_mask": ones.copy(), "weight": np.ones((batch,), np.float32)}
 
 
-def _config(c: dict[str, Any]) -> models.LlamaConfig:
+def _config(c: dict[str, Any]) -> models.ModelConfig:
     return common.case_config(c, remat=c["remat"], attention=c["attention"])
 
 
-def init_params(cfg: models.LlamaConfig, c: dict[str, Any]) -> Any:
+def init_params(cfg: models.ModelConfig, c: dict[str, Any]) -> Any:
     """The case's params with the head the task needs (the LM head for SFT, the reward head for RM)."""
     return common.case_params(cfg, c, lm_head=c["task"] == "sft", reward_head=c["task"] == "rm")
 
@@ -96,7 +96,7 @@ def torch_checkpointing(remat: str) -> bool:
     return remat in ("full", "dots", "dots_no_batch")
 
 
-def make_step(cfg: models.LlamaConfig, task: str, mesh: jax.sharding.Mesh):
+def make_step(cfg: models.ModelConfig, task: str, mesh: jax.sharding.Mesh):
     return common.make_train_step(cfg, task, OPT, mesh)
 
 
@@ -122,7 +122,7 @@ def _cache_size(jitted: Any) -> int | None:
         return None
 
 
-def abstract_state(cfg: models.LlamaConfig, task: str) -> train.TrainState:
+def abstract_state(cfg: models.ModelConfig, task: str) -> train.TrainState:
     """The train state's shapes and dtypes, built without allocating anything."""
     params = jax.eval_shape(lambda: models.init_params(cfg, jax.random.PRNGKey(0), lm_head=task == "sft",
                                                        reward_head=task == "rm"))
@@ -132,7 +132,7 @@ def abstract_state(cfg: models.LlamaConfig, task: str) -> train.TrainState:
 
 def compile_abstract(case: dict[str, Any], **cfg_over: Any) -> Any:
     """The step compiled on abstract shapes (no device memory): for memory and FLOP estimates.
-    `cfg_over` replaces LlamaConfig fields (e.g. scan_layers=False, num_hidden_layers=2)."""
+    `cfg_over` replaces ModelConfig fields (e.g. scan_layers=False, num_hidden_layers=2)."""
     c = case_defaults(case)
     cfg = _config(c).replace(**cfg_over)
     mesh = common.single_device_mesh()

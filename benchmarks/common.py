@@ -75,9 +75,9 @@ def model_config(
     remat: str = "none",
     attention: str = "xla",
     scan_layers: bool = True,
-) -> models.LlamaConfig:
-    """A LlamaConfig of preset `name` with the given run-time settings (pad id 0)."""
-    return models.LlamaConfig(**MODEL_SHAPES[name], max_position_embeddings=4096, pad_token_id=PAD_ID,
+) -> models.ModelConfig:
+    """A ModelConfig of preset `name` with the given run-time settings (pad id 0)."""
+    return models.ModelConfig(**MODEL_SHAPES[name], max_position_embeddings=4096, pad_token_id=PAD_ID,
                               dtype=dtype, param_dtype=param_dtype, remat_policy=remat,
                               attention_impl=attention, scan_layers=scan_layers)
 
@@ -91,7 +91,7 @@ _PARAMS_CACHE: dict[Any, Any] = {}
 REWARD_HEAD_STD = 0.1  # a non-zero head, so an RM's first loss is not log(2) on every side
 
 
-def init_params(cfg: models.LlamaConfig, seed: int, *, lm_head: bool, reward_head: bool) -> dict[str, Any]:
+def init_params(cfg: models.ModelConfig, seed: int, *, lm_head: bool, reward_head: bool) -> dict[str, Any]:
     """Random params with the heads asked for. One jitted init makes both heads; on CPU the
     result is kept per (shape, dtype, seed), so the cases of one preset share one init compile."""
     key = (tuple(sorted(common_shape(cfg).items())), cfg.param_dtype, seed)
@@ -110,7 +110,7 @@ def init_params(cfg: models.LlamaConfig, seed: int, *, lm_head: bool, reward_hea
     return out
 
 
-def case_config(c: dict[str, Any], *, remat: str = "none", attention: str = "xla") -> models.LlamaConfig:
+def case_config(c: dict[str, Any], *, remat: str = "none", attention: str = "xla") -> models.ModelConfig:
     """A case's model: the preset shape `c["model"]`, or with `c["checkpoint"]` (a HF LLaMA
     directory or hub id) that checkpoint's config.json; with the case's `dtype` (compute) and
     `param_dtype`. The pad id is 0 either way (random ids never use it; HF's sequence classifier
@@ -123,10 +123,10 @@ def case_config(c: dict[str, Any], *, remat: str = "none", attention: str = "xla
     from apo_jax import hf
 
     hf_config = hf.read_config(hf.resolve_checkpoint_dir(c["checkpoint"]))
-    return models.LlamaConfig.from_hf(hf_config, **runtime).replace(pad_token_id=PAD_ID)
+    return models.ModelConfig.from_hf(hf_config, **runtime).replace(pad_token_id=PAD_ID)
 
 
-def case_params(cfg: models.LlamaConfig, c: dict[str, Any], *, lm_head: bool, reward_head: bool) -> dict[str, Any]:
+def case_params(cfg: models.ModelConfig, c: dict[str, Any], *, lm_head: bool, reward_head: bool) -> dict[str, Any]:
     """A case's params: random (`init_params`) or the checkpoint's weights, with the heads asked
     for (a reward head the checkpoint lacks is drawn with std REWARD_HEAD_STD)."""
     seed = c.get("seed", 0)
@@ -166,7 +166,7 @@ def rss_bytes() -> dict[str, int | None]:
     return out
 
 
-def common_shape(cfg: models.LlamaConfig) -> dict[str, Any]:
+def common_shape(cfg: models.ModelConfig) -> dict[str, Any]:
     return {k: getattr(cfg, k) for k in (*MODEL_SHAPES["tiny"], "tie_word_embeddings", "rope_theta")}
 
 
@@ -174,7 +174,7 @@ def common_shape(cfg: models.LlamaConfig) -> dict[str, Any]:
 # The project's train step and scoring function: the one place the benchmarks build them.
 
 
-def make_train_step(cfg: models.LlamaConfig, task: str, opt_cfg: Any, mesh: jax.sharding.Mesh,
+def make_train_step(cfg: models.ModelConfig, task: str, opt_cfg: Any, mesh: jax.sharding.Mesh,
                     *, grad_accum: int = 1) -> Any:
     """`(state, batch) -> (state, metrics)`: the RM ("rm": BT ranking) or SFT ("sft") step that
     the loop runs, built by `train.make_train_step` from the registered objective."""
@@ -184,7 +184,7 @@ def make_train_step(cfg: models.LlamaConfig, task: str, opt_cfg: Any, mesh: jax.
     return train.make_train_step(cfg, objective, opt_cfg, mesh, grad_accum=grad_accum)
 
 
-def make_score_fn(cfg: models.LlamaConfig, mesh: jax.sharding.Mesh) -> Any:
+def make_score_fn(cfg: models.ModelConfig, mesh: jax.sharding.Mesh) -> Any:
     """The jitted `(params, ids, mask) -> rewards [B]` the scoring phases use."""
     from apo_jax import scoring
 
@@ -200,7 +200,7 @@ def random_ids(seed: int, batch: int, length: int, vocab: int) -> np.ndarray:
 # FLOP and byte counts.
 
 
-def matmul_params(cfg: models.LlamaConfig, *, lm_head: bool) -> int:
+def matmul_params(cfg: models.ModelConfig, *, lm_head: bool) -> int:
     """Parameters multiplied by every token (layer matrices, plus the LM head if `lm_head`)."""
     d, f, n, k, h = (cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads,
                      cfg.num_key_value_heads, cfg.head_dim)
@@ -208,31 +208,31 @@ def matmul_params(cfg: models.LlamaConfig, *, lm_head: bool) -> int:
     return cfg.num_hidden_layers * per_layer + (d * cfg.vocab_size if lm_head else 0)
 
 
-def total_params(cfg: models.LlamaConfig, *, lm_head: bool, reward_head: bool) -> int:
+def total_params(cfg: models.ModelConfig, *, lm_head: bool, reward_head: bool) -> int:
     """Every stored parameter (embedding, norms and heads included)."""
     d = cfg.hidden_size
     norms = (2 * cfg.num_hidden_layers + 1) * d
     return (matmul_params(cfg, lm_head=lm_head) + cfg.vocab_size * d + norms + (d if reward_head else 0))
 
 
-def attention_flops_fwd_per_token(cfg: models.LlamaConfig, seq: int) -> float:
+def attention_flops_fwd_per_token(cfg: models.ModelConfig, seq: int) -> float:
     """Causal attention forward FLOPs per token at sequence length `seq` (see module docstring)."""
     return 2.0 * cfg.num_hidden_layers * seq * cfg.num_attention_heads * cfg.head_dim
 
 
-def train_flops(cfg: models.LlamaConfig, tokens: int, seq: int, *, lm_head: bool) -> float:
+def train_flops(cfg: models.ModelConfig, tokens: int, seq: int, *, lm_head: bool) -> float:
     """Model FLOPs of one training step over `tokens` tokens of sequences of length `seq`."""
     n = matmul_params(cfg, lm_head=lm_head)
     return 6.0 * n * tokens + 3.0 * attention_flops_fwd_per_token(cfg, seq) * tokens
 
 
-def forward_flops(cfg: models.LlamaConfig, tokens: int, seq: int, *, lm_head: bool) -> float:
+def forward_flops(cfg: models.ModelConfig, tokens: int, seq: int, *, lm_head: bool) -> float:
     """Model FLOPs of one forward pass over `tokens` tokens of sequences of length `seq`."""
     n = matmul_params(cfg, lm_head=lm_head)
     return 2.0 * n * tokens + attention_flops_fwd_per_token(cfg, seq) * tokens
 
 
-def decode_bytes_per_step(cfg: models.LlamaConfig, rows: int, kv_len: float, *, kv_bytes: int = 2) -> dict[str, float]:
+def decode_bytes_per_step(cfg: models.ModelConfig, rows: int, kv_len: float, *, kv_bytes: int = 2) -> dict[str, float]:
     """The fewest bytes one decode step must read: every matmul weight (layers and LM head, in
     the stored dtype) once, plus the valid KV cache (`kv_len` slots per row, all layers)."""
     w = jnp.dtype(cfg.weight_dtype).itemsize * matmul_params(cfg, lm_head=True)
@@ -555,7 +555,7 @@ def torch_peak_bytes() -> int | None:
     return int(torch.cuda.max_memory_allocated()) if torch.cuda.is_available() else None
 
 
-def hf_model(cfg: models.LlamaConfig, *, reward: bool, params: Any = None, dtype: str = "float32",
+def hf_model(cfg: models.ModelConfig, *, reward: bool, params: Any = None, dtype: str = "float32",
              device: str | None = None):
     """The same LLaMA as a `transformers` model with sdpa attention, on `device`.
 

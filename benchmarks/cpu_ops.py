@@ -82,7 +82,7 @@ def _cases(rows: int, seq: int, rng: np.random.Generator) -> list[tuple[str, Cal
         out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         return torch.sum(out.transpose(1, 2) * p["c"])
 
-    head_cfg = models.LlamaConfig(vocab_size=V, hidden_size=D, intermediate_size=F, num_hidden_layers=1,
+    head_cfg = models.ModelConfig(vocab_size=V, hidden_size=D, intermediate_size=F, num_hidden_layers=1,
                                   num_attention_heads=N, num_key_value_heads=K, tie_word_embeddings=False,
                                   dtype="float32", param_dtype="float32")
     head = dict(h=arr(batch // 2, seq, D), w=arr(D, V, scale=0.02), c=arr(batch // 2, seq - 1))

@@ -65,7 +65,7 @@ def main() -> None:
         jax.nn.dot_product_attention = lambda *a, implementation=None, **k: original(*a, implementation=None, **k)
     report: dict = {"devices": [str(d) for d in jax.devices()], "jax": jax.__version__}
     print("devices:", jax.devices(), "jax", jax.__version__)
-    xla = models.LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+    xla = models.ModelConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
                              num_attention_heads=8, num_key_value_heads=2, head_dim=64, param_dtype="float32",
                              dtype="bfloat16", remat_policy="none")
     cudnn = xla.replace(attention_impl="cudnn")

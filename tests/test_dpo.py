@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from apo_jax import losses, models, sharding, train
 from apo_jax.objectives import DPO
 
-CFG = models.LlamaConfig(vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+CFG = models.ModelConfig(vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
 
 

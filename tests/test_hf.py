@@ -122,9 +122,10 @@ def test_wrong_shape_names_key_and_both_shapes(tmp_path):
         hf.load_pretrained(path)
 
 
-def test_non_llama_config_is_refused(tmp_path):
+def test_unsupported_model_type_is_refused_naming_the_supported_families(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "vocab_size": 10}))
-    with pytest.raises(hf.CheckpointError, match=r"config\.json.*model_type='gpt2'"):
+    with pytest.raises(hf.CheckpointError, match=r"config\.json: model_type: 'gpt2' is not supported; apo_jax reads "
+                                                 r"llama, qwen2, qwen3, mistral, gemma2, gemma3_text$"):
         hf.load_pretrained(str(tmp_path))
 
 

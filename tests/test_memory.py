@@ -26,12 +26,12 @@ def _mesh() -> jax.sharding.Mesh:
     return sharding.make_mesh(sharding.MeshConfig(data=1, fsdp=1, tensor=1), devices=jax.devices()[:1])
 
 
-def _abstract_params(cfg: models.LlamaConfig, *, lm_head: bool, reward_head: bool):
+def _abstract_params(cfg: models.ModelConfig, *, lm_head: bool, reward_head: bool):
     return jax.eval_shape(lambda: models.init_params(cfg, jax.random.PRNGKey(0), lm_head=lm_head,
                                                      reward_head=reward_head))
 
 
-def _rm_step_temp(cfg: models.LlamaConfig, pairs: int) -> int:
+def _rm_step_temp(cfg: models.ModelConfig, pairs: int) -> int:
     params = _abstract_params(cfg, lm_head=False, reward_head=True)
     state = train.TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
                              opt_state=jax.eval_shape(train.make_optimizer(OPT).init, params))
@@ -47,7 +47,7 @@ def test_rm_step_keeps_no_attention_probabilities():
     """RM step, 4 pairs x 256 tokens, remat "auto" (= none at this size): 83.5 MiB of temporaries
     with the attention core rematerialised, 116.5 MiB before (float32 logits and probabilities
     [2B, H, T, T] kept per layer)."""
-    cfg = models.LlamaConfig(**SHAPE, dtype="float32")
+    cfg = models.ModelConfig(**SHAPE, dtype="float32")
     assert models.remat_for(cfg, 8, T) == "none"
     assert _rm_step_temp(cfg, pairs=4) < 95 * MiB
 
@@ -56,7 +56,7 @@ def test_minimal_remat_keeps_fewer_residuals_than_none():
     """The same step under remat "minimal" (what "auto" picks for real models): 56.4 MiB vs
     83.5 MiB for "none" (at the SmolLM2-135M shape, 8 pairs x 256: 3.4 GiB vs 7.3 GiB, and
     9.4 GiB before issue 18)."""
-    cfg = models.LlamaConfig(**SHAPE, dtype="float32", remat_policy="minimal")
+    cfg = models.ModelConfig(**SHAPE, dtype="float32", remat_policy="minimal")
     assert _rm_step_temp(cfg, pairs=4) < 65 * MiB
 
 
@@ -68,7 +68,7 @@ def test_sft_loss_gradient_never_holds_full_vocabulary_logits(chunk_size):
     205.7 MiB, and 239.4 MiB before issue 18's attention change. The SFT objective's fused head
     (`weighted_logprob_sum`, its gradient formed in the forward pass) needs no more than the
     chunked one (70.6 MiB each on 2026-12-01)."""
-    cfg = models.LlamaConfig(**SHAPE, dtype="float32")
+    cfg = models.ModelConfig(**SHAPE, dtype="float32")
     params = _abstract_params(cfg, lm_head=True, reward_head=False)
     ids = jax.ShapeDtypeStruct((8, T), jnp.int32)
 

@@ -175,7 +175,7 @@ def test_remat_policies_recompute_no_weight_matmul_unless_full(policy, recompute
     """The policies that keep weight matmuls still see them through `project`'s custom VJP (its
     output is named "proj"): only "full" reruns a layer's projections in the backward, the six
     whose outputs it needs (down_proj's output only feeds the residual sum)."""
-    config = models.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+    config = models.ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                                 num_attention_heads=4, num_key_value_heads=2, remat_policy=policy)
     params = models.init_params(config, jax.random.PRNGKey(0), reward_head=True, reward_head_std=0.02)
     ids, mask = jnp.ones((2, 8), jnp.int32), jnp.ones((2, 8), jnp.int32)
@@ -201,13 +201,13 @@ def test_remat_policies_recompute_no_weight_matmul_unless_full(policy, recompute
 
 def test_config_rejects_bad_fields():
     with pytest.raises(ValueError, match="num_key_value_heads"):
-        models.LlamaConfig(num_attention_heads=6, num_key_value_heads=4, hidden_size=48)
+        models.ModelConfig(num_attention_heads=6, num_key_value_heads=4, hidden_size=48)
     with pytest.raises(ValueError, match="remat_policy"):
-        models.LlamaConfig(remat_policy="sometimes")
-    with pytest.raises(ValueError, match="model_type='gpt2'"):
-        models.LlamaConfig.from_hf({"model_type": "gpt2", "vocab_size": 8})
+        models.ModelConfig(remat_policy="sometimes")
+    with pytest.raises(ValueError, match="model_type: 'gpt2' is not supported; apo_jax reads llama, qwen2, qwen3, mistral, gemma2, gemma3_text"):
+        models.ModelConfig.from_hf({"model_type": "gpt2", "vocab_size": 8})
     with pytest.raises(ValueError, match="yarn"):
-        models.LlamaConfig.from_hf({"model_type": "llama", "vocab_size": 8, "hidden_size": 8,
+        models.ModelConfig.from_hf({"model_type": "llama", "vocab_size": 8, "hidden_size": 8,
                                     "intermediate_size": 8, "num_hidden_layers": 1, "num_attention_heads": 2,
                                     "rope_scaling": {"rope_type": "yarn", "factor": 2.0}})
 
@@ -285,7 +285,7 @@ def test_chunked_logprob_gradients_match_torch_autograd(tmp_path):
 
 
 def test_token_logprobs_rejects_bad_chunk_size():
-    config = models.LlamaConfig(vocab_size=16, hidden_size=8, intermediate_size=8, num_hidden_layers=1,
+    config = models.ModelConfig(vocab_size=16, hidden_size=8, intermediate_size=8, num_hidden_layers=1,
                                 num_attention_heads=2, num_key_value_heads=1)
     ids = jnp.ones((1, 4), jnp.int32)
     with pytest.raises(ValueError, match="chunk_size=0"):  # checked before any parameter is read
@@ -295,9 +295,9 @@ def test_token_logprobs_rejects_bad_chunk_size():
 def test_auto_remat_keeps_small_forwards_plain_and_remats_large_ones():
     """"auto" resolves by the residual bytes a layer stack would keep: the CI models and batches
     run without remat, the SmolLM2-135M shape at 8 pairs x 256 tokens (~7 GiB) with "minimal"."""
-    tiny = models.LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=56, num_hidden_layers=2,
+    tiny = models.ModelConfig(vocab_size=97, hidden_size=32, intermediate_size=56, num_hidden_layers=2,
                               num_attention_heads=4, num_key_value_heads=2)
-    smol = models.LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+    smol = models.ModelConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                               num_attention_heads=9, num_key_value_heads=3, dtype="float32")
     assert tiny.remat_policy == "auto" and models.remat_for(tiny, 8, 256) == "none"
     # (8 * 576 + 6 * 1536) * 4 bytes * 30 layers = 1.66 MB per token: 4096 tokens is 6.8 GB.

@@ -59,7 +59,7 @@ def test_decode_updates_the_kv_cache_in_place():
     updated in place, each layer writing its slot into the stacked [L, B, S, K, h] buffer. (With
     the cache as a scanned input/output of the layer stack, XLA sliced and restacked it: temporaries
     of 1.5x the cache here, and 1.9x slower decoding on CPU.)"""
-    cfg = models.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=8,
+    cfg = models.ModelConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=8,
                              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
                              eos_token_id=None, bos_token_id=1, pad_token_id=0)
     params = models.init_params(cfg, jax.random.PRNGKey(0))

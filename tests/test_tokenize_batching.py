@@ -172,7 +172,7 @@ def test_reward_is_read_at_the_eos_even_when_pad_equals_eos():
     tok = llama_like_tokenizer()
     tok.pad_token = tok.eos_token
     assert tok.pad_token_id == tok.eos_token_id
-    cfg = models.LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    cfg = models.ModelConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
     params = models.init_params(cfg, jax.random.PRNGKey(0), lm_head=False, reward_head=True)
     params["score"]["kernel"] = jax.random.normal(jax.random.PRNGKey(1), params["score"]["kernel"].shape)

@@ -12,7 +12,7 @@ import optax
 from apo_jax import losses, models, scoring, sharding, train
 from apo_jax.objectives import SFT, Ranking
 
-CFG = models.LlamaConfig(vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+CFG = models.ModelConfig(vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
 GOOD, BAD = 5, 6
 

@@ -48,7 +48,7 @@ class DPO(Objective):
 
         return pipeline.pair_lm_set(tokenizer, records, data_cfg)
 
-    def prepare(self, examples: Any, config: models.LlamaConfig, params: Any, mesh: jax.sharding.Mesh,
+    def prepare(self, examples: Any, config: models.ModelConfig, params: Any, mesh: jax.sharding.Mesh,
                 batch_size: int) -> Any:
         """Adds the reference (= `params`, the phase's starting policy) log-probs of both responses."""
         logp = _sequence_logprobs_fn(config, mesh)
@@ -65,7 +65,7 @@ class DPO(Objective):
             examples.extras[f"ref_{side}"] = np.concatenate([scoring.gather(x) for x in parts])[:n].astype(np.float32)
         return examples
 
-    def stats(self, config: models.LlamaConfig, params: Any, batch: Mapping[str, jax.Array]) -> Stats:
+    def stats(self, config: models.ModelConfig, params: Any, batch: Mapping[str, jax.Array]) -> Stats:
         # Chosen and rejected run through the model as one [2B, T] forward.
         ids = jnp.concatenate([batch["chosen_ids"], batch["rejected_ids"]], axis=0)
         mask = jnp.concatenate([batch["chosen_mask"], batch["rejected_mask"]], axis=0)
@@ -83,7 +83,7 @@ class DPO(Objective):
 _LOGP_FNS: dict[tuple, Any] = {}
 
 
-def _sequence_logprobs_fn(config: models.LlamaConfig, mesh: jax.sharding.Mesh):
+def _sequence_logprobs_fn(config: models.ModelConfig, mesh: jax.sharding.Mesh):
     key = (config, mesh)
     if key not in _LOGP_FNS:
         def fn(params, ids, mask, resp):

@@ -39,7 +39,7 @@ class Ranking(Objective):
 
         return pipeline.rm_set(tokenizer, records, data_cfg)
 
-    def stats(self, config: models.LlamaConfig, params: Any, batch: Mapping[str, jax.Array]) -> Stats:
+    def stats(self, config: models.ModelConfig, params: Any, batch: Mapping[str, jax.Array]) -> Stats:
         # Chosen and rejected run through the model as one [2B, T] forward.
         ids = jnp.concatenate([batch["chosen_ids"], batch["rejected_ids"]], axis=0)
         mask = jnp.concatenate([batch["chosen_mask"], batch["rejected_mask"]], axis=0)

@@ -33,7 +33,7 @@ class SFT(Objective):
 
         return pipeline.sft_set(tokenizer, records, data_cfg)
 
-    def stats(self, config: models.LlamaConfig, params: Any, batch: Mapping[str, jax.Array]) -> Stats:
+    def stats(self, config: models.ModelConfig, params: Any, batch: Mapping[str, jax.Array]) -> Stats:
         # Chunked over the sequence: no [B, T, V] float32 logits in the forward or the backward.
         # The loss is linear in the token log-probabilities, so the head's gradient is formed in
         # the forward pass (`weighted_logprob_sum`): no recomputed logits in the backward.
