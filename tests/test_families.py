@@ -227,3 +227,63 @@ def test_export_refuses_a_switch_the_family_class_does_not_compute(tmp_path):
     with pytest.raises(hf.CheckpointError, match="qk_norm set, which LlamaForCausalLM does not compute"):
         hf.save_pretrained(str(tmp_path / "out"), config, params)
     assert not (tmp_path / "out").exists()
+
+
+def _mesh8():
+    return sharding.make_mesh(sharding.MeshConfig(data=2, fsdp=2, tensor=2), jax.devices()[:8])
+
+
+def _torch_token_logp(model, ids, mask):
+    """log p(ids[t] | ids[:t]) [B, T] (0 at t = 0) from the transformers model."""
+    logits = torch.tensor(_torch_logits(model, ids, mask))
+    logp = torch.log_softmax(logits[:, :-1], -1).gather(-1, torch.tensor(ids[:, 1:], dtype=torch.long)[..., None])
+    return np.concatenate([np.zeros((ids.shape[0], 1), np.float32), logp[..., 0].numpy()], axis=1)
+
+
+def test_train_steps_of_every_objective_start_from_the_transformers_loss_and_learn(family_lm):
+    """RM ranking, SFT and DPO steps on a data x fsdp x tensor mesh: the first step's loss equals
+    the loss computed from the transformers model's own outputs, and a few steps lower it."""
+    from apo_jax import train
+    from apo_jax.objectives import DPO, SFT, Ranking
+
+    family, model, config, params, path = family_lm
+    mesh = _mesh8()
+    opt = train.OptimizerConfig(lr=3e-3, warmup_steps=1, total_steps=8, schedule="constant")
+    chosen, cmask = padded_batch(8, 16, config.vocab_size, "right", seed=10, min_len=WINDOW + 2)
+    rejected, rmask = padded_batch(8, 16, config.vocab_size, "right", seed=11, min_len=WINDOW + 2)
+    response = cmask * (np.arange(16)[None] >= 4)
+    rresponse = rmask * (np.arange(16)[None] >= 4)
+
+    # RM: transformers' RM of the same trunk with our fresh head -> -log sigmoid(r_w - r_l).
+    rm = random_model(family, reward=True, seed=3)
+    rm.model.load_state_dict(model.model.state_dict())
+    head = np.asarray(models.new_reward_head(config, jax.random.PRNGKey(1), 0.5))
+    with torch.no_grad():
+        rm.score.weight.copy_(torch.tensor(head.T))
+    margin = _torch_rewards(rm, chosen, cmask) - _torch_rewards(rm, rejected, rmask)
+    rm_params = {**{k: v for k, v in params.items() if k != "lm_head"}, "score": {"kernel": jnp.asarray(head)}}
+    rm_batch = dict(chosen_ids=chosen, chosen_mask=cmask, rejected_ids=rejected, rejected_mask=rmask,
+                    weight=np.ones(8, np.float32), is_apo=np.zeros(8, np.int32))
+    # SFT: the mean response-token NLL.
+    sft_batch = dict(input_ids=chosen, attention_mask=cmask, loss_mask=response, weight=np.ones(8, np.float32))
+    logp_w, logp_l = _torch_token_logp(model, chosen, cmask), _torch_token_logp(model, rejected, rmask)
+    # DPO against a reference that is not the policy: log sigmoid(beta * (ratio_w - ratio_l)).
+    ref_w, ref_l = np.full(8, -40.0, np.float32), np.full(8, -30.0, np.float32)
+    dpo_batch = dict(chosen_ids=chosen, chosen_mask=cmask, chosen_response_mask=response, rejected_ids=rejected,
+                     rejected_mask=rmask, rejected_response_mask=rresponse, weight=np.ones(8, np.float32),
+                     ref_chosen=ref_w, ref_rejected=ref_l)
+    pi_w, pi_l = (logp_w * response).sum(1), (logp_l * rresponse).sum(1)
+    cases = [
+        (Ranking(1.0, 1.0), rm_params, rm_batch, np.mean(np.logaddexp(0.0, -margin))),
+        (SFT(), params, sft_batch, -(logp_w * response).sum() / response.sum()),
+        (DPO(beta=0.1), params, dpo_batch, np.mean(np.logaddexp(0.0, -0.1 * ((pi_w - ref_w) - (pi_l - ref_l))))),
+    ]
+    for objective, start, batch, want in cases:
+        state = train.init_state(config, start, opt, mesh)
+        step = train.make_train_step(config, objective, opt, mesh)
+        first = None
+        for _ in range(6):
+            state, metrics = step(state, sharding.shard_batch(batch, mesh))
+            first = float(metrics["loss"]) if first is None else first
+        np.testing.assert_allclose(first, want, rtol=2e-5, atol=2e-5, err_msg=objective.name)
+        assert float(metrics["loss"]) < first, (objective.name, first, float(metrics["loss"]))
