@@ -4,7 +4,7 @@ from setuptools import find_packages, setup
 setup(
     name="apo_jax",
     version="0.1.0",
-    description="Adversarial Preference Optimization (APO) for LLaMA models in JAX/Flax",
+    description="Adversarial Preference Optimization (APO) for LLaMA, Qwen, Mistral and Gemma models in JAX/Flax",
     packages=find_packages(include=["apo_jax", "apo_jax.*"]),
     python_requires=">=3.11",  # jax, flax, orbax and numpy of the tested set need 3.11
     install_requires=[

@@ -4,7 +4,7 @@ The public API (imported on first use, so `import apo_jax` stays light):
 
     apo_jax.run(cfg)                          play the APO game of a config in its run dir
     apo_jax.ModelConfig                       the model config (HF interchange: from_hf / to_hf)
-    apo_jax.load_pretrained / save_pretrained Hugging Face LLaMA checkpoints in and out
+    apo_jax.load_pretrained / save_pretrained Hugging Face checkpoints (LLaMA, Qwen, Mistral, Gemma) in and out
     apo_jax.lm_logits / rewards / sequence_logprobs   the model's functional heads
     apo_jax.generate                          KV-cache sampling (best-of-S: num_samples)
     apo_jax.make_train_step                   the jitted, sharded train step of an objective

@@ -229,7 +229,7 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
                 err(f"{name}.{field}", f"{m[field]!r}; expected one of {allowed}")
     # Checkpoint paths and contents are checked by apo_jax.preflight (resolved, headers read).
     if c.data.kind == "hh" and not c.policy.checkpoint:
-        err("policy.checkpoint", "required for HH-RLHF runs (an HF LLaMA dir or hub id, e.g. Alpaca-7B)")
+        err("policy.checkpoint", "required for HH-RLHF runs (an HF checkpoint dir or hub id of a supported family, e.g. Alpaca-7B)")
 
     # Optimizers.
     opts = {"rm.base": c.rm.base, "rm.test": c.rm.test, "rm.apo": c.rm.apo, "sft": c.sft,

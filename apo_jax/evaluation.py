@@ -87,7 +87,7 @@ def score_texts(rm_dir: str, prompts: Sequence[str], responses: Sequence[str], *
     config, params = hf.load_pretrained(rm_dir, mesh=mesh)
     if "score" not in params:
         raise hf.CheckpointError(f"{rm_dir}: has no score.weight; expected a reward model "
-                                 "(LlamaForSequenceClassification, num_labels=1)")
+                                 "(a *ForSequenceClassification checkpoint, num_labels=1)")
     tokenizer = tokenize.load_tokenizer(rm_dir)
     if prompt_format is None:
         recorded = os.path.join(hf.resolve_checkpoint_dir(rm_dir), hf.SCORING_NAME)

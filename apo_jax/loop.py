@@ -175,7 +175,7 @@ class Game:
             config, params = hf.load_pretrained(path, mesh=store.mesh, **_runtime(cfg.rm))
             if "score" not in params:
                 raise hf.CheckpointError(f"{path}: has no score.weight; {field} must be a reward model "
-                                         "(LlamaForSequenceClassification, num_labels=1)")
+                                         "(a *ForSequenceClassification checkpoint, num_labels=1)")
         store.save_model(name, config, params)
 
     def _objective(self, name: str) -> objectives.Objective:

@@ -2,7 +2,7 @@
 
 `preflight(cfg)` resolves every checkpoint field (local dir, `gs://` URL or hub id) and checks its
 *contents* the way loading will need them, without reading a weight: `config.json` parses as a
-LLaMA config, every safetensors file's header parses and its tensors fit in the file, no weights
+config.json of a supported family, every safetensors file's header parses and its tensors fit in the file, no weights
 are pickled, and an imported reward model has its `score.weight`. All problems are reported at
 once, one line each, named by config field, so a bad checkpoint stops the run in seconds rather
 than after data preparation or RM_Base training.
@@ -58,7 +58,7 @@ def check_checkpoint_contents(ckpt_dir: str, *, reward_model: bool = False) -> N
         keys = set(hf.safetensors_header(os.path.join(ckpt_dir, hf.WEIGHTS_NAME)))
     if reward_model and "score.weight" not in keys:
         raise hf.CheckpointError(f"{ckpt_dir}: has no score.weight; expected a reward model "
-                                 "(LlamaForSequenceClassification, num_labels=1)")
+                                 "(a *ForSequenceClassification checkpoint, num_labels=1)")
 
 
 def preflight(cfg: ml_collections.ConfigDict) -> None:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every GPU measurement of issues 17 and 18 in one call (the device tool gives a session ~15
-# minutes): the cuDNN attention check, the `gpu` preset (1B shape vs HF PyTorch) and the
+# minutes): the cuDNN attention check, every model family's parity with transformers, the `gpu` preset (1B shape vs HF PyTorch) and the
 # `gpu-small` preset (configs/hh_small.py's steps, for the game's time estimate). Each part has
 # its own time limit and writes its JSON under OUT as it goes, so a part that fails or runs long
 # costs only itself.
@@ -22,6 +22,10 @@ left() { echo $(( TOTAL - ($(date +%s) - start) )); }
 
 echo "== attention check ($(left) s left)"
 timeout 90 python3 benchmarks/gpu_attention_check.py ${SHRINK:+--portable} --out "$OUT/attention_check.json" 2>&1 | tail -20
+
+# Every model family against transformers on the device (tiny random models: compile-bound, ~1 min).
+echo "== family parity ($(left) s left)"
+timeout 120 python3 benchmarks/family_parity.py --out "$OUT/family_parity.json" 2>&1 | grep "^|"
 
 # The 1B preset gets what is left after reserving ~150 s for the small preset.
 b=$(( $(left) - 170 ))
