@@ -68,9 +68,7 @@ def _hf_shape(kind: str, ours: tuple[int, ...]) -> tuple[int, ...]:
 def _to_ours(kind: str, w: np.ndarray, ours: tuple[int, ...]) -> np.ndarray:
     if kind == "same":
         return w
-    if kind == "qkv":
-        return w.T.reshape(ours)
-    if kind == "o":
+    if kind in ("qkv", "o"):
         return w.T.reshape(ours)
     if kind == "heads_bias":
         return w.reshape(ours)

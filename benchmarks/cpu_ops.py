@@ -74,7 +74,7 @@ def _cases(rows: int, seq: int, rng: np.random.Generator) -> list[tuple[str, Cal
         return torch.sum(linear(mixed, p["o"]) * p["c"])
 
     def j_attn(p):
-        out = models._blocked_causal_attention(p["q"], p["k"], p["v"], mask)
+        out = models.attention._blocked_causal_attention(p["q"], p["k"], p["v"], mask)
         return jnp.sum(out * p["c"])
 
     def t_attn(p):

@@ -17,6 +17,24 @@ def test_base_config_is_valid():
     config_lib.validate(config_lib.base_config(), num_devices=8)
 
 
+@pytest.mark.parametrize("name", sorted(f for f in os.listdir(os.path.join(REPO, "configs")) if f.endswith(".py")))
+def test_every_shipped_config_is_valid_on_one_device(name):
+    import runpy
+
+    c = runpy.run_path(os.path.join(REPO, "configs", name))["get_config"]()
+    config_lib.validate(c, num_devices=1)
+
+
+def test_the_gemma3_config_is_hh_small_with_gemma_checkpoints():
+    import runpy
+
+    small, gemma = (runpy.run_path(os.path.join(REPO, "configs", f))["get_config"]() for f in ("hh_small.py", "hh_gemma3.py"))
+    assert gemma.policy.checkpoint == gemma.rm.init_checkpoint == "google/gemma-3-270m-it"
+    for c in (small, gemma):
+        c.policy.checkpoint = c.rm.init_checkpoint = c.run_dir = ""
+    assert gemma.to_dict() == small.to_dict()
+
+
 def test_every_wrong_field_is_reported_at_once():
     c = config_lib.base_config()
     c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 3, -1, 1

@@ -65,11 +65,9 @@ def test_logits_match_transformers(family_lm, side):
 
 
 def test_long_sequences_take_the_blocked_kernel_and_match_transformers(family_lm):
-    """300 tokens: the 128-row query blocks, with the window static (every layer slides) or traced
-    (a stack of both kinds)."""
-    family, model, config, params, _ = family_lm
-    if family in ("llama", "qwen2"):
-        pytest.skip("no window to test here: llama has none, qwen2's mixed stack is covered by qwen3/gemma")
+    """300 tokens: the 128-row query blocks, with no window (llama), a static one (every layer
+    slides: mistral) or a traced one (a stack of both kinds)."""
+    _, model, config, params, _ = family_lm
     ids, mask = padded_batch(2, 300, config.vocab_size, "right", seed=4, min_len=200)
     ref = _torch_logits(model, ids, mask)
     out = np.asarray(models.lm_logits(config, params, jnp.asarray(ids), jnp.asarray(mask)))
@@ -178,7 +176,7 @@ def test_dot_product_attention_window_equals_the_xla_kernels_window():
     q, k, v = (jnp.asarray(rng.randn(2, 20, n, 8).astype(np.float32)) for n in (4, 2, 2))
     mask = np.ones((2, 20), np.int32)
     mask[1, 14:] = 0
-    ref = np.asarray(models._xla_attention(q, k, v, jnp.asarray(mask), 0, WINDOW))
+    ref = np.asarray(models.attention._xla_attention(q, k, v, jnp.asarray(mask), 0, WINDOW))
     out = np.asarray(models.causal_length_attention(q, k, v, jnp.asarray(mask), None, window=WINDOW))
     traced = jax.jit(lambda w: models.causal_length_attention(q, k, v, jnp.asarray(mask), None, window=w,
                                                               width=WINDOW))(jnp.int32(WINDOW))
@@ -188,7 +186,7 @@ def test_dot_product_attention_window_equals_the_xla_kernels_window():
     # And a full layer of a mixed stack (FULL_WINDOW) is plain causal attention.
     full = jax.jit(lambda w: models.causal_length_attention(q, k, v, jnp.asarray(mask), None, window=w,
                                                             width=WINDOW))(jnp.int32(models.attention.FULL_WINDOW))
-    np.testing.assert_allclose(np.asarray(full)[real], np.asarray(models._xla_attention(q, k, v, jnp.asarray(mask), 0))[real],
+    np.testing.assert_allclose(np.asarray(full)[real], np.asarray(models.attention._xla_attention(q, k, v, jnp.asarray(mask), 0))[real],
                                atol=1e-5)
 
 

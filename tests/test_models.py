@@ -253,10 +253,10 @@ def test_token_and_sequence_logprobs_match_transformers(tmp_path, side, chunk_si
 def test_default_chunk_needs_the_fewest_chunks_and_pads_less_than_one_position_each():
     """By hand: 8 rows x 49,152 logits allow 42 positions per 64 MiB chunk; 255 positions need 7
     chunks, and 7 of 37 pad 4 positions where 7 of 42 padded 39."""
-    assert models._default_chunk(8, 255, 49152) == 37
+    assert models.heads._default_chunk(8, 255, 49152) == 37
     for batch, length, vocab in [(8, 255, 49152), (1, 4095, 128256), (16, 1023, 32000), (4, 7, 512), (2, 1, 10)]:
         most = max((1 << 24) // (batch * vocab), 8)
-        chunk = models._default_chunk(batch, length, vocab)
+        chunk = models.heads._default_chunk(batch, length, vocab)
         chunks = -(-length // chunk)
         assert chunk <= max(most, 1) and chunks == -(-length // most)
         assert 0 <= chunks * chunk - length < chunks
@@ -339,7 +339,7 @@ def test_length_attention_equals_masked_attention_on_right_padded_rows():
     mask = np.zeros((4, 12), np.int32)
     for i, n in enumerate([12, 7, 1, 0]):
         mask[i, :n] = 1
-    ref = np.asarray(models._xla_attention(q, k, v, jnp.asarray(mask), 0))
+    ref = np.asarray(models.attention._xla_attention(q, k, v, jnp.asarray(mask), 0))
     out = np.asarray(models.causal_length_attention(q, k, v, jnp.asarray(mask), None))
     real = mask.astype(bool)
     assert np.isfinite(out).all()
@@ -373,8 +373,8 @@ def test_blocked_causal_attention_matches_dense_torch_attention_and_its_gradient
     w = jnp.asarray(np.random.RandomState(2).randn(3, t, 4, 8).astype(np.float32) * seen[:, :, None, None])
 
     out, grads = jax.value_and_grad(
-        lambda *x: jnp.sum(models._blocked_causal_attention(*x, jnp.asarray(mask)) * w), argnums=(0, 1, 2))(q, k, v)
-    out_btnh = np.asarray(models._blocked_causal_attention(q, k, v, jnp.asarray(mask)))
+        lambda *x: jnp.sum(models.attention._blocked_causal_attention(*x, jnp.asarray(mask)) * w), argnums=(0, 1, 2))(q, k, v)
+    out_btnh = np.asarray(models.attention._blocked_causal_attention(q, k, v, jnp.asarray(mask)))
     leaves, ref = _torch_masked_attention(q, k, v, mask)
     total = (ref * torch.tensor(np.asarray(w), dtype=torch.float64)).sum()
     total.backward()

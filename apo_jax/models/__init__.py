@@ -12,14 +12,15 @@ permutation. Layout by concern:
   `FAMILIES` table keyed by HF `model_type`.
 """
 
-from apo_jax.models.attention import (ATTENTION_BLOCK, _blocked_causal_attention, _xla_attention, attention_block,
-                                      causal_length_attention, causal_slot_mask, layer_impls)
+from apo_jax.models import attention, decoder, heads, layers, rope
+from apo_jax.models.attention import (ATTENTION_BLOCK, attention_block, causal_length_attention, causal_slot_mask,
+                                      layer_impls)
 from apo_jax.models.config import ACTIVATIONS, ATTENTION_IMPLS, LAYER_TYPES, REMAT_POLICIES, ROPE_TYPES, ModelConfig
 from apo_jax.models.decoder import (AUTO_REMAT_BYTES, PER_LAYER_PREFIX, Cache, Decoder, Params, cached_forward,
                                     hidden_states, init_cache, init_params, layer_window, new_reward_head,
                                     params_for_generation, positions_from_mask, remat_for)
 from apo_jax.models.families import FAMILIES, Family, config_from_hf, config_to_hf, family_for
-from apo_jax.models.heads import (_default_chunk, last_token_index, lm_head_kernel, lm_logits, logits_from_hidden,
+from apo_jax.models.heads import (last_token_index, lm_head_kernel, lm_logits, logits_from_hidden,
                                   logprobs_from_hidden, rewards, rewards_from_hidden, sequence_logprobs,
                                   token_logprobs, weighted_logprob_sum)
 from apo_jax.models.layers import MLP, Embed, Linear, RMSNorm, project, softcap
