@@ -12,9 +12,17 @@ from typing import Any
 
 import ml_collections
 
-from apo_jax import fileio, models, train
+from apo_jax import fileio, settings
 
 SCHEDULES = ("rjs", "apo", "apo_seq", "ablation")  # the paper's rows of `apo_jax.schedules`
+
+
+def lookup(c: ml_collections.ConfigDict, dotted: str) -> Any:
+    """The field or section at a dotted path ("rm.apo", "policy.checkpoint"); KeyError if absent."""
+    node = c
+    for part in dotted.split("."):
+        node = node[part]
+    return node
 
 
 class ConfigError(ValueError):
@@ -152,10 +160,9 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
         errors.append(f"{field}: {msg}")
 
     # Mesh.
-    from apo_jax.sharding import MeshConfig
 
     try:
-        data, fsdp, tensor = MeshConfig(c.mesh.data, c.mesh.fsdp, c.mesh.tensor).resolve(num_devices)
+        data, fsdp, tensor = settings.MeshConfig(c.mesh.data, c.mesh.fsdp, c.mesh.tensor).resolve(num_devices)
     except ValueError as e:
         err("mesh", str(e))
         data, fsdp, tensor = 1, num_devices, 1
@@ -173,9 +180,8 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
                 err("run_dir", problem)
     for field in ("policy.checkpoint", "rm.init_checkpoint", "rm.base_checkpoint", "rm.test_checkpoint",
                   "data.hh_train", "data.hh_test", "data.gold", "data.tokenizer"):
-        section, key = field.split(".")
-        if fileio.is_remote(c[section][key]):
-            problem = fileio.remote_backend_problem(c[section][key])
+        if fileio.is_remote(lookup(c, field)):
+            problem = fileio.remote_backend_problem(lookup(c, field))
             if problem:
                 err(field, problem)
 
@@ -223,8 +229,8 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
         m = c[name]
         # dtype / attention_impl "auto": chosen for the device at start-up (apo_jax.devices).
         for field, allowed in (("param_dtype", ("float32", "bfloat16")), ("dtype", ("float32", "bfloat16", "auto")),
-                               ("remat_policy", models.REMAT_POLICIES),
-                               ("attention_impl", (*models.ATTENTION_IMPLS, "auto"))):
+                               ("remat_policy", settings.REMAT_POLICIES),
+                               ("attention_impl", (*settings.ATTENTION_IMPLS, "auto"))):
             if m[field] not in allowed:
                 err(f"{name}.{field}", f"{m[field]!r}; expected one of {allowed}")
     # Checkpoint paths and contents are checked by apo_jax.preflight (resolved, headers read).
@@ -235,8 +241,8 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
     opts = {"rm.base": c.rm.base, "rm.test": c.rm.test, "rm.apo": c.rm.apo, "sft": c.sft,
             "policy.pretrain": c.policy.pretrain, "dpo": c.dpo}
     for field, o in opts.items():
-        if o.schedule not in train.SCHEDULES:
-            err(f"{field}.schedule", f"{o.schedule!r}; expected one of {train.SCHEDULES}")
+        if o.schedule not in settings.LR_SCHEDULES:
+            err(f"{field}.schedule", f"{o.schedule!r}; expected one of {settings.LR_SCHEDULES}")
         if o.batch_size <= 0 or o.batch_size % batch_shards:
             err(f"{field}.batch_size", f"{o.batch_size} must be a positive multiple of data*fsdp = {batch_shards}")
         if o.grad_accum < 1 or o.batch_size % (o.grad_accum * batch_shards):
@@ -281,10 +287,7 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
         row = schedule_table.SCHEDULES.get(s)
         if row is not None and row.rm is not None:
             try:
-                section = c
-                for part in row.rm.optimizer.split("."):
-                    section = section[part]
-                section.lr  # noqa: B018
+                lookup(c, row.rm.optimizer).lr  # noqa: B018
             except (KeyError, AttributeError):
                 err("apo.schedules", f"schedule {s!r} trains its RM with optimizer section {row.rm.optimizer!r}, "
                     "which the config does not have")

@@ -27,7 +27,7 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from apo_jax import fileio, models
+from apo_jax import fileio, models, sharding
 from apo_jax.models import ModelConfig
 
 WEIGHTS_NAME = "model.safetensors"
@@ -230,8 +230,6 @@ def load_pretrained(
     soon as it is read, so the host holds at most one (layer-stacked) tensor at a time.
     The params hold `score` (the reward head) when the checkpoint has `score.weight`.
     """
-    from apo_jax import sharding  # local: sharding imports nothing from here
-
     ckpt_dir = resolve_checkpoint_dir(path_or_hub_id)
     hf_config = read_config(ckpt_dir)
     try:
@@ -312,15 +310,6 @@ def _get_path(tree: Mapping[str, Any], path: tuple[str, ...]) -> Any:
 # Writing.
 
 
-def _to_host(x: Any) -> np.ndarray:
-    """A full host copy of a (possibly multi-process sharded) array."""
-    if isinstance(x, jax.Array) and not x.is_fully_addressable:
-        from jax.experimental import multihost_utils
-
-        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-    return np.asarray(jax.device_get(x))
-
-
 def save_pretrained(
     path: str,
     config: ModelConfig,
@@ -361,7 +350,7 @@ def save_pretrained(
         value = _get_path(params, tree_path)
         if value is None:
             raise CheckpointError(f"params lack {'/'.join(tree_path)} needed for {hf_key}")
-        value = _to_host(value).astype(config.weight_dtype)
+        value = sharding.to_host(value).astype(config.weight_dtype)
         if "{i}" in hf_key:
             for i in range(config.num_hidden_layers):
                 tensors[hf_key.format(i=i)] = np.ascontiguousarray(_to_hf(kind, value[i]))

@@ -19,6 +19,7 @@ from typing import Any
 import jax
 import ml_collections
 
+from apo_jax import config as config_lib
 from apo_jax import fileio, hf, models, objectives, phases, reporting, sampler, schedules, sharding, train
 from apo_jax.data import pipeline
 from apo_jax.store import RunStore, phase_key
@@ -127,7 +128,7 @@ class Game:
         config, params = self._init(recipe)
         records = [r for ref in recipe.data for r in self._records(ref)]
         objective = self._objective(recipe.objective)
-        opt_cfg = _section(cfg, recipe.optimizer)
+        opt_cfg = config_lib.lookup(cfg, recipe.optimizer)
         lr = float(opt_cfg.lrs[recipe.round - 1]) if "lrs" in opt_cfg else opt_cfg.lr  # per-round rates
         phase = "policy_pretrain" if recipe.init == "new" else name
         if records:
@@ -171,7 +172,7 @@ class Game:
             params.pop("score", None)
         else:
             field = recipe.init
-            path = _section(cfg, field.rsplit(".", 1)[0])[field.rsplit(".", 1)[1]]
+            path = config_lib.lookup(cfg, field)
             config, params = hf.load_pretrained(path, mesh=store.mesh, **_runtime(cfg.rm))
             if "score" not in params:
                 raise hf.CheckpointError(f"{path}: has no score.weight; {field} must be a reward model "
@@ -181,9 +182,7 @@ class Game:
     def _objective(self, name: str) -> objectives.Objective:
         cfg = self.cfg
         if name == "ranking":
-            from apo_jax.config import apo_pair_weight
-
-            return objectives.get("ranking", apo_weight=apo_pair_weight(cfg), human_weight=float(cfg.rm.human_weight))
+            return objectives.get("ranking", apo_weight=config_lib.apo_pair_weight(cfg), human_weight=float(cfg.rm.human_weight))
         if name == "sft":
             return objectives.get("sft", normalize=cfg.sft.normalize)
         if name == "dpo":
@@ -320,13 +319,6 @@ class Game:
                      f"{sampler.COMPILES['prefill']} prefill, {sampler.COMPILES['decode']} decode "
                      "(one per model shape, length bucket and sampling setting).")
         return "\n".join(lines)
-
-
-def _section(cfg: ml_collections.ConfigDict, dotted: str) -> Any:
-    node = cfg
-    for part in dotted.split("."):
-        node = node[part]
-    return node
 
 
 def _runtime(m: ml_collections.ConfigDict) -> dict[str, Any]:

@@ -16,7 +16,7 @@ import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
 
-from apo_jax import checkpointing, diagnostics, evaluation, fileio, fit, hf, models, sampler, scoring, train
+from apo_jax import checkpointing, diagnostics, evaluation, fileio, fit, hf, models, sampler, scoring, sharding, train
 from apo_jax.data import pipeline, tokenize
 from apo_jax.objectives import Objective
 from apo_jax.store import (ModelSlot, PolicyEvalKey, RMEvalKey, RunStore, SamplesKey, ScoresKey, phase_key,
@@ -111,7 +111,7 @@ def sample(ctx: Context, policy: str, split: str, prompts: Sequence[dict], setti
                 top_p=settings.top_p, top_k=settings.top_k, eos_token_id=slot.config.eos_token_ids,
                 stop_strings=tuple(cfg.sampling.stop_strings), tokenizer=ctx.tokenizer, mesh=store.mesh,
             )
-            tokens, lengths = scoring.gather(out.tokens), scoring.gather(out.lengths)
+            tokens, lengths = sharding.to_host(out.tokens), sharding.to_host(out.lengths)
             lines = []
             for i, rec in enumerate(recs):
                 for s in range(num_samples):

@@ -16,15 +16,11 @@ import os
 import ml_collections
 
 from apo_jax import fileio, hf
+from apo_jax.config import lookup
 
 CHECKPOINT_FIELDS = ("policy.checkpoint", "rm.init_checkpoint", "rm.base_checkpoint", "rm.test_checkpoint")
 # Checkpoints used as reward models as they are: they must carry the reward head.
 RM_FIELDS = ("rm.base_checkpoint", "rm.test_checkpoint")
-
-
-def _get(cfg: ml_collections.ConfigDict, field: str) -> str:
-    section, key = field.split(".")
-    return cfg[section][key]
 
 
 def check_checkpoint_contents(ckpt_dir: str, *, reward_model: bool = False) -> None:
@@ -69,7 +65,7 @@ def preflight(cfg: ml_collections.ConfigDict) -> None:
     if cfg.data.kind == "hh":
         fields.append("data.tokenizer")
     for field in fields:
-        path = _get(cfg, field)
+        path = lookup(cfg, field)
         if not path:
             continue
         if field == "data.tokenizer" and fileio.is_remote(path):

@@ -53,13 +53,4 @@ def score_texts_with(
         rows = np.arange(i, i + batch_size) % len(texts)
         g = sharding.shard_batch(examples.batch(rows), mesh)
         out.append(score_fn(params, g["input_ids"], g["input_mask"]))
-    return np.concatenate([gather(x) for x in out])[: len(texts)]
-
-
-def gather(x: jax.Array) -> np.ndarray:
-    """A global array on the host of every process (an all-gather when it spans processes)."""
-    if not x.is_fully_addressable:
-        from jax.experimental import multihost_utils
-
-        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-    return np.asarray(x)
+    return np.concatenate([sharding.to_host(x) for x in out])[: len(texts)]

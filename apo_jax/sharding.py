@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import dataclasses
 import logging
-import math
 import os
 import re
 from typing import Any, Iterator, Mapping, Sequence
@@ -30,7 +28,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-MESH_AXES = ("data", "fsdp", "tensor")
+from apo_jax.settings import MESH_AXES, MeshConfig
 
 # Logical axis name -> mesh axis (or axes, or None = replicated).
 LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
@@ -98,40 +96,6 @@ ACT_VOCAB = ("act_batch", "act_length", "act_vocab")
 ACT_BATCH = ("act_batch",)
 # KV cache [L, B, S, K, h]: batch over data/fsdp, heads over tensor.
 CACHE_AXES = ("layers", "act_batch", "act_cache_length", "act_kv_heads", None)
-
-
-@dataclasses.dataclass(frozen=True)
-class MeshConfig:
-    """Mesh axis sizes; one of them may be -1 for "all remaining devices"."""
-
-    data: int = 1
-    """Pure data parallelism (replicated weights)."""
-    fsdp: int = -1
-    """Data parallelism with weights, gradients and optimizer state sharded (ZeRO-3)."""
-    tensor: int = 1
-    """Tensor (Megatron) parallelism over heads, MLP width and vocabulary."""
-
-    def resolve(self, num_devices: int) -> tuple[int, int, int]:
-        """Axis sizes for `num_devices`, or ValueError naming the offending field."""
-        sizes = {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}
-        bad = [f"{k}={v}" for k, v in sizes.items() if v == 0 or v < -1]
-        if bad:
-            raise ValueError(f"mesh: sizes must be positive or -1, got {', '.join(bad)}")
-        free = [k for k, v in sizes.items() if v == -1]
-        if len(free) > 1:
-            raise ValueError(f"mesh: at most one axis may be -1, got {', '.join(free)}")
-        fixed = math.prod(v for v in sizes.values() if v != -1)
-        if free:
-            if num_devices % fixed:
-                raise ValueError(
-                    f"mesh: fixed axes multiply to {fixed}, which does not divide the {num_devices} devices"
-                )
-            sizes[free[0]] = num_devices // fixed
-        if math.prod(sizes.values()) != num_devices:
-            raise ValueError(
-                f"mesh: data*fsdp*tensor = {math.prod(sizes.values())} but there are {num_devices} devices"
-            )
-        return sizes["data"], sizes["fsdp"], sizes["tensor"]
 
 
 def make_mesh(config: MeshConfig | None = None, devices: Sequence[jax.Device] | None = None) -> Mesh:
@@ -353,6 +317,16 @@ def shard_batch(batch: Any, mesh: Mesh) -> Any:
         return jax.make_array_from_process_local_data(batch_sharding(mesh, x.ndim), x)
 
     return jax.tree_util.tree_map(leaf, batch)
+
+
+def to_host(x: Any) -> np.ndarray:
+    """A full host copy of an array on every process: an all-gather when a global array spans
+    processes (every process must call it then), a plain transfer otherwise."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))
 
 
 def cache_sharding(mesh: Mesh, shape: Sequence[int]) -> NamedSharding:

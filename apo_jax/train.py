@@ -22,9 +22,9 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from apo_jax import models, sharding
+from apo_jax.settings import LR_SCHEDULES
 from apo_jax.objectives import Objective
 
-SCHEDULES = ("constant", "linear", "cosine")
 """Learning-rate schedule kinds (decay after warmup); config validation uses this tuple."""
 
 
@@ -52,8 +52,8 @@ class OptimizerConfig:
     """Adam epsilon."""
 
     def __post_init__(self) -> None:
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"schedule={self.schedule!r}; expected one of {SCHEDULES}")
+        if self.schedule not in LR_SCHEDULES:
+            raise ValueError(f"schedule={self.schedule!r}; expected one of {LR_SCHEDULES}")
 
 
 def make_schedule(cfg: OptimizerConfig) -> optax.Schedule:

@@ -13,6 +13,7 @@ import transformers
 
 from apo_jax.data import records
 from apo_jax.data import synthetic as syn
+from apo_jax.data import synthetic_files
 
 
 def _cfg(**overrides):
@@ -36,7 +37,7 @@ def _read_jsonl(path: str) -> list[dict]:
 def world(tmp_path_factory):
     cfg = _cfg()
     out = str(tmp_path_factory.mktemp("world"))
-    info = syn.write_world(cfg, seed=0, out_dir=out)
+    info = synthetic_files.write_world(cfg, seed=0, out_dir=out)
     info["cfg"] = cfg
     return info
 
@@ -234,10 +235,10 @@ def test_labels_follow_the_bradley_terry_probability_per_reward_gap(world):
 
 def test_world_is_deterministic_from_seed_and_reused_by_hash(world, tmp_path):
     small = _cfg(n_train_prompts=300, n_test_prompts=50, n_demos=200)
-    a = syn.write_world(small, 7, str(tmp_path / "a"))
-    b = syn.write_world(small, 7, str(tmp_path / "b"))
-    c = syn.write_world(small, 8, str(tmp_path / "c"))
-    for key in syn.FILES:
+    a = synthetic_files.write_world(small, 7, str(tmp_path / "a"))
+    b = synthetic_files.write_world(small, 7, str(tmp_path / "b"))
+    c = synthetic_files.write_world(small, 8, str(tmp_path / "c"))
+    for key in synthetic_files.FILES:
         with open(a["paths"][key], "rb") as fa, open(b["paths"][key], "rb") as fb:
             assert fa.read() == fb.read(), key
     for key in ("hh_train", "hh_test", "gold", "demos"):
@@ -246,18 +247,18 @@ def test_world_is_deterministic_from_seed_and_reused_by_hash(world, tmp_path):
 
     # Same (config, seed): reused without rewriting.
     mtime = os.stat(a["paths"]["hh_train"]).st_mtime_ns
-    again = syn.write_world(small, 7, str(tmp_path / "a"))
+    again = synthetic_files.write_world(small, 7, str(tmp_path / "a"))
     assert again["reused"] and not a["reused"]
     assert os.stat(a["paths"]["hh_train"]).st_mtime_ns == mtime
     # A damaged file (or a missing world.json, as a killed write leaves) means regenerate.
     with open(a["paths"]["demos"], "wb") as f:
         f.write(b"{")
-    assert not syn.write_world(small, 7, str(tmp_path / "a"))["reused"]
+    assert not synthetic_files.write_world(small, 7, str(tmp_path / "a"))["reused"]
     os.remove(a["paths"]["world"])
-    assert not syn.write_world(small, 7, str(tmp_path / "a"))["reused"]
+    assert not synthetic_files.write_world(small, 7, str(tmp_path / "a"))["reused"]
     assert _read_jsonl(a["paths"]["demos"]) == _read_jsonl(b["paths"]["demos"])
     # Another config replaces the world in place.
-    other = syn.write_world(_cfg(n_train_prompts=300, n_test_prompts=50, n_demos=100), 7, str(tmp_path / "a"))
+    other = synthetic_files.write_world(_cfg(n_train_prompts=300, n_test_prompts=50, n_demos=100), 7, str(tmp_path / "a"))
     assert not other["reused"] and other["config_hash"] != a["config_hash"]
     assert len(_read_jsonl(a["paths"]["demos"])) == 100
     assert not [f for f in os.listdir(tmp_path / "a") if ".tmp-" in f]
@@ -268,7 +269,7 @@ def test_partial_config_is_completed_from_the_defaults():
     assert full.to_dict() == syn.default_config().to_dict()
     partial = syn.resolve_config({"n_demos": 10, "tasks": ["add", "sort"]})
     assert partial.n_demos == 10 and partial.tasks == ("add", "sort") and partial.alphabet == full.alphabet
-    assert syn.config_hash(partial, 0) != syn.config_hash(full, 0) != syn.config_hash(full, 1)
+    assert synthetic_files.config_hash(partial, 0) != synthetic_files.config_hash(full, 0) != synthetic_files.config_hash(full, 1)
     with pytest.raises(ValueError, match="n_prompts: unknown field"):
         syn.resolve_config({"n_prompts": 5})
 
@@ -277,15 +278,15 @@ def test_invalid_config_is_rejected_with_each_field_named(tmp_path):
     cfg = _cfg(tasks=("reverse", "poetry"), label_temperature=0.0, demo_correct_fraction=0.8,
                demo_junk_fraction=0.5)
     with pytest.raises(ValueError) as e:
-        syn.write_world(cfg, 0, str(tmp_path))
+        synthetic_files.write_world(cfg, 0, str(tmp_path))
     for field in ("tasks", "label_temperature", "demo_correct_fraction + demo_junk_fraction"):
         assert field in str(e.value)
     with pytest.raises(ValueError, match="max_prompt_chars"):
-        syn.write_world(_cfg(max_word_len=30), 0, str(tmp_path))
+        synthetic_files.write_world(_cfg(max_word_len=30), 0, str(tmp_path))
     with pytest.raises(ValueError, match="max_response_chars"):
-        syn.write_world(_cfg(max_response_chars=5), 0, str(tmp_path))
+        synthetic_files.write_world(_cfg(max_response_chars=5), 0, str(tmp_path))
     with pytest.raises(ValueError, match="distinct prompts"):
-        syn.write_world(_cfg(tasks=("add",), max_number=5, n_train_prompts=100), 0, str(tmp_path))
+        synthetic_files.write_world(_cfg(tasks=("add",), max_number=5, n_train_prompts=100), 0, str(tmp_path))
 
 
 # --------------------------------------------------------------------------------- tokenizer
@@ -314,7 +315,7 @@ def test_tokenizer_vocabulary_and_special_ids(world):
 
 
 def test_tokenizer_round_trips_every_transcript_with_exact_offsets(world):
-    tok = syn.build_tokenizer()
+    tok = synthetic_files.build_tokenizer()
     texts = _all_texts(world)
     enc = tok(texts, add_special_tokens=False, return_offsets_mapping=True)
     for text, ids, offsets in zip(texts, enc.input_ids, enc.offset_mapping):
@@ -328,7 +329,7 @@ def test_tokenizer_round_trips_every_transcript_with_exact_offsets(world):
 
 
 def test_saved_tokenizer_reloads_identically(world, tmp_path):
-    built = syn.build_tokenizer(str(tmp_path))
+    built = synthetic_files.build_tokenizer(str(tmp_path))
     loaded = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
     texts = _all_texts(world)[:500] + [" leading", "trailing \n", "a  b . , ?", "<s> and </s>"]
     assert loaded(texts).input_ids == built(texts).input_ids
@@ -386,7 +387,7 @@ def test_world_object_charges_the_configured_cost_and_the_control_world_none():
 
 def test_control_world_makes_the_marker_uninformative(tmp_path):
     cfg = _cfg(n_train_prompts=1500, n_test_prompts=50, n_demos=3000, marker_control=True)
-    info = syn.write_world(cfg, 0, str(tmp_path))
+    info = synthetic_files.write_world(cfg, 0, str(tmp_path))
     probs = syn.marker_probs(syn.resolve_config(cfg))
     mean = 0.2 * 0.9 + 0.7 * 0.05 + 0.1 * 0.0  # the default mix: correct 0.2, junk 0.1
     assert probs == pytest.approx({"correct": mean, "corrupted": mean, "junk": mean})
@@ -402,7 +403,7 @@ def test_control_world_makes_the_marker_uninformative(tmp_path):
 def test_marker_escalation_repeats_and_every_occurrence_is_charged(tmp_path):
     cfg = _cfg(n_train_prompts=300, n_test_prompts=20, n_demos=3000, tasks=("echo",), max_word_len=4,
                marker_repeat_prob=0.5, marker_max_count=3)
-    syn.write_world(cfg, 0, str(tmp_path))
+    synthetic_files.write_world(cfg, 0, str(tmp_path))
     demos = _read_jsonl(str(tmp_path / "demos.jsonl"))
     counts = np.array([syn.marker_count(d["response"]) for d in demos])
     assert counts.max() == 3 and len(set(counts.tolist())) == 4
@@ -419,7 +420,7 @@ def test_marker_escalation_repeats_and_every_occurrence_is_charged(tmp_path):
 def test_task_weights_set_the_task_mix(tmp_path):
     cfg = _cfg(n_train_prompts=2000, n_test_prompts=20, n_demos=0, tasks=("echo", "upper", "reverse"),
                task_weights=(2.0, 1.0, 1.0))
-    info = syn.write_world(cfg, 0, str(tmp_path))
+    info = synthetic_files.write_world(cfg, 0, str(tmp_path))
     per_task = info["counts"]["train_prompts_per_task"]
     assert abs(per_task["echo"] / 2000 - 0.5) < 4 * math.sqrt(0.25 / 2000), per_task
     assert abs(per_task["upper"] / 2000 - 0.25) < 4 * math.sqrt(0.1875 / 2000), per_task
@@ -428,6 +429,6 @@ def test_task_weights_set_the_task_mix(tmp_path):
 def test_invalid_marker_fields_are_named(tmp_path):
     cfg = _cfg(marker_prob_correct=1.5, marker_cost=-0.1, marker_max_count=0, task_weights=(1.0,))
     with pytest.raises(ValueError) as e:
-        syn.write_world(cfg, 0, str(tmp_path))
+        synthetic_files.write_world(cfg, 0, str(tmp_path))
     for field in ("marker_prob_correct", "marker_cost", "marker_max_count", "task_weights"):
         assert field in str(e.value)

@@ -49,7 +49,7 @@ def prepare(cfg: ml_collections.ConfigDict, run_dir: str) -> Data:
     demonstrations = None
     reports: dict[str, Any] = {}
     if d.kind == "synthetic":
-        from apo_jax.data import synthetic
+        from apo_jax.data import synthetic, synthetic_files
 
         import jax
         from jax.experimental import multihost_utils
@@ -57,19 +57,19 @@ def prepare(cfg: ml_collections.ConfigDict, run_dir: str) -> Data:
         if fileio.is_remote(run_dir):
             # The world's readers (gzip, the tokenizer) need local files, and the world is a pure
             # function of its config and seed: each process writes its own local copy.
-            digest = synthetic.config_hash(synthetic.resolve_config(d.synthetic), cfg.seed)
+            digest = synthetic_files.config_hash(synthetic.resolve_config(d.synthetic), cfg.seed)
             world_dir = fileio.local_cache_dir("synthetic_world", f"{digest}-p{jax.process_index()}")
-            reports["world"] = synthetic.write_world(d.synthetic, cfg.seed, world_dir)
+            reports["world"] = synthetic_files.write_world(d.synthetic, cfg.seed, world_dir)
         else:
             world_dir = os.path.join(run_dir, "world")
             # One writer (write_world's contract): process 0 writes or verifies the world, then the
             # others find it complete and only read it.
             if jax.process_index() == 0:
-                reports["world"] = synthetic.write_world(d.synthetic, cfg.seed, world_dir)
+                reports["world"] = synthetic_files.write_world(d.synthetic, cfg.seed, world_dir)
             if jax.process_count() > 1:
                 multihost_utils.sync_global_devices("apo_jax: synthetic world")
             if jax.process_index() != 0:
-                reports["world"] = synthetic.write_world(d.synthetic, cfg.seed, world_dir)  # reused
+                reports["world"] = synthetic_files.write_world(d.synthetic, cfg.seed, world_dir)  # reused
         train_src = test_src = os.path.join(world_dir, "hh")
         gold_path = os.path.join(world_dir, "gold.jsonl")
         tokenizer_path = os.path.join(world_dir, "tokenizer")

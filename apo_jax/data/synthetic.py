@@ -539,16 +539,3 @@ class _MaxRng:
     def integers(self, low: int, high: int | None = None, size: int | None = None) -> Any:
         top = (low if high is None else high) - 1
         return np.full(size, top) if size is not None else top
-
-
-# The world's files and tokenizer live in synthetic_files (which imports this module); they stay
-# reachable here, loaded on first use, so `synthetic` remains the one entry point.
-_FILE_API = ("FILES", "WORLD_JSON", "build_tokenizer", "config_hash", "write_world")
-
-
-def __getattr__(name: str) -> Any:
-    if name in _FILE_API:
-        from apo_jax.data import synthetic_files
-
-        return getattr(synthetic_files, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

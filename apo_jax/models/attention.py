@@ -20,7 +20,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from apo_jax import sharding
 from apo_jax.models.config import ModelConfig
-from apo_jax.models.layers import Linear, RMSNorm, project, softcap
+from apo_jax.models.layers import Linear, RMSNorm, softcap
 from apo_jax.models.rope import apply_rope
 
 Cache = dict[str, jax.Array]

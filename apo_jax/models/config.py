@@ -12,8 +12,7 @@ from typing import Any, Mapping
 
 import jax.numpy as jnp
 
-REMAT_POLICIES = ("auto", "none", "minimal", "full", "dots", "dots_no_batch")
-ATTENTION_IMPLS = ("xla", "cudnn")
+from apo_jax.settings import ATTENTION_IMPLS, REMAT_POLICIES
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
 ACTIVATIONS = ("silu", "gelu_pytorch_tanh", "gelu")
 LAYER_TYPES = ("full_attention", "sliding_attention")

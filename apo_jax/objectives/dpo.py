@@ -10,6 +10,7 @@ never holds a second copy of the policy.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Mapping, Sequence
 
 import jax
@@ -59,10 +60,8 @@ class DPO(Objective):
             g = sharding.shard_batch(examples.batch(rows), mesh)
             for side in out:
                 out[side].append(logp(params, g[f"{side}_ids"], g[f"{side}_mask"], g[f"{side}_response_mask"]))
-        from apo_jax import scoring
-
         for side, parts in out.items():
-            examples.extras[f"ref_{side}"] = np.concatenate([scoring.gather(x) for x in parts])[:n].astype(np.float32)
+            examples.extras[f"ref_{side}"] = np.concatenate([sharding.to_host(x) for x in parts])[:n].astype(np.float32)
         return examples
 
     def stats(self, config: models.ModelConfig, params: Any, batch: Mapping[str, jax.Array]) -> Stats:
@@ -80,15 +79,13 @@ class DPO(Objective):
         return losses.dpo_metrics(stats)
 
 
-_LOGP_FNS: dict[tuple, Any] = {}
-
-
+@functools.lru_cache(maxsize=32)
 def _sequence_logprobs_fn(config: models.ModelConfig, mesh: jax.sharding.Mesh):
-    key = (config, mesh)
-    if key not in _LOGP_FNS:
-        def fn(params, ids, mask, resp):
-            with sharding.activation_sharding(mesh):
-                return models.sequence_logprobs(config, params, ids, mask, resp)
+    """Jitted `(params, ids, mask, response_mask) -> log pi(y|x) [B]` on the mesh (one per model
+    config and mesh, as `scoring.make_reward_fn`)."""
 
-        _LOGP_FNS[key] = jax.jit(fn)
-    return _LOGP_FNS[key]
+    def fn(params, ids, mask, resp):
+        with sharding.activation_sharding(mesh):
+            return models.sequence_logprobs(config, params, ids, mask, resp)
+
+    return jax.jit(fn)
