@@ -8,7 +8,7 @@ reports every wrong field at once, named by its dotted path.
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import ml_collections
 
@@ -152,8 +152,13 @@ def _looks_like_hub_id(path: str) -> bool:
     return bool(path) and not path.startswith((".", "/", "~")) and path.count("/") == 1 and not os.path.exists(path)
 
 
-def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
-    """Raises ConfigError listing every wrong field (`field: problem`), or returns None."""
+def validate(c: ml_collections.ConfigDict, num_devices: int,
+             checks: Sequence[Callable[[ml_collections.ConfigDict], list[str]]] = ()) -> None:
+    """Raises ConfigError listing every wrong field (`field: problem`), or returns None.
+
+    `checks`: more validators, each returning `field: problem` lines, whose rules live with the
+    code that implements them (`objectives.settings_problems`: each learning rule checks its own
+    section); they are reported with these. This module itself imports no jax."""
     errors: list[str] = []
 
     def err(field: str, msg: str) -> None:
@@ -256,20 +261,12 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
         err("sampling.batch_size", f"{c.sampling.batch_size} must be a positive multiple of data*fsdp = {batch_shards}")
     if c.eval.batch_size <= 0 or c.eval.batch_size % batch_shards:
         err("eval.batch_size", f"{c.eval.batch_size} must be a positive multiple of data*fsdp = {batch_shards}")
-    if c.sft.normalize not in ("token", "sequence"):
-        err("sft.normalize", f"{c.sft.normalize!r}; expected 'token' or 'sequence'")
     if c.rm.apo_weight < 0:
         err("rm.apo_weight", f"{c.rm.apo_weight} must be >= 0 (0 = rm.apo_weight_per_query / apo.num_samples)")
     if c.rm.apo_weight == 0 and c.rm.apo_weight_per_query <= 0:
         err("rm.apo_weight_per_query", f"{c.rm.apo_weight_per_query} must be > 0")
     if c.rm.apo_init not in ("base", "init"):
         err("rm.apo_init", f"{c.rm.apo_init!r}; expected 'base' (fine-tune RM_Base) or 'init' (the RM init checkpoint)")
-    if c.dpo.beta <= 0:
-        err("dpo.beta", f"{c.dpo.beta} must be > 0")
-    if not 0.0 <= c.dpo.label_smoothing < 0.5:
-        err("dpo.label_smoothing", f"{c.dpo.label_smoothing} must be in [0, 0.5)")
-    if c.dpo.sft_weight < 0:
-        err("dpo.sft_weight", f"{c.dpo.sft_weight} must be >= 0")
     if len(tuple(c.dpo.lrs)) < c.apo.rounds and any(s.endswith("-dpo") for s in tuple(c.apo.schedules)):
         err("dpo.lrs", f"{len(tuple(c.dpo.lrs))} learning rates for {c.apo.rounds} rounds; give one per round")
     if len(tuple(c.sft.lrs)) < c.apo.rounds:
@@ -316,6 +313,8 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
     if c.checkpoint.save_every_steps < 0:
         err("checkpoint.save_every_steps", f"{c.checkpoint.save_every_steps} must be >= 0 (0 = phase ends only)")
 
+    for check in checks:
+        errors.extend(check(c))
     if errors:
         raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
 
@@ -328,3 +327,156 @@ def apo_pair_weight(c: ml_collections.ConfigDict) -> float:
 def to_plain(c: ml_collections.ConfigDict) -> dict[str, Any]:
     """A JSON-able dict of the config (written beside the run's outputs)."""
     return c.to_dict()
+
+
+# --------------------------------------------------------------------------------------------
+# The configuration reference: one line of meaning per field, checked against `base_config()` by
+# the tests (a field without a note fails them), printed by `--show_config` and written to
+# docs/config_reference.md by `python -m apo_jax.config`.
+
+OPTIMIZER_SECTIONS = ("policy.pretrain", "rm.base", "rm.test", "rm.apo", "sft", "dpo")
+SAMPLING_SECTIONS = ("sampling.train", "sampling.test")
+
+NOTES: dict[str, str] = {
+    "run_dir": "where the run writes everything (local path or gs://); rerunning the command resumes it",
+    "seed": "seeds the data splits, initialisations, data order and sampling",
+    "compilation_cache_dir": "persistent XLA compilation cache (local or gs://; \"\" = off); JAX_COMPILATION_CACHE_DIR wins",
+    "log_every_steps": "train metrics are logged every this many steps",
+    "mesh.data": "devices on the pure data-parallel axis (-1: all that remain)",
+    "mesh.fsdp": "devices on the fully sharded data-parallel axis (weights and optimizer state sharded)",
+    "mesh.tensor": "devices on the tensor-parallel axis (heads, MLP width, vocabulary)",
+    "data.kind": "synthetic (the built-in preference world) | hh (HH-RLHF)",
+    "data.hh_train": "HH-RLHF train split: hub id Anthropic/hh-rlhf or a local dir / .jsonl(.gz)",
+    "data.hh_test": "HH-RLHF test split, as data.hh_train",
+    "data.gold": "golden answers (JSONL of prompt, response); \"\": the HH chosen answers of those prompts",
+    "data.tokenizer": "tokenizer dir or hub id; \"\": the policy checkpoint's tokenizer",
+    "data.n_rm": "distinct train prompts whose pairs train the RMs (HH_RM)",
+    "data.n_dev": "RM validation pairs, from the policy queries' pairs (HH_Dev)",
+    "data.n_llm": "policy training queries, the other train prompts (0: all of them)",
+    "data.n_test": "test pairs (0: all); their prompts are the policies' test queries",
+    "data.rm_max_len": "tokens of an RM input (prompt + response), longer ones left-truncated",
+    "data.sft_max_len": "tokens of an SFT / DPO input",
+    "data.prompt_max_len": "tokens of a prompt given to the sampler",
+    "data.buckets": "padded lengths inputs are grouped into (each compiles once); the largest bounds every max_len",
+    "data.reward_position": "last_token (the last response token; exports score the same in transformers) | eos (an appended EOS)",
+    "data.on_bad_line": "raise (stop, naming file and line) | skip (count it and go on) for an unreadable data line",
+    "data.prompt_format": "hh (the paper's \\n\\nHuman: ... \\n\\nAssistant:) | chat_template (the tokenizer's)",
+    "data.carve_test_fraction": "> 0: carve train and test by prompt from the test split alone (0: read a train split)",
+    "data.synthetic": "the synthetic world's settings (apo_jax/data/synthetic.py: tasks, sizes, label noise, marker)",
+    "policy.checkpoint": "initial policy: HF dir or hub id; \"\": a new model of policy.arch pretrained on demonstrations",
+    "policy.arch.hidden_size": "width of a new policy (only without policy.checkpoint); any ModelConfig field may be set here",
+    "policy.arch.intermediate_size": "MLP width of a new policy",
+    "policy.arch.num_hidden_layers": "layers of a new policy",
+    "policy.arch.num_attention_heads": "query heads of a new policy",
+    "policy.arch.num_key_value_heads": "key/value heads of a new policy",
+    "policy.arch.max_position_embeddings": "context length of a new policy",
+    "policy.param_dtype": "stored weights: float32 | bfloat16",
+    "policy.dtype": "compute dtype: float32 | bfloat16 | auto (the device's choice at start-up)",
+    "policy.remat_policy": "activation rematerialisation: auto | none | minimal | full | dots | dots_no_batch",
+    "policy.attention_impl": "xla | cudnn | auto (cuDNN flash attention on sm80+ GPUs)",
+    "policy.scan_layers": "run the layer stack as a rolled scan (fast compiles); False unrolls it",
+    "rm.init_checkpoint": "RM initialisation: HF LM or RM dir / hub id; \"\": the initial policy's weights",
+    "rm.base_checkpoint": "a trained RM_Base to use instead of training one",
+    "rm.test_checkpoint": "a trained RM_Test (the evaluation RM) to use instead of training one",
+    "rm.reward_head_std": "std of a new reward head's weights (0: a zero head, as the paper)",
+    "rm.apo_weight": "weight of each APO pair (eq. 15); 0: rm.apo_weight_per_query / apo.num_samples",
+    "rm.apo_weight_per_query": "APO weight per query, split over its S samples (the official 0.1)",
+    "rm.apo_init": "base (APO RMs fine-tune RM_Base, the paper) | init (the RM init checkpoint)",
+    "rm.human_weight": "weight of each human preference pair",
+    "rm.param_dtype": "as policy.param_dtype, for reward models",
+    "rm.dtype": "as policy.dtype, for reward models",
+    "rm.remat_policy": "as policy.remat_policy, for reward models",
+    "rm.attention_impl": "as policy.attention_impl, for reward models",
+    "sft.lrs": "the policy's learning rate in each round (one per round)",
+    "sft.normalize": "token (every response token counts equally) | sequence (every response)",
+    "dpo.lrs": "DPO learning rate in each round (the `<arm>-dpo` schedules)",
+    "dpo.beta": "DPO's inverse temperature of the implicit reward",
+    "dpo.label_smoothing": "conservative DPO: probability a preference label is flipped, in [0, 0.5)",
+    "dpo.sft_weight": "weight of an SFT term on the chosen answer",
+    "apo.rounds": "rounds of the game",
+    "apo.num_samples": "S: samples per query, for best-of-S and the APO pairs",
+    "apo.schedules": "the arms played (rows of apo_jax/schedules.py: rjs, apo, apo_seq, ablation, oracle, `<arm>-dpo`)",
+    "sampling.stop_strings": "texts that end a sample (cut off), found on the decoded text",
+    "sampling.batch_size": "prompts per sampling batch",
+    "eval.num_bins": "calibration bins of the RM's expected calibration error",
+    "eval.batch_size": "rows per RM scoring batch",
+    "checkpoint.save_every_steps": "train-state checkpoint interval within a phase (0: only at its end)",
+    "checkpoint.async_save": "write checkpoints in the background",
+    "checkpoint.keep": "train-state checkpoints kept per phase",
+    # Every optimizer section (OPTIMIZER_SECTIONS).
+    "<optimizer>.lr": "peak learning rate (AdamW)",
+    "<optimizer>.batch_size": "examples per step (a multiple of data x fsdp)",
+    "<optimizer>.epochs": "passes over the phase's data",
+    "<optimizer>.max_steps": "> 0 caps the steps (0: run the epochs)",
+    "<optimizer>.warmup_steps": "linear warmup steps",
+    "<optimizer>.schedule": "after warmup: constant | linear | cosine decay",
+    "<optimizer>.weight_decay": "AdamW weight decay",
+    "<optimizer>.grad_clip": "global gradient-norm clip",
+    "<optimizer>.grad_accum": "micro-batches per step (summed exactly)",
+    "<optimizer>.b1": "Adam beta1",
+    "<optimizer>.b2": "Adam beta2",
+    # Both sampling sections (SAMPLING_SECTIONS: the training samples and the test answers).
+    "<sampling>.temperature": "sampling temperature (0: greedy)",
+    "<sampling>.top_p": "nucleus filter (1: off)",
+    "<sampling>.top_k": "top-k filter (0: off)",
+    "<sampling>.max_new_tokens": "tokens generated at most",
+}
+SECTION_NOTES = {"policy.pretrain": "SFT of a new policy on the demonstrations (no policy.checkpoint)",
+                 "rm.base": "RM_Base training", "rm.test": "RM_Test (the evaluation RM) training",
+                 "rm.apo": "APO RM updates", "sft": "the policy's rejection-sampling SFT", "dpo": "DPO policy updates",
+                 "sampling.train": "the policy's training samples", "sampling.test": "test answers"}
+
+
+def leaves(c: Any, prefix: str = "") -> dict[str, Any]:
+    """Every field of a config by dotted path (an empty section is one field)."""
+    out: dict[str, Any] = {}
+    for key in c:
+        value = c[key]
+        if hasattr(value, "keys") and len(value):
+            out.update(leaves(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def note(field: str) -> str:
+    """The one-line meaning of a field (KeyError for a field nobody documented)."""
+    if field in NOTES:
+        return NOTES[field]
+    section, _, leaf = field.rpartition(".")
+    if section.startswith("data.synthetic"):
+        return NOTES["data.synthetic"]
+    if section == "policy.arch":  # any ModelConfig field of a new policy
+        return f"a new policy's {leaf} (apo_jax.models.ModelConfig; only without policy.checkpoint)"
+    for kind, sections in (("<optimizer>", OPTIMIZER_SECTIONS), ("<sampling>", SAMPLING_SECTIONS)):
+        if section in sections:
+            return f"{SECTION_NOTES[section]}: {NOTES[f'{kind}.{leaf}']}"
+    raise KeyError(f"config field {field} has no note in apo_jax.config.NOTES")
+
+
+def reference(c: ml_collections.ConfigDict) -> str:
+    """Every field of `c` with its value and meaning, as a Markdown table."""
+    rows = ["| field | value | meaning |", "| --- | --- | --- |"]
+    for field, value in sorted(leaves(c).items()):
+        shown = repr(value.to_dict() if hasattr(value, "to_dict") else value).replace("|", "\\|")
+        meaning = note(field).replace("|", "\\|")
+        rows.append(f"| `{field}` | `{shown}` | {meaning} |")
+    return "\n".join(rows)
+
+
+REFERENCE_HEADER = """# Configuration reference
+
+Every field of `apo_jax.config.base_config()` with its default and meaning, generated from the
+config (`python -m apo_jax.config > docs/config_reference.md`; a test checks this page is current).
+A config file (`configs/*.py`) starts from these defaults and changes some; any field can be set on
+the command line (`--config.rm.base.lr=1e-6`). `python -m apo_jax.main --config=X --show_config`
+prints the resolved fields of config X the same way. Two defaults worth knowing: with
+`rm.init_checkpoint` empty the reward models start from the initial policy's weights, and with
+`data.tokenizer` empty every model reads the policy checkpoint's tokenizer.
+
+"""
+
+
+if __name__ == "__main__":
+    print(REFERENCE_HEADER + reference(base_config()))
+

@@ -180,15 +180,7 @@ class Game:
         store.save_model(name, config, params)
 
     def _objective(self, name: str) -> objectives.Objective:
-        cfg = self.cfg
-        if name == "ranking":
-            return objectives.get("ranking", apo_weight=config_lib.apo_pair_weight(cfg), human_weight=float(cfg.rm.human_weight))
-        if name == "sft":
-            return objectives.get("sft", normalize=cfg.sft.normalize)
-        if name == "dpo":
-            return objectives.get("dpo", beta=float(cfg.dpo.beta), label_smoothing=float(cfg.dpo.label_smoothing),
-                                  sft_weight=float(cfg.dpo.sft_weight))
-        return objectives.get(name)
+        return objectives.from_config(name, self.cfg)
 
     def _records(self, ref: Any) -> list[dict]:
         """The training records a data reference stands for (sampling/selecting them if needed)."""

@@ -20,7 +20,11 @@ from typing import Any, NoReturn, Sequence
 from absl import app, flags
 from ml_collections import config_flags
 
+from apo_jax import config as config_lib
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).", lock_config=True)
+_SHOW_CONFIG = flags.DEFINE_bool("show_config", False, "Print every field of the resolved config with its meaning "
+                                 "(docs/config_reference.md lists the defaults) and exit.")
 _ALLOW_CHANGE = flags.DEFINE_list(
     "allow_config_change", [],
     "Config fields that may differ from the run dir's recorded fingerprint: only apo.rounds (increase) "
@@ -91,8 +95,14 @@ def _config_arg(argv: Sequence[str]) -> str:
     return ""
 
 
+NO_CONFIG = ("no --config given. The quick start: python -m apo_jax.main --config=configs/synthetic.py "
+             "(configs/ holds the others; --config=X --show_config lists every field of X with its meaning)")
+
+
 def parse_flags(argv: list[str]) -> list[str]:
     """absl's flag parsing, with every error as one line and exit code 2."""
+    if not _config_arg(argv) and not any(a.startswith(("--help", "-h", "--helpfull", "--helpshort")) for a in argv[1:]):
+        fail(NO_CONFIG)
     try:
         return flags.FLAGS(argv)
     except flags.Error as e:
@@ -129,17 +139,6 @@ def load_config() -> Any:
     return cfg
 
 
-def _leaf_paths(d: Any, prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for key in d:
-        value = d[key]
-        if hasattr(value, "keys") and len(value):
-            out.update(_leaf_paths(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 # Sections whose keys belong to another module's schema (checked there), so any key is fine here.
 _OPEN_SECTIONS = ("data.synthetic",)
 
@@ -147,14 +146,14 @@ _OPEN_SECTIONS = ("data.synthetic",)
 def unknown_config_fields(cfg: Any, base: Any, config_path: str = "") -> list[str]:
     """One line per field a config file added that `config.base_config()` does not define
     (a typo such as `c.rm.base.lrr = ...` would otherwise be accepted silently)."""
-    known = _leaf_paths(base)
+    known = config_lib.leaves(base)
     sections = {p.rsplit(".", 1)[0] for p in known if "." in p} | set(known)
     try:
         text = open(config_path).read().splitlines() if config_path else []
     except OSError:
         text = []
     problems = []
-    for field in sorted(_leaf_paths(cfg)):
+    for field in sorted(config_lib.leaves(cfg)):
         if field in known or any(field.startswith(s + ".") for s in _OPEN_SECTIONS):
             continue
         parent, _, leaf = field.rpartition(".")
@@ -176,7 +175,6 @@ def main(argv: list[str]) -> None:
     del argv
     import jax
 
-    from apo_jax import config as config_lib
     from apo_jax import preflight, rundir, sharding
     from apo_jax.checkpointing import Preempted
     from apo_jax.data.hh import DataError
@@ -196,8 +194,13 @@ def main(argv: list[str]) -> None:
     unknown = unknown_config_fields(cfg, config_lib.base_config(), config_path)
     if unknown:
         fail("\n".join(unknown), prefix)
+    if _SHOW_CONFIG.value:
+        print(f"# {config_path}, resolved\n\n" + config_lib.reference(cfg))
+        return
+    from apo_jax import objectives
+
     try:
-        config_lib.validate(cfg, jax.device_count())
+        config_lib.validate(cfg, jax.device_count(), checks=(objectives.settings_problems,))
     except config_lib.ConfigError as e:
         fail(str(e), prefix)
     from apo_jax import devices

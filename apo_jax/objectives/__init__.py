@@ -6,12 +6,14 @@ micro-batches by `train.make_train_step`), and the metrics derived from those su
 Objectives are frozen dataclasses: their settings are part of a compiled step's identity.
 
 Registered objectives (name -> class): `ranking` (BT / APO-RM ranking), `sft`, `dpo`.
-A new learning rule is one module that defines a subclass and registers it with `@register`.
+A new learning rule is one module that defines a subclass and registers it with `@register`; it
+reads (and its `__post_init__` validates) its own config section (`settings_from`), so the game
+builds any rule with `from_config(name, cfg)`.
 """
 
-from apo_jax.objectives.base import OBJECTIVES, Objective, get, register
+from apo_jax.objectives.base import OBJECTIVES, Objective, from_config, get, register, settings_problems
 from apo_jax.objectives.dpo import DPO
 from apo_jax.objectives.ranking import Ranking
 from apo_jax.objectives.sft import SFT
 
-__all__ = ["DPO", "OBJECTIVES", "Objective", "Ranking", "SFT", "get", "register"]
+__all__ = ["DPO", "OBJECTIVES", "Objective", "Ranking", "SFT", "from_config", "get", "register", "settings_problems"]

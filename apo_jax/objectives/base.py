@@ -21,6 +21,12 @@ class Objective(abc.ABC):
     head: ClassVar[str]
     """Which head the trained params carry: "score" (reward model) or "lm" (policy)."""
 
+    @classmethod
+    def settings_from(cls, cfg: Any) -> dict[str, Any]:
+        """This rule's settings read from the run config (its own section); default: none."""
+        del cfg
+        return {}
+
     @abc.abstractmethod
     def examples(self, tokenizer: Any, records: Sequence[dict], data_cfg: Any) -> Any:
         """Records -> a `pipeline.TokenizedSet` whose `batch(rows)` is this objective's layout."""
@@ -52,6 +58,26 @@ def register(cls: type[Objective]) -> type[Objective]:
         raise ValueError(f"objective {cls.name!r} is registered twice")
     OBJECTIVES[cls.name] = cls
     return cls
+
+
+def from_config(name: str, cfg: Any) -> Objective:
+    """The registered objective `name` with the settings its own config section gives. Raises
+    ValueError naming the field (`dpo.beta: ...`) for a setting the rule refuses."""
+    if name not in OBJECTIVES:
+        raise KeyError(f"unknown objective {name!r}; registered: {sorted(OBJECTIVES)}")
+    return OBJECTIVES[name](**OBJECTIVES[name].settings_from(cfg))
+
+
+def settings_problems(cfg: Any) -> list[str]:
+    """Every registered rule's objections to its config section, one `field: problem` line each
+    (for `config.validate`'s start-up checks)."""
+    problems: list[str] = []
+    for name in sorted(OBJECTIVES):
+        try:
+            from_config(name, cfg)
+        except ValueError as e:
+            problems.extend(str(e).splitlines())
+    return problems
 
 
 def get(name: str, **settings: Any) -> Objective:

@@ -37,10 +37,20 @@ class DPO(Objective):
     """Weight of the mean token NLL of y_w added to each pair's loss."""
 
     def __post_init__(self) -> None:
+        problems = []
         if self.beta <= 0:
-            raise ValueError(f"beta={self.beta} must be > 0")
+            problems.append(f"dpo.beta: {self.beta} must be > 0")
         if not 0.0 <= self.label_smoothing < 0.5:
-            raise ValueError(f"label_smoothing={self.label_smoothing} must be in [0, 0.5)")
+            problems.append(f"dpo.label_smoothing: {self.label_smoothing} must be in [0, 0.5)")
+        if self.sft_weight < 0:
+            problems.append(f"dpo.sft_weight: {self.sft_weight} must be >= 0")
+        if problems:
+            raise ValueError("\n".join(problems))
+
+    @classmethod
+    def settings_from(cls, cfg: Any) -> dict[str, Any]:
+        return {"beta": float(cfg.dpo.beta), "label_smoothing": float(cfg.dpo.label_smoothing),
+                "sft_weight": float(cfg.dpo.sft_weight)}
 
     def examples(self, tokenizer: Any, records: Sequence[dict], data_cfg: Any) -> Any:
         """Pairs {prompt, chosen, rejected, [weight]} -> chosen_/rejected_ ids, mask, response_mask

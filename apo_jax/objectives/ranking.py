@@ -29,6 +29,12 @@ class Ranking(Objective):
     human_weight: float = 1.0
     """Weight of each human preference pair."""
 
+    @classmethod
+    def settings_from(cls, cfg: Any) -> dict[str, Any]:
+        from apo_jax.config import apo_pair_weight
+
+        return {"apo_weight": apo_pair_weight(cfg), "human_weight": float(cfg.rm.human_weight)}
+
     def examples(self, tokenizer: Any, records: Sequence[dict], data_cfg: Any) -> Any:
         """Pairs {prompt, chosen, rejected, [weight], [is_apo]} -> chosen/rejected inputs.
 

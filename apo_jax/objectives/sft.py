@@ -24,7 +24,11 @@ class SFT(Objective):
 
     def __post_init__(self) -> None:
         if self.normalize not in losses.SFT_NORMALIZE:
-            raise ValueError(f"normalize={self.normalize!r}; expected one of {losses.SFT_NORMALIZE}")
+            raise ValueError(f"sft.normalize: {self.normalize!r}; expected one of {losses.SFT_NORMALIZE}")
+
+    @classmethod
+    def settings_from(cls, cfg: Any) -> dict[str, Any]:
+        return {"normalize": cfg.sft.normalize}
 
     def examples(self, tokenizer: Any, records: Sequence[dict], data_cfg: Any) -> Any:
         """Records {prompt, response, [weight]} -> input_ids, attention_mask, loss_mask int32 [B, T];
