@@ -8,7 +8,7 @@ The public API (imported on first use, so `import apo_jax` stays light):
     apo_jax.lm_logits / rewards / sequence_logprobs   the model's functional heads
     apo_jax.generate                          KV-cache sampling (best-of-S: num_samples)
     apo_jax.make_train_step                   the jitted, sharded train step of an objective
-    apo_jax.Ranking / SFT / DPO               the learning rules (apo_jax.objectives)
+    apo_jax.Ranking / SFT / DPO               the learning rules (apo_jax.training.objectives)
     apo_jax.Schedule / RMUpdate / register_schedule   a new arm of the game is one table row
     apo_jax.score_texts                       score (prompt, response) texts with an RM directory
 """
@@ -21,21 +21,21 @@ from typing import Any
 __version__ = "0.1.0"
 
 _API = {
-    "run": ("apo_jax.loop", "run"),
+    "run": ("apo_jax.game.loop", "run"),
     "ModelConfig": ("apo_jax.models", "ModelConfig"),
     "lm_logits": ("apo_jax.models", "lm_logits"),
     "rewards": ("apo_jax.models", "rewards"),
     "sequence_logprobs": ("apo_jax.models", "sequence_logprobs"),
-    "load_pretrained": ("apo_jax.hf", "load_pretrained"),
-    "save_pretrained": ("apo_jax.hf", "save_pretrained"),
-    "generate": ("apo_jax.sampler", "generate"),
-    "make_train_step": ("apo_jax.train", "make_train_step"),
-    "Ranking": ("apo_jax.objectives", "Ranking"),
-    "SFT": ("apo_jax.objectives", "SFT"),
-    "DPO": ("apo_jax.objectives", "DPO"),
-    "Schedule": ("apo_jax.schedules", "Schedule"),
-    "RMUpdate": ("apo_jax.schedules", "RMUpdate"),
-    "register_schedule": ("apo_jax.schedules", "register"),
+    "load_pretrained": ("apo_jax.io.hf", "load_pretrained"),
+    "save_pretrained": ("apo_jax.io.hf", "save_pretrained"),
+    "generate": ("apo_jax.inference.sampler", "generate"),
+    "make_train_step": ("apo_jax.training.train", "make_train_step"),
+    "Ranking": ("apo_jax.training.objectives", "Ranking"),
+    "SFT": ("apo_jax.training.objectives", "SFT"),
+    "DPO": ("apo_jax.training.objectives", "DPO"),
+    "Schedule": ("apo_jax.game.schedules", "Schedule"),
+    "RMUpdate": ("apo_jax.game.schedules", "RMUpdate"),
+    "register_schedule": ("apo_jax.game.schedules", "register"),
     "score_texts": ("apo_jax.evaluation", "score_texts"),
 }
 __all__ = sorted(_API)

@@ -12,9 +12,10 @@ from typing import Any, Callable, Sequence
 
 import ml_collections
 
-from apo_jax import fileio, settings
+from apo_jax import settings
+from apo_jax.io import fileio
 
-SCHEDULES = ("rjs", "apo", "apo_seq", "ablation")  # the paper's rows of `apo_jax.schedules`
+SCHEDULES = ("rjs", "apo", "apo_seq", "ablation")  # the paper's rows of `apo_jax.game.schedules`
 
 
 def lookup(c: ml_collections.ConfigDict, dotted: str) -> Any:
@@ -273,7 +274,7 @@ def validate(c: ml_collections.ConfigDict, num_devices: int,
         err("sft.lrs", f"{len(tuple(c.sft.lrs))} learning rates for {c.apo.rounds} rounds; give one per round")
 
     # The game.
-    from apo_jax import schedules as schedule_table
+    from apo_jax.game import schedules as schedule_table
 
     schedules = tuple(c.apo.schedules)
     known = tuple(schedule_table.SCHEDULES)
@@ -395,7 +396,7 @@ NOTES: dict[str, str] = {
     "dpo.sft_weight": "weight of an SFT term on the chosen answer",
     "apo.rounds": "rounds of the game",
     "apo.num_samples": "S: samples per query, for best-of-S and the APO pairs",
-    "apo.schedules": "the arms played (rows of apo_jax/schedules.py: rjs, apo, apo_seq, ablation, oracle, `<arm>-dpo`)",
+    "apo.schedules": "the arms played (rows of apo_jax/game/schedules.py: rjs, apo, apo_seq, ablation, oracle, `<arm>-dpo`)",
     "sampling.stop_strings": "texts that end a sample (cut off), found on the decoded text",
     "sampling.batch_size": "prompts per sampling batch",
     "eval.num_bins": "calibration bins of the RM's expected calibration error",

@@ -2,9 +2,9 @@
 
 Start-up, in order, each failure one line per problem on stderr and exit code 2 (no traceback):
 parse the flags and load the config file (an unknown field, in an override or in the file,
-gets a "did you mean"), validate every field, open the run dir (`apo_jax.rundir`: create it,
+gets a "did you mean"), validate every field, open the run dir (`apo_jax.io.rundir`: create it,
 take its lock, check the config fingerprint), check every checkpoint and offline input
-(`apo_jax.preflight`), then play the APO game (`apo_jax.loop`). Restarting the same command
+(`apo_jax.preflight`), then play the APO game (`apo_jax.game.loop`). Restarting the same command
 resumes from the run directory's checkpoints.
 """
 
@@ -175,11 +175,12 @@ def main(argv: list[str]) -> None:
     del argv
     import jax
 
-    from apo_jax import preflight, rundir, sharding
-    from apo_jax.checkpointing import Preempted
+    from apo_jax import preflight, sharding
+    from apo_jax.io import rundir
+    from apo_jax.io.checkpointing import Preempted
     from apo_jax.data.hh import DataError
-    from apo_jax.hf import CheckpointError
-    from apo_jax.train import NonFiniteLossError
+    from apo_jax.io.hf import CheckpointError
+    from apo_jax.training.train import NonFiniteLossError
 
     sharding.maybe_initialize_distributed()
     # One status line per phase from apo_jax; libraries (Orbax, absl, jax) only warn.
@@ -197,7 +198,7 @@ def main(argv: list[str]) -> None:
     if _SHOW_CONFIG.value:
         print(f"# {config_path}, resolved\n\n" + config_lib.reference(cfg))
         return
-    from apo_jax import objectives
+    from apo_jax.training import objectives
 
     try:
         config_lib.validate(cfg, jax.device_count(), checks=(objectives.settings_problems,))
@@ -207,7 +208,7 @@ def main(argv: list[str]) -> None:
 
     devices.resolve_config(cfg)  # "auto" dtype / attention_impl -> this device's choice (logged)
 
-    from apo_jax import loop
+    from apo_jax.game import loop
 
     lock = None
     try:

@@ -15,7 +15,7 @@ import os
 
 import ml_collections
 
-from apo_jax import fileio, hf
+from apo_jax.io import fileio, hf
 from apo_jax.config import lookup
 
 CHECKPOINT_FIELDS = ("policy.checkpoint", "rm.init_checkpoint", "rm.base_checkpoint", "rm.test_checkpoint")

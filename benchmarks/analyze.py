@@ -98,7 +98,7 @@ def _residual_bytes(cfg: models.ModelConfig, task: str, batch: int, seq: int) ->
     backend), arguments excluded."""
     from jax._src.ad_checkpoint import saved_residuals
 
-    from apo_jax import losses
+    from apo_jax.training import losses
 
     params = jax.eval_shape(lambda: models.init_params(cfg, jax.random.PRNGKey(0), lm_head=task == "sft",
                                                        reward_head=task == "rm"))

@@ -31,7 +31,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from apo_jax import models, sampler  # noqa: E402
+from apo_jax import models  # noqa: E402
+from apo_jax.inference import sampler
 from benchmarks import common  # noqa: E402
 
 SAMPLE_DEFAULTS = dict(impl="jax", model="tiny", batch=2, num_samples=4, prompt_len=32, new_tokens=32,

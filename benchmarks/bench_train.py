@@ -33,7 +33,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from apo_jax import models, sharding, train  # noqa: E402
+from apo_jax import models, sharding  # noqa: E402
+from apo_jax.training import train
 from benchmarks import common  # noqa: E402
 
 TASKS = ("rm", "sft")

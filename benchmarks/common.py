@@ -120,7 +120,7 @@ def case_config(c: dict[str, Any], *, remat: str = "none", attention: str = "xla
     if not c.get("checkpoint"):
         return model_config(c["model"], remat=remat, attention=attention, dtype=runtime["dtype"],
                             param_dtype=runtime["param_dtype"], scan_layers=runtime["scan_layers"])
-    from apo_jax import hf
+    from apo_jax.io import hf
 
     hf_config = hf.read_config(hf.resolve_checkpoint_dir(c["checkpoint"]))
     return models.ModelConfig.from_hf(hf_config, **runtime).replace(pad_token_id=PAD_ID)
@@ -132,7 +132,7 @@ def case_params(cfg: models.ModelConfig, c: dict[str, Any], *, lm_head: bool, re
     seed = c.get("seed", 0)
     if not c.get("checkpoint"):
         return init_params(cfg, seed, lm_head=lm_head, reward_head=reward_head)
-    from apo_jax import hf
+    from apo_jax.io import hf
 
     _, full = hf.load_pretrained(c["checkpoint"], param_dtype=cfg.param_dtype, dtype=cfg.dtype)
     out = {"model": full["model"]}
@@ -178,7 +178,7 @@ def make_train_step(cfg: models.ModelConfig, task: str, opt_cfg: Any, mesh: jax.
                     *, grad_accum: int = 1) -> Any:
     """`(state, batch) -> (state, metrics)`: the RM ("rm": BT ranking) or SFT ("sft") step that
     the loop runs, built by `train.make_train_step` from the registered objective."""
-    from apo_jax import objectives, train
+    from apo_jax.training import objectives, train
 
     objective = objectives.get("ranking" if task == "rm" else "sft")
     return train.make_train_step(cfg, objective, opt_cfg, mesh, grad_accum=grad_accum)
@@ -186,7 +186,7 @@ def make_train_step(cfg: models.ModelConfig, task: str, opt_cfg: Any, mesh: jax.
 
 def make_score_fn(cfg: models.ModelConfig, mesh: jax.sharding.Mesh) -> Any:
     """The jitted `(params, ids, mask) -> rewards [B]` the scoring phases use."""
-    from apo_jax import scoring
+    from apo_jax.inference import scoring
 
     return scoring.make_reward_fn(cfg, mesh)
 
@@ -570,7 +570,7 @@ def hf_model(cfg: models.ModelConfig, *, reward: bool, params: Any = None, dtype
     tdtype = getattr(torch, dtype)
     cls = transformers.LlamaForSequenceClassification if reward else transformers.LlamaForCausalLM
     if params is not None:
-        from apo_jax import hf
+        from apo_jax.io import hf
 
         with tempfile.TemporaryDirectory() as tmp:
             path = os.path.join(tmp, "model")

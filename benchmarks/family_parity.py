@@ -4,7 +4,7 @@
 
 Per family, the tiny random 4-layer model of `tests/family_fixtures.py` (random norms and biases,
 a 5-token sliding window where the family has one) saved by transformers and read by
-`apo_jax.hf.load_pretrained`: the largest |difference| of the LM logits over the real positions of
+`apo_jax.io.hf.load_pretrained`: the largest |difference| of the LM logits over the real positions of
 left- and right-padded 24-token rows and of a 300-token row (the blocked kernel), of the rewards
 of the family's `*ForSequenceClassification`, and whether greedy decoding of 15 tokens (three
 windows) equals `generate` token for token. `--real` adds Gemma-3-270M's real weights
@@ -28,7 +28,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from family_fixtures import FAMILIES, WINDOW, random_model  # noqa: E402
 from hf_fixtures import padded_batch, torch_positions  # noqa: E402
 
-from apo_jax import hf, models, sampler  # noqa: E402
+from apo_jax import models  # noqa: E402
+from apo_jax.inference import sampler
+from apo_jax.io import hf
 
 
 def _logits(model, ids, mask, keep=0):

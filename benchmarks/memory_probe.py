@@ -18,7 +18,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from apo_jax import losses, models  # noqa: E402
+from apo_jax import models  # noqa: E402
+from apo_jax.training import losses
 from benchmarks import bench_train, common  # noqa: E402
 
 

@@ -29,7 +29,7 @@ def _demo_config():
 
 
 def get_config(num_samples: str = "4"):
-    from apo_jax import schedules
+    from apo_jax.game import schedules
 
     c = _demo_config()
     c.run_dir = f"runs/synthetic_gpu_s{int(num_samples)}"

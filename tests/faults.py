@@ -1,4 +1,4 @@
-"""Fault injection for kill-and-restart tests: a progress hook (`apo_jax.fit.add_progress_hook`)
+"""Fault injection for kill-and-restart tests: a progress hook (`apo_jax.training.fit.add_progress_hook`)
 that a test installs in a child process, never an environment variable read by the library."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import os
 
-from apo_jax import fit
+from apo_jax.training import fit
 
 
 def install_kill_at(fault: str) -> None:

@@ -21,9 +21,9 @@ from typing import Any
 import pytest
 from test_llm_client import KEY, FakeEndpoint, Reply, _no_proxy, ok  # noqa: F401 (_no_proxy: autouse)
 
-from apo_jax import collect_gold as cg
+from apo_jax.evaluation import collect_gold as cg
 from apo_jax.data.records import prompt_id
-from apo_jax.llm_client import JsonlJournal
+from apo_jax.evaluation.llm_client import JsonlJournal
 
 REPO = Path(__file__).resolve().parents[1]
 BARE = "Sorry, I can't assist with that."

@@ -100,7 +100,7 @@ def test_apo_pair_weight_is_tied_to_the_number_of_samples():
 
 
 def test_each_learning_rule_validates_its_own_section_at_start_up():
-    from apo_jax import objectives
+    from apo_jax.training import objectives
 
     c = config_lib.base_config()
     c.sft.normalize = "word"

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from apo_jax import diagnostics as dg
+from apo_jax.evaluation import diagnostics as dg
 from apo_jax.data import synthetic as syn
 
 

@@ -10,8 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from apo_jax import losses, models, sharding, train
-from apo_jax.objectives import DPO
+from apo_jax import models, sharding
+from apo_jax.training import losses, train
+from apo_jax.training.objectives import DPO
 
 CFG = models.ModelConfig(vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)

@@ -82,7 +82,7 @@ def test_non_finite_loss_is_one_line_pointing_to_a_new_run_dir(tmp_path):
     # The real main and check_finite; the game is replaced by one that diverges at once.
     code = (
         "import sys, numpy as np\n"
-        "from apo_jax import loop, main, train\n"
+        "from apo_jax import main\nfrom apo_jax.game import loop\nfrom apo_jax.training import train\n"
         "def diverge(cfg):\n"
         "    train.check_finite({'finite': np.float32(0), 'loss': np.float32('nan'),"
         " 'grad_norm': np.float32('inf')}, 3, 'rm_base')\n"
@@ -99,7 +99,8 @@ def test_non_finite_loss_is_one_line_pointing_to_a_new_run_dir(tmp_path):
 def test_preflight_lists_every_bad_checkpoint_by_field(tmp_path):
     """In-process: missing dirs, pickles only, and an LM given as a reward model, all at once."""
     from apo_jax import config as config_lib
-    from apo_jax import hf, preflight
+    from apo_jax import preflight
+    from apo_jax.io import hf
     from hf_fixtures import random_causal_lm
 
     random_causal_lm(seed=0).save_pretrained(tmp_path / "lm")

@@ -12,7 +12,9 @@ import pytest
 import torch
 import transformers
 
-from apo_jax import hf, models, sampler, sharding
+from apo_jax import models, sharding
+from apo_jax.inference import sampler
+from apo_jax.io import hf
 from family_fixtures import FAMILIES, WINDOW, random_model
 from hf_fixtures import padded_batch, torch_positions
 
@@ -241,8 +243,8 @@ def _torch_token_logp(model, ids, mask):
 def test_train_steps_of_every_objective_start_from_the_transformers_loss_and_learn(family_lm):
     """RM ranking, SFT and DPO steps on a data x fsdp x tensor mesh: the first step's loss equals
     the loss computed from the transformers model's own outputs, and a few steps lower it."""
-    from apo_jax import train
-    from apo_jax.objectives import DPO, SFT, Ranking
+    from apo_jax.training import train
+    from apo_jax.training.objectives import DPO, SFT, Ranking
 
     family, model, config, params, path = family_lm
     mesh = _mesh8()

@@ -8,7 +8,7 @@ import os
 import pytest
 
 from apo_jax import config as config_lib
-from apo_jax import fileio
+from apo_jax.io import fileio
 from loop_fixtures import tiny_config
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from apo_jax import config as config_lib
-from apo_jax import fileio, hf
+from apo_jax.io import fileio, hf
 from apo_jax.data import hh, pipeline
 from fake_gcs import fake_gcs_fixture  # noqa: F401  (the fixture "fake_gcs")
 from tok_fixtures import llama_like_tokenizer

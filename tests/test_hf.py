@@ -13,7 +13,8 @@ import torch
 import transformers
 from safetensors.numpy import load_file, save_file
 
-from apo_jax import hf, models
+from apo_jax import models
+from apo_jax.io import hf
 from hf_fixtures import padded_batch, random_causal_lm, random_reward_model, torch_positions
 
 

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from test_llm_client import KEY, FakeEndpoint, Reply, _no_proxy, ok  # noqa: F401 (_no_proxy: autouse)
 
-from apo_jax import judge
+from apo_jax.evaluation import judge
 from apo_jax.data.records import prompt_id
 
 REPO = Path(__file__).resolve().parents[1]

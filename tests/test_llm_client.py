@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 import pytest
 
-from apo_jax import llm_client as lc
+from apo_jax.evaluation import llm_client as lc
 
 KEY = "sk-test-DO-NOT-LEAK-7f3a9c"
 

@@ -14,7 +14,9 @@ import torch
 import transformers
 
 import faults
-from apo_jax import checkpointing, fit, loop
+from apo_jax.game import loop
+from apo_jax.io import checkpointing
+from apo_jax.training import fit
 from fake_gcs import fake_gcs_fixture  # noqa: F401  (the fixture "fake_gcs")
 from loop_fixtures import REPO, TINY, tiny_config
 
@@ -89,7 +91,8 @@ def test_two_rounds_on_a_sharded_mesh_write_every_output(reference_run):
 
 
 def test_exports_load_in_transformers_with_the_same_rewards(reference_run):
-    from apo_jax import hf, models
+    from apo_jax import models
+    from apo_jax.io import hf
 
     export = os.path.join(reference_run, "export")
     rm_dir, policy_dir = os.path.join(export, "rm_apo_seq_r2"), os.path.join(export, "policy_apo_seq_r2")
@@ -218,7 +221,7 @@ def test_gcs_run_dir_preempted_and_resumed_ends_with_the_reference_results(refer
     assert not [p for p in (bucket_run / "ckpt").iterdir()]  # removed once the models were saved
     assert not os.path.exists(tmp_path / "gs:")  # nothing written to a local "gs:" directory
     # The export reads back through the gs:// checkpoint path (downloaded once into the cache).
-    from apo_jax import hf
+    from apo_jax.io import hf
 
     local = hf.resolve_checkpoint_dir(f"{url}/export/rm_apo_seq_r2")
     assert local.startswith(str(tmp_path / "cache"))
@@ -232,7 +235,7 @@ def test_gcs_run_dir_preempted_and_resumed_ends_with_the_reference_results(refer
 def test_a_new_schedule_is_one_table_row(tmp_path):
     """A toy arm defined here alone (APO from the previous round's RM, with its own optimizer
     section) is trained, labelled and reported by a 1-round game; no apo_jax file changes."""
-    from apo_jax import schedules
+    from apo_jax.game import schedules
 
     row = schedules.Schedule("toy_seq", "Toy (RM_Toy-vR)", schedules.RMUpdate(
         init="previous", apo_pairs=True, optimizer="rm.toy", name="rm_toy_r{round}", label="RM_Toy-v{round}"))

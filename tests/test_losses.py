@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from apo_jax import losses
+from apo_jax.training import losses
 
 
 def test_bt_loss_and_grad_match_torch():

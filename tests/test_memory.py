@@ -13,7 +13,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from apo_jax import losses, models, objectives, sharding, train
+from apo_jax import models, sharding
+from apo_jax.training import losses, objectives, train
 
 MiB = 2**20
 T = 256

@@ -8,7 +8,7 @@ import struct
 import numpy as np
 import pytest
 
-from apo_jax import metrics, reporting
+from apo_jax.evaluation import metrics, reporting
 
 
 def _crc32c(data: bytes) -> int:

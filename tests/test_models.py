@@ -9,7 +9,8 @@ import pytest
 import torch
 from jax.extend import core as jax_core
 
-from apo_jax import hf, models
+from apo_jax import models
+from apo_jax.io import hf
 from hf_fixtures import padded_batch, random_causal_lm, random_reward_model, torch_positions
 
 ROPE_CASES = {
@@ -311,7 +312,7 @@ def test_auto_remat_keeps_small_forwards_plain_and_remats_large_ones():
 def test_sft_objective_on_token_logprobs_equals_the_logits_path(tmp_path, normalize):
     """The SFT objective's stats (chunked `token_logprobs`) equal `losses.sft_stats` on full
     logits (checked against PyTorch in test_losses), weights and padding included."""
-    from apo_jax import losses, objectives
+    from apo_jax.training import losses, objectives
 
     model = random_causal_lm(seed=23)
     config, params = _load(tmp_path, model)

@@ -16,7 +16,9 @@ import torch
 import transformers
 
 import real_model
-from apo_jax import hf, models, sampler
+from apo_jax import models
+from apo_jax.inference import sampler
+from apo_jax.io import hf
 from apo_jax.data import tokenize
 
 pytestmark = pytest.mark.real_model

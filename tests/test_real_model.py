@@ -20,7 +20,10 @@ import torch
 import transformers
 
 import real_model
-from apo_jax import hf, losses, models, sampler
+from apo_jax import models
+from apo_jax.inference import sampler
+from apo_jax.io import hf
+from apo_jax.training import losses
 from apo_jax.data import hh, tokenize
 
 pytestmark = pytest.mark.real_model

@@ -12,7 +12,7 @@ import time
 import pytest
 
 from apo_jax import config as config_lib
-from apo_jax import rundir
+from apo_jax.io import rundir
 from fake_gcs import fake_gcs_fixture  # noqa: F401  (the fixture "fake_gcs")
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -103,7 +103,7 @@ def test_a_run_dir_from_before_fingerprints_is_compared_with_its_config_json(tmp
 
 _HOLD = """
 import os, sys, time
-from apo_jax import rundir
+from apo_jax.io import rundir
 lock = rundir.LocalLock(sys.argv[1])
 print("READY", flush=True)
 while not os.path.exists(sys.argv[2]):  # all contenders try at the same moment
@@ -240,7 +240,7 @@ def test_multi_process_run_locks_on_process_0_and_all_share_its_verdict(tmp_path
     from multiproc import run_processes
 
     code = (
-        "from apo_jax import config as config_lib, rundir\n"
+        "from apo_jax import config as config_lib\nfrom apo_jax.io import rundir\n"
         "c = config_lib.base_config(); c.run_dir = sys.argv[1]\n"
         "try:\n"
         "    lock = rundir.open_run(c)\n"

@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from apo_jax import hf, models, sampler, sharding
+from apo_jax import models, sharding
+from apo_jax.inference import sampler
+from apo_jax.io import hf
 from apo_jax.data import tokenize
 from hf_fixtures import padded_batch, random_causal_lm
 
@@ -336,7 +338,9 @@ _TWO_PROCESS_STOPS = """
 import json
 import numpy as np
 from jax.experimental import multihost_utils
-from apo_jax import hf, sampler, sharding
+from apo_jax import sharding
+from apo_jax.inference import sampler
+from apo_jax.io import hf
 from hf_fixtures import padded_batch
 from test_sampler import _tokenizer_with_two_spellings
 

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from apo_jax import hf, models, sharding
+from apo_jax import models, sharding
+from apo_jax.io import hf
 from hf_fixtures import padded_batch, random_causal_lm, random_reward_model
 
 pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (fake CPU) devices")

@@ -9,8 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from apo_jax import checkpointing, fit, sharding, train
-from apo_jax.store import ModelKey, PolicyEvalKey, RunStore, SamplesKey, ScoresKey
+from apo_jax import sharding
+from apo_jax.io import checkpointing
+from apo_jax.training import fit, train
+from apo_jax.game.store import ModelKey, PolicyEvalKey, RunStore, SamplesKey, ScoresKey
 
 
 def _mesh():

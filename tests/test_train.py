@@ -9,8 +9,10 @@ import pytest
 
 import optax
 
-from apo_jax import losses, models, scoring, sharding, train
-from apo_jax.objectives import SFT, Ranking
+from apo_jax import models, sharding
+from apo_jax.inference import scoring
+from apo_jax.training import losses, train
+from apo_jax.training.objectives import SFT, Ranking
 
 CFG = models.ModelConfig(vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
@@ -194,7 +196,7 @@ def test_rm_step_equals_optax_adamw_on_the_bt_loss():
 
 
 def test_phases_with_different_learning_rates_share_one_compiled_step(tmp_path):
-    from apo_jax.store import RunStore
+    from apo_jax.game.store import RunStore
 
     mesh = _single_mesh()
     batch = _rm_batch(np.random.RandomState(5))

@@ -17,7 +17,7 @@ from typing import Any, Callable, Sequence
 import ml_collections
 import numpy as np
 
-from apo_jax import fileio
+from apo_jax.io import fileio
 from apo_jax.data import batching, hh, tokenize
 
 log = logging.getLogger("apo_jax")

@@ -53,7 +53,7 @@ def load_tokenizer(path_or_hub_id: str) -> Any:
     """
     import transformers
 
-    from apo_jax import hf
+    from apo_jax.io import hf
 
     directory = hf.resolve_checkpoint_dir(path_or_hub_id)
     tok = transformers.AutoTokenizer.from_pretrained(directory)

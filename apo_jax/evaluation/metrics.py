@@ -14,7 +14,7 @@ from typing import Any, Mapping, Protocol, Sequence
 import jax
 import numpy as np
 
-from apo_jax import fileio
+from apo_jax.io import fileio
 
 
 class Tracker(Protocol):

@@ -16,7 +16,9 @@ from typing import Any, Callable, Sequence
 import jax
 from tqdm.auto import tqdm
 
-from apo_jax import checkpointing, sharding, train
+from apo_jax import sharding
+from apo_jax.io import checkpointing
+from apo_jax.training import train
 from apo_jax.data import batching
 
 ProgressHook = Callable[[str, int], None]

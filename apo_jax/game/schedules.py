@@ -13,7 +13,7 @@ SELECTION_RULES = ("rm", "oracle")
 """How best-of-S picks an answer: "rm" = argmax of the schedule's RM score; "oracle" = argmax of
 the true reward r* (the synthetic world only: the bound on what the loop can do)."""
 POLICY_UPDATES = ("sft", "dpo")
-"""Objectives a policy update may use (`apo_jax.objectives`): "sft" learns the best of S (paper:
+"""Objectives a policy update may use (`apo_jax.training.objectives`): "sft" learns the best of S (paper:
 rejection-sampling SFT); "dpo" learns best over worst of S against the round's starting policy."""
 RM_INITS = ("base", "previous")
 

@@ -20,7 +20,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from apo_jax import fileio, schedules as schedule_table  # noqa: E402
+from apo_jax.game import schedules as schedule_table  # noqa: E402
+from apo_jax.io import fileio
 
 
 def _label(schedule: str) -> str:

@@ -1,7 +1,7 @@
 """Train states and the one jit-compiled, sharded train step, for any objective.
 
 `make_train_step(config, objective, opt_cfg, mesh)` gives `(state, batch) -> (state, metrics)`
-for a learning rule of `apo_jax.objectives`, compiled once per batch shape with explicit in/out
+for a learning rule of `apo_jax.training.objectives`, compiled once per batch shape with explicit in/out
 shardings from the rules table and the state donated. Gradient accumulation runs a `lax.scan` over k
 micro-batches of the global batch and divides the summed numerators by the summed denominators
 once (see `losses`), so it is exact. A non-finite loss or gradient leaves params and optimizer
@@ -23,7 +23,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from apo_jax import models, sharding
 from apo_jax.settings import LR_SCHEDULES
-from apo_jax.objectives import Objective
+from apo_jax.training.objectives import Objective
 
 """Learning-rate schedule kinds (decay after warmup); config validation uses this tuple."""
 

@@ -8,8 +8,9 @@ from typing import Any, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 
-from apo_jax import losses, models
-from apo_jax.objectives.base import Objective, Stats, register
+from apo_jax import models
+from apo_jax.training import losses
+from apo_jax.training.objectives.base import Objective, Stats, register
 
 
 @register

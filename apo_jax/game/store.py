@@ -19,9 +19,11 @@ from typing import Any, Callable
 import jax
 from tqdm.auto import tqdm
 
-from apo_jax import checkpointing, fileio, models, sharding, train
-from apo_jax.metrics import MetricsWriter
-from apo_jax.objectives import Objective
+from apo_jax import models, sharding
+from apo_jax.io import checkpointing, fileio
+from apo_jax.training import train
+from apo_jax.evaluation.metrics import MetricsWriter
+from apo_jax.training.objectives import Objective
 
 
 @dataclasses.dataclass(frozen=True)

@@ -11,9 +11,9 @@ reads (and its `__post_init__` validates) its own config section (`settings_from
 builds any rule with `from_config(name, cfg)`.
 """
 
-from apo_jax.objectives.base import OBJECTIVES, Objective, from_config, get, register, settings_problems
-from apo_jax.objectives.dpo import DPO
-from apo_jax.objectives.ranking import Ranking
-from apo_jax.objectives.sft import SFT
+from apo_jax.training.objectives.base import OBJECTIVES, Objective, from_config, get, register, settings_problems
+from apo_jax.training.objectives.dpo import DPO
+from apo_jax.training.objectives.ranking import Ranking
+from apo_jax.training.objectives.sft import SFT
 
 __all__ = ["DPO", "OBJECTIVES", "Objective", "Ranking", "SFT", "from_config", "get", "register", "settings_problems"]

@@ -17,8 +17,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from apo_jax import losses, models, sharding
-from apo_jax.objectives.base import Objective, Stats, register
+from apo_jax import models, sharding
+from apo_jax.training import losses
+from apo_jax.training.objectives.base import Objective, Stats, register
 
 
 @register

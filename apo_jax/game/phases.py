@@ -16,10 +16,14 @@ import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
 
-from apo_jax import checkpointing, diagnostics, evaluation, fileio, fit, hf, models, sampler, scoring, sharding, train
+from apo_jax import evaluation, models, sharding
+from apo_jax.evaluation import diagnostics
+from apo_jax.inference import sampler, scoring
+from apo_jax.io import checkpointing, fileio, hf
+from apo_jax.training import fit, train
 from apo_jax.data import pipeline, tokenize
-from apo_jax.objectives import Objective
-from apo_jax.store import (ModelSlot, PolicyEvalKey, RMEvalKey, RunStore, SamplesKey, ScoresKey, phase_key,
+from apo_jax.training.objectives import Objective
+from apo_jax.game.store import (ModelSlot, PolicyEvalKey, RMEvalKey, RunStore, SamplesKey, ScoresKey, phase_key,
                            phase_seed)
 
 

@@ -35,7 +35,7 @@ from typing import Any, Sequence
 
 import ml_collections
 
-from apo_jax import fileio
+from apo_jax.io import fileio
 
 log = logging.getLogger("apo_jax")
 

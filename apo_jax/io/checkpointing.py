@@ -24,7 +24,7 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
-from apo_jax import fileio
+from apo_jax.io import fileio
 
 
 def _abstract(tree: Any) -> Any:

@@ -1,7 +1,7 @@
 """A small client for OpenAI-compatible chat-completions endpoints, and a kill-safe JSONL journal.
 
-Used by the judge (`apo_jax.judge`, paper Appendix B) and golden-response collection
-(`apo_jax.collect_gold`, Appendix A). Standard library only: `urllib.request` for HTTP, threads
+Used by the judge (`apo_jax.evaluation.judge`, paper Appendix B) and golden-response collection
+(`apo_jax.evaluation.collect_gold`, Appendix A). Standard library only: `urllib.request` for HTTP, threads
 from `concurrent.futures` for concurrency.
 
 - `EndpointConfig`: base URL, model, and the *name* of the environment variable that holds the API
@@ -39,8 +39,8 @@ import urllib.parse
 import urllib.request
 from typing import Any, Callable, Iterable, Iterator, Mapping, NoReturn, Sequence, TypeVar
 
-from apo_jax.fileio import read_jsonl  # noqa: F401  (re-exported: the one JSONL reader)
-from apo_jax.fileio import write_text as write_atomic  # the one atomic writer
+from apo_jax.io.fileio import read_jsonl  # noqa: F401  (re-exported: the one JSONL reader)
+from apo_jax.io.fileio import write_text as write_atomic  # the one atomic writer
 
 log = logging.getLogger(__name__)
 

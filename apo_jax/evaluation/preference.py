@@ -75,7 +75,9 @@ def score_texts(rm_dir: str, prompts: Sequence[str], responses: Sequence[str], *
     import jax
     import ml_collections
 
-    from apo_jax import hf, scoring, sharding
+    from apo_jax import sharding
+    from apo_jax.inference import scoring
+    from apo_jax.io import hf
     from apo_jax.data import tokenize
 
     prompts, responses = list(prompts), list(responses)

@@ -1,7 +1,7 @@
 """The APO game (paper Algorithm 1) as recipes over the run store, driven by the schedule table.
 
 Stage 0 makes the initial policy (`policy_0`), RM_Base (on D_P) and the evaluation RM RM_Test
-(on all train pairs). Then, for every round and every schedule row (`apo_jax.schedules`):
+(on all train pairs). Then, for every round and every schedule row (`apo_jax.game.schedules`):
 the schedule's RM update (1-2: fine-tune on D_P [+ D_APO: golden answers above the current
 policy's samples]), best-of-S on the policy queries by the schedule's selection rule (3), and
 the policy update on the picks (4). Every model is named by its *recipe* (what it starts from,
@@ -20,9 +20,14 @@ import jax
 import ml_collections
 
 from apo_jax import config as config_lib
-from apo_jax import fileio, hf, models, objectives, phases, reporting, sampler, schedules, sharding, train
+from apo_jax import models, sharding
+from apo_jax.evaluation import reporting
+from apo_jax.game import phases, schedules
+from apo_jax.inference import sampler
+from apo_jax.io import fileio, hf
+from apo_jax.training import objectives, train
 from apo_jax.data import pipeline
-from apo_jax.store import RunStore, phase_key
+from apo_jax.game.store import RunStore, phase_key
 
 
 # ------------------------------------------------------------------------------------------
@@ -320,7 +325,8 @@ def _runtime(m: ml_collections.ConfigDict) -> dict[str, Any]:
 
 def run(cfg: ml_collections.ConfigDict) -> str:
     """Plays the game of `cfg` in its run dir (resuming whatever an earlier run left there)."""
-    from apo_jax import checkpointing, devices
+    from apo_jax import devices
+    from apo_jax.io import checkpointing
 
     devices.resolve_config(cfg)  # "auto" dtype / attention (a no-op when main already resolved them)
     devices.enable_compilation_cache(cfg.get("compilation_cache_dir", ""))
