@@ -37,7 +37,7 @@ for a 135M model, and why:
     64 / 128): HH dialogues fit in 512 tokens; smaller batches give more steps on 5K examples.
 
 CPU smoke test (minutes on two cores, on the HH test split alone carved into train and test):
-see the README section "A small real model".
+see docs/small_real_model.md ("CPU smoke test").
 """
 
 from apo_jax.config import base_config
