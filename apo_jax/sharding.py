@@ -329,6 +329,19 @@ def to_host(x: Any) -> np.ndarray:
     return np.asarray(jax.device_get(x))
 
 
+def map_batches(fn: Any, batch_rows: Any, n: int, mesh: Mesh, batch_size: int) -> Any:
+    """`fn` over rows 0..n-1 in global batches of `batch_size` (the last filled up with repeats):
+    each batch is `batch_rows(rows)` (a dict of host arrays) placed on the mesh; `fn`'s outputs (a
+    pytree of [B, ...] arrays) stay on device until one transfer per batch at the end, so the host
+    builds the next batch while the device works. Returns the outputs for the n rows, on the host."""
+    outs = []
+    for i in range(0, n, batch_size):
+        rows = np.arange(i, i + batch_size) % n
+        outs.append(fn(shard_batch(batch_rows(rows), mesh)))
+    host = [jax.tree_util.tree_map(to_host, out) for out in outs]
+    return jax.tree_util.tree_map(lambda *xs: np.concatenate(xs)[:n], *host)
+
+
 def cache_sharding(mesh: Mesh, shape: Sequence[int]) -> NamedSharding:
     return NamedSharding(mesh, logical_to_spec(CACHE_AXES, mesh, shape))
 

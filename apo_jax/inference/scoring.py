@@ -39,8 +39,8 @@ def score_texts_with(
 ) -> np.ndarray:
     """float32 rewards [N] of (prompt, response) texts, tokenised exactly like RM training inputs.
 
-    Batches stay on device until one transfer at the end, so the host builds the next batch while
-    the device scores. The last batch is filled up with repeats (their scores are dropped).
+    In padded global batches (`sharding.map_batches`: one transfer at the end, the last batch's
+    filler rows dropped).
     """
     from apo_jax.data import pipeline
 
@@ -48,9 +48,5 @@ def score_texts_with(
         return np.zeros((0,), np.float32)
     score_fn = make_reward_fn(config, mesh)
     examples = pipeline.score_set(tokenizer, texts, data_cfg)
-    out = []
-    for i in range(0, len(texts), batch_size):
-        rows = np.arange(i, i + batch_size) % len(texts)
-        g = sharding.shard_batch(examples.batch(rows), mesh)
-        out.append(score_fn(params, g["input_ids"], g["input_mask"]))
-    return np.concatenate([sharding.to_host(x) for x in out])[: len(texts)]
+    return sharding.map_batches(lambda g: score_fn(params, g["input_ids"], g["input_mask"]), examples.batch,
+                                len(texts), mesh, batch_size)

@@ -64,15 +64,13 @@ class DPO(Objective):
                 batch_size: int) -> Any:
         """Adds the reference (= `params`, the phase's starting policy) log-probs of both responses."""
         logp = _sequence_logprobs_fn(config, mesh)
-        n = len(examples)
-        out = {"chosen": [], "rejected": []}
-        for i in range(0, n, batch_size):
-            rows = np.arange(i, i + batch_size) % n  # the last batch is filled up with repeats
-            g = sharding.shard_batch(examples.batch(rows), mesh)
-            for side in out:
-                out[side].append(logp(params, g[f"{side}_ids"], g[f"{side}_mask"], g[f"{side}_response_mask"]))
-        for side, parts in out.items():
-            examples.extras[f"ref_{side}"] = np.concatenate([sharding.to_host(x) for x in parts])[:n].astype(np.float32)
+
+        def both(g):
+            return {side: logp(params, g[f"{side}_ids"], g[f"{side}_mask"], g[f"{side}_response_mask"])
+                    for side in ("chosen", "rejected")}
+
+        for side, values in sharding.map_batches(both, examples.batch, len(examples), mesh, batch_size).items():
+            examples.extras[f"ref_{side}"] = values.astype(np.float32)
         return examples
 
     def stats(self, config: models.ModelConfig, params: Any, batch: Mapping[str, jax.Array]) -> Stats:
