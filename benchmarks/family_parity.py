@@ -4,7 +4,7 @@
 
 Per family, the tiny random 4-layer model of `tests/family_fixtures.py` (random norms and biases,
 a 5-token sliding window where the family has one) saved by transformers and read by
-`apo_jax.io.hf.load_pretrained`: the largest |difference| of the LM logits over the real positions of
+`apo_jax.hf.load_pretrained`: the largest |difference| of the LM logits over the real positions of
 left- and right-padded 24-token rows and of a 300-token row (the blocked kernel), of the rewards
 of the family's `*ForSequenceClassification`, and whether greedy decoding of 15 tokens (three
 windows) equals `generate` token for token. `--real` adds Gemma-3-270M's real weights
@@ -26,23 +26,17 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 
 from family_fixtures import FAMILIES, WINDOW, random_model  # noqa: E402
-from hf_fixtures import padded_batch, torch_positions  # noqa: E402
+from hf_fixtures import padded_batch, torch_logits, torch_rewards  # noqa: E402
 
 from apo_jax import models  # noqa: E402
 from apo_jax.inference import sampler
 from apo_jax.io import hf
 
 
-def _logits(model, ids, mask, keep=0):
-    with torch.no_grad():
-        return model(torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask),
-                     position_ids=torch_positions(mask), logits_to_keep=keep).logits.float().numpy()
-
-
 def _logit_gap(model, config, params, ids, mask) -> float:
     ours = np.asarray(jax.jit(lambda p: models.lm_logits(config, p, ids, mask))(params))
     real = mask.astype(bool)
-    return float(np.max(np.abs(ours[real] - _logits(model, ids, mask)[real])))
+    return float(np.max(np.abs(ours[real] - torch_logits(model, ids, mask)[real])))
 
 
 def _greedy_equal(model, config, params, ids, mask, n) -> bool:
@@ -68,9 +62,7 @@ def tiny_row(family: str, tmp: str) -> dict:
     rm.save_pretrained(os.path.join(tmp, family, "rm"))
     rm_config, rm_params = hf.load_pretrained(os.path.join(tmp, family, "rm"))
     ids, mask = padded_batch(4, 20, config.vocab_size, "left", seed=2, min_len=WINDOW + 2)
-    with torch.no_grad():
-        ref = rm(torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask),
-                 position_ids=torch_positions(mask)).logits[:, 0].numpy()
+    ref = torch_rewards(rm, ids, mask)
     row["rewards"] = float(np.max(np.abs(np.asarray(models.rewards(rm_config, rm_params, ids, mask)) - ref)))
     ids, mask = padded_batch(3, 9, config.vocab_size, "left", seed=5, min_len=2)
     row["greedy_equal"] = _greedy_equal(lm, config, params, ids, mask, 3 * WINDOW)
@@ -94,7 +86,7 @@ def real_row() -> dict:
     long_mask = np.ones_like(long_ids)
     hidden = models.hidden_states(config, params, long_ids, long_mask)
     ours = np.asarray(models.logits_from_hidden(config, params, hidden[:, -32:]))
-    row["logits_700_last32"] = float(np.max(np.abs(ours - _logits(lm, long_ids, long_mask, keep=32))))
+    row["logits_700_last32"] = float(np.max(np.abs(ours - torch_logits(lm, long_ids, long_mask, keep=32))))
     left = tok(text, padding=True, padding_side="left", return_tensors="np")
     row["greedy_equal"] = _greedy_equal(lm, config, params, left["input_ids"].astype(np.int32),
                                         left["attention_mask"].astype(np.int32), 20)

@@ -67,3 +67,19 @@ def padded_batch(batch: int, length: int, vocab: int, side: str, seed: int = 0, 
 
 def torch_positions(mask: np.ndarray) -> torch.Tensor:
     return torch.tensor(np.maximum(np.cumsum(mask, -1) - 1, 0))
+
+
+def torch_logits(model, ids: np.ndarray, mask: np.ndarray, keep: int = 0) -> np.ndarray:
+    """The transformers model's float32 logits [B, T, V] of a padded batch (positions from the mask;
+    `keep` > 0: only the last `keep` positions, transformers' `logits_to_keep`)."""
+    with torch.no_grad():
+        return model(torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask),
+                     position_ids=torch_positions(mask), logits_to_keep=keep).logits.float().numpy()
+
+
+def torch_rewards(model, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """A one-label sequence classifier's float32 rewards [B] of a padded batch (positions from the mask)."""
+    with torch.no_grad():
+        return model(torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask),
+                     position_ids=torch_positions(mask)).logits[:, 0].float().numpy()
+

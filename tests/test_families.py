@@ -16,21 +16,9 @@ from apo_jax import models, sharding
 from apo_jax.inference import sampler
 from apo_jax.io import hf
 from family_fixtures import FAMILIES, WINDOW, random_model
-from hf_fixtures import padded_batch, torch_positions
+from hf_fixtures import padded_batch, torch_logits, torch_rewards
 
 ATOL = 1e-4
-
-
-def _torch_logits(model, ids, mask):
-    with torch.no_grad():
-        return model(torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask),
-                     position_ids=torch_positions(mask)).logits.float().numpy()
-
-
-def _torch_rewards(model, ids, mask):
-    with torch.no_grad():
-        return model(torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask),
-                     position_ids=torch_positions(mask)).logits[:, 0].float().numpy()
 
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
@@ -60,7 +48,7 @@ def test_config_maps_the_family_switches(family_lm):
 def test_logits_match_transformers(family_lm, side):
     _, model, config, params, _ = family_lm
     ids, mask = padded_batch(3, 24, config.vocab_size, side, seed=1, min_len=WINDOW + 3)
-    ref = _torch_logits(model, ids, mask)
+    ref = torch_logits(model, ids, mask)
     out = np.asarray(models.lm_logits(config, params, jnp.asarray(ids), jnp.asarray(mask)))
     real = mask.astype(bool)
     np.testing.assert_allclose(out[real], ref[real], atol=ATOL, rtol=0)
@@ -71,7 +59,7 @@ def test_long_sequences_take_the_blocked_kernel_and_match_transformers(family_lm
     slides: mistral) or a traced one (a stack of both kinds)."""
     _, model, config, params, _ = family_lm
     ids, mask = padded_batch(2, 300, config.vocab_size, "right", seed=4, min_len=200)
-    ref = _torch_logits(model, ids, mask)
+    ref = torch_logits(model, ids, mask)
     out = np.asarray(models.lm_logits(config, params, jnp.asarray(ids), jnp.asarray(mask)))
     real = mask.astype(bool)
     np.testing.assert_allclose(out[real], ref[real], atol=ATOL, rtol=0)
@@ -120,7 +108,7 @@ def test_policy_export_loads_as_the_family_class_with_equal_logits(family_lm, tm
     assert type(back).__name__ == FAMILIES[family][1] and back.config.model_type == family
     ids, mask = padded_batch(2, 16, config.vocab_size, "left", seed=7, min_len=WINDOW + 2)
     real = mask.astype(bool)
-    np.testing.assert_allclose(_torch_logits(back.eval(), ids, mask)[real], _torch_logits(model, ids, mask)[real],
+    np.testing.assert_allclose(torch_logits(back.eval(), ids, mask)[real], torch_logits(model, ids, mask)[real],
                                atol=1e-5, rtol=0)
     _, again = hf.load_pretrained(str(tmp_path / "out"))
     jax.tree_util.tree_map(np.testing.assert_array_equal, again, params)
@@ -135,7 +123,7 @@ def test_rewards_match_sequence_classification_and_export_round_trips(family, tm
     for side in ("left", "right"):
         ids, mask = padded_batch(4, 20, config.vocab_size, side, seed=2, min_len=WINDOW + 2)
         np.testing.assert_allclose(np.asarray(models.rewards(config, params, ids, mask)),
-                                   _torch_rewards(model, ids, mask), atol=ATOL, rtol=0)
+                                   torch_rewards(model, ids, mask), atol=ATOL, rtol=0)
     hf.save_pretrained(str(tmp_path / "rm_out"), config, params)
     back = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm_out").eval()
     assert type(back).__name__ == FAMILIES[family][2] and back.config.num_labels == 1
@@ -235,7 +223,7 @@ def _mesh8():
 
 def _torch_token_logp(model, ids, mask):
     """log p(ids[t] | ids[:t]) [B, T] (0 at t = 0) from the transformers model."""
-    logits = torch.tensor(_torch_logits(model, ids, mask))
+    logits = torch.tensor(torch_logits(model, ids, mask))
     logp = torch.log_softmax(logits[:, :-1], -1).gather(-1, torch.tensor(ids[:, 1:], dtype=torch.long)[..., None])
     return np.concatenate([np.zeros((ids.shape[0], 1), np.float32), logp[..., 0].numpy()], axis=1)
 
@@ -260,7 +248,7 @@ def test_train_steps_of_every_objective_start_from_the_transformers_loss_and_lea
     head = np.asarray(models.new_reward_head(config, jax.random.PRNGKey(1), 0.5))
     with torch.no_grad():
         rm.score.weight.copy_(torch.tensor(head.T))
-    margin = _torch_rewards(rm, chosen, cmask) - _torch_rewards(rm, rejected, rmask)
+    margin = torch_rewards(rm, chosen, cmask) - torch_rewards(rm, rejected, rmask)
     rm_params = {**{k: v for k, v in params.items() if k != "lm_head"}, "score": {"kernel": jnp.asarray(head)}}
     rm_batch = dict(chosen_ids=chosen, chosen_mask=cmask, rejected_ids=rejected, rejected_mask=rmask,
                     weight=np.ones(8, np.float32), is_apo=np.zeros(8, np.int32))

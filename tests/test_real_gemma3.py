@@ -16,6 +16,7 @@ import torch
 import transformers
 
 import real_model
+from hf_fixtures import torch_logits
 from apo_jax import models
 from apo_jax.inference import sampler
 from apo_jax.io import hf
@@ -57,13 +58,6 @@ def _batch(tok, texts, side):
     return ids, mask
 
 
-def _torch_logits(model, ids, mask, keep: int = 0):
-    positions = torch.tensor(np.maximum(np.cumsum(mask, -1) - 1, 0))
-    with torch.no_grad():
-        return model(torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask), position_ids=positions,
-                     logits_to_keep=keep).logits.float().numpy()
-
-
 def test_checkpoint_is_the_real_gemma3_architecture(gemma3):
     config, params, tok, _ = gemma3
     assert config.model_type == "gemma3_text" and config.num_hidden_layers == 18
@@ -79,7 +73,7 @@ def test_checkpoint_is_the_real_gemma3_architecture(gemma3):
 def test_logits_on_real_text_match_transformers(gemma3, side):
     config, params, tok, torch_lm = gemma3
     ids, mask = _batch(tok, TEXTS, side)
-    ref = _torch_logits(torch_lm, ids, mask)
+    ref = torch_logits(torch_lm, ids, mask)
     out = np.asarray(jax.jit(lambda p: models.lm_logits(config, p, ids, mask))(params))
     real = mask.astype(bool)
     np.testing.assert_allclose(out[real], ref[real], atol=ATOL, rtol=0)
@@ -95,7 +89,7 @@ def test_logits_past_the_sliding_window_match_transformers(gemma3):
     mask = np.ones_like(ids)
     assert ids.shape[1] == 700
     keep = 32
-    ref = _torch_logits(torch_lm, ids, mask, keep=keep)
+    ref = torch_logits(torch_lm, ids, mask, keep=keep)
 
     @jax.jit
     def last_logits(p):
@@ -126,4 +120,4 @@ def test_export_is_a_gemma3_checkpoint_transformers_reads_back_equal(gemma3, tmp
     assert type(back).__name__ == "Gemma3ForCausalLM"
     ids, mask = _batch(tok, TEXTS[:2], "right")
     real = mask.astype(bool)
-    np.testing.assert_array_equal(_torch_logits(back, ids, mask)[real], _torch_logits(torch_lm, ids, mask)[real])
+    np.testing.assert_array_equal(torch_logits(back, ids, mask)[real], torch_logits(torch_lm, ids, mask)[real])

@@ -1,6 +1,6 @@
 """Golden responses for the RM-split queries through an OpenAI-compatible endpoint (paper Appendix A).
 
-    python -m apo_jax.evaluation.collect_gold --pairs rm_split.jsonl --out gold.jsonl \\
+    python -m apo_jax.collect_gold --pairs rm_split.jsonl --out gold.jsonl \\
         --base_url https://api.openai.com/v1 --model gpt-4 --api_key_env OPENAI_API_KEY
 
 Input: preference pairs {"prompt_id", "prompt", "chosen", "rejected"} (one golden answer per
@@ -187,7 +187,7 @@ def summary_path(out: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m apo_jax.evaluation.collect_gold", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m apo_jax.collect_gold", description=__doc__.split("\n")[0])
     p.add_argument("--pairs", required=True, help="preference pairs JSONL (the RM split)")
     p.add_argument("--out", required=True, help="golden-response JSONL (appended to; resumable)")
     p.add_argument("--limit", type=int, default=0, help="only the first N distinct prompts (0 = all)")

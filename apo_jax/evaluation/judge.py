@@ -1,6 +1,6 @@
 """Pairwise LLM-as-judge comparison of two answer files (paper Section 4.1 and Appendix B, Figure 3).
 
-    python -m apo_jax.evaluation.judge --answers_a apo_v1.jsonl --name_a APO-v1 \\
+    python -m apo_jax.judge --answers_a apo_v1.jsonl --name_a APO-v1 \\
         --answers_b rjs_v1.jsonl --name_b RJS-v1 --out_dir runs/judge_apo_vs_rjs \\
         --base_url https://api.openai.com/v1 --model gpt-4 --api_key_env OPENAI_API_KEY
 
@@ -267,7 +267,7 @@ def load_answers(path: str) -> dict[str, dict[str, str]]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m apo_jax.evaluation.judge", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m apo_jax.judge", description=__doc__.split("\n")[0])
     p.add_argument("--answers_a", required=True, help="answers of model A (the one whose win rate is reported)")
     p.add_argument("--answers_b", required=True, help="answers of model B")
     p.add_argument("--name_a", default="model_A", help="model A's name in the judge prompt")

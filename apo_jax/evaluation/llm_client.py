@@ -1,7 +1,7 @@
 """A small client for OpenAI-compatible chat-completions endpoints, and a kill-safe JSONL journal.
 
-Used by the judge (`apo_jax.evaluation.judge`, paper Appendix B) and golden-response collection
-(`apo_jax.evaluation.collect_gold`, Appendix A). Standard library only: `urllib.request` for HTTP, threads
+Used by the judge (`evaluation.judge`, paper Appendix B) and golden-response collection
+(`evaluation.collect_gold`, Appendix A). Standard library only: `urllib.request` for HTTP, threads
 from `concurrent.futures` for concurrency.
 
 - `EndpointConfig`: base URL, model, and the *name* of the environment variable that holds the API

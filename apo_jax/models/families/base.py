@@ -62,7 +62,7 @@ def common_from_hf(hf: Mapping[str, Any], rope: Mapping[str, Any] | None = None)
     missing = [k for k in REQUIRED if k not in hf]
     if missing:
         raise ValueError(f"{', '.join(missing)}: missing (required for a {hf.get('model_type')} model)")
-    theta, scaling = rope_from_hf(hf if rope is None else rope, hf)
+    theta, scaling = rope_from_hf(hf, rope)
     return dict(
         model_type=hf["model_type"],
         vocab_size=hf["vocab_size"],
@@ -83,13 +83,11 @@ def common_from_hf(hf: Mapping[str, Any], rope: Mapping[str, Any] | None = None)
     )
 
 
-def rope_from_hf(rope_source: Mapping[str, Any], hf: Mapping[str, Any]) -> tuple[float, Any]:
-    """(theta, frozen scaling or None) from transformers 5's `rope_parameters` or 4's `rope_theta` +
-    `rope_scaling` (old configs say `type` for `rope_type`)."""
-    if rope_source is hf:
-        rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
-    else:
-        rope = dict(rope_source)
+def rope_from_hf(hf: Mapping[str, Any], rope: Mapping[str, Any] | None = None) -> tuple[float, Any]:
+    """(theta, frozen scaling or None) from `rope` when the family found its parameters elsewhere,
+    else from transformers 5's `rope_parameters` or 4's `rope_theta` + `rope_scaling` (old configs
+    say `type` for `rope_type`)."""
+    rope = dict(rope if rope is not None else hf.get("rope_parameters") or hf.get("rope_scaling") or {})
     theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
     if "type" in rope and "rope_type" not in rope:
         rope["rope_type"] = rope.pop("type")
