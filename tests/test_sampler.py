@@ -251,6 +251,27 @@ def test_sample_dataset_buckets_and_keeps_order(lm):
         assert toks[0, 0] == nxt and toks[1, 0] == nxt
 
 
+def test_sample_batches_resumed_at_a_batch_equal_the_whole_run(lm):
+    """Batch b samples with fold_in(rng, b): a run resumed at batch 2 yields what the whole run
+    yields from there on (the sampling phase's restart guarantee), and input order is kept."""
+    _, config, params = lm
+    rng = np.random.RandomState(3)
+    prompts = [list(rng.randint(3, config.vocab_size, rng.randint(2, 12))) for _ in range(7)]
+    prompts[2] = prompts[0]  # the same prompt first in batches 0 and 1
+    kw = dict(batch_size=2, buckets=(8, 16), num_samples=2, max_new_tokens=5, temperature=1.0)
+    whole = list(sampler.sample_batches(config, params, prompts, jax.random.PRNGKey(5), **kw))
+    resumed = list(sampler.sample_batches(config, params, prompts, jax.random.PRNGKey(5), start=2, **kw))
+    assert [b for b, *_ in whole] == [0, 1, 2, 3] and [b for b, *_ in resumed] == [2, 3]
+    assert [i for _, idx, *_ in whole for i in idx] == list(range(7))
+    assert whole[-1][2].shape[0] == 1  # the filler rows of the last batch are dropped
+    for (_, idx_w, tok_w, len_w), (_, idx_r, tok_r, len_r) in zip(whole[2:], resumed):
+        assert idx_w == idx_r
+        np.testing.assert_array_equal(tok_w, tok_r)
+        np.testing.assert_array_equal(len_w, len_r)
+    # The same prompt in two batches draws differently (the key is folded per batch, not reused).
+    assert not np.array_equal(whole[0][2][0], whole[1][2][0])
+
+
 def _tokenizer_with_two_spellings(vocab_size: int, first: int, second: int, avoid: set[int]):
     """A BPE tokenizer over the tiny model's ids in which id `first` is "\\n\\n" and id `second`
     is "Human": "\\nHuman" encodes as ["\\n", "Human"] but is also spelled [first, second]

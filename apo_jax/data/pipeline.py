@@ -233,15 +233,6 @@ def prompt_ids(tokenizer: Any, prompts: Sequence[dict], d: ml_collections.Config
     return tokenize.encode_prompts(tokenizer, [p["prompt"] for p in prompts], d.prompt_max_len, prompt_format(d))
 
 
-def prompt_batch(rows: Sequence[np.ndarray], batch_size: int, d: ml_collections.ConfigDict,
-                 pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """A left-padded [batch_size, bucket] prompt batch (missing rows repeat the first: their
-    samples are dropped by the caller); the width is the bucket of the longest prompt."""
-    rows = list(rows) + [rows[0]] * (batch_size - len(rows))
-    width = tokenize.bucket_length(max(len(r) for r in rows), tuple(d.buckets))
-    return tokenize.pad_left(rows, width, batch_size, pad_id)
-
-
 # ------------------------------------------------------------------------------------------
 # APO pairs and true-reward evaluation.
 

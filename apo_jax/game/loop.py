@@ -16,7 +16,6 @@ import dataclasses
 import os
 from typing import Any
 
-import jax
 import ml_collections
 
 from apo_jax import config as config_lib
@@ -104,7 +103,8 @@ class Game:
         if store.is_main:
             fileio.write_json(store.path("config.json"), cfg.to_dict(), indent=1, sort_keys=True, default=str)
         store.status("preparing data")
-        self.ctx = phases.Context(cfg, store, pipeline.prepare(cfg, run_dir))
+        self.settings = phases.Settings.from_config(cfg)
+        self.ctx = phases.Context(self.settings, cfg.data, store, pipeline.prepare(cfg, run_dir))
         self.names: dict[Recipe, str] = {}
         self.labels: dict[str, str] = {}
         self.rm_records: list[dict] = []
@@ -133,11 +133,11 @@ class Game:
         config, params = self._init(recipe)
         records = [r for ref in recipe.data for r in self._records(ref)]
         objective = self._objective(recipe.objective)
-        opt_cfg = config_lib.lookup(cfg, recipe.optimizer)
-        lr = float(opt_cfg.lrs[recipe.round - 1]) if "lrs" in opt_cfg else opt_cfg.lr  # per-round rates
+        # The section's settings for this round (its per-round rate where it gives `lrs`).
+        opt = phases.OptimizerSettings.from_section(config_lib.lookup(cfg, recipe.optimizer), recipe.round)
         phase = "policy_pretrain" if recipe.init == "new" else name
         if records:
-            params = phases.train_params(self.ctx, phase, config, params, objective, records, opt_cfg, lr)
+            params = phases.train_params(self.ctx, phase, config, params, objective, records, opt)
         else:  # e.g. every prompt's samples tied: nothing to learn from this round
             self.store.status(f"{name}: no training examples; the model is its starting point unchanged")
         self.store.save_model(name, config, params)
@@ -189,7 +189,7 @@ class Game:
 
     def _records(self, ref: Any) -> list[dict]:
         """The training records a data reference stands for (sampling/selecting them if needed)."""
-        ctx, d, cfg = self.ctx, self.ctx.data, self.cfg
+        ctx, d, st = self.ctx, self.ctx.data, self.settings
         if isinstance(ref, Human):
             return list(d.rm_pairs)
         if isinstance(ref, AllTrain):
@@ -198,11 +198,11 @@ class Game:
             return list(d.demonstrations)
         if isinstance(ref, APOPairs):
             policy = self.realize(ref.policy)
-            path = phases.sample(ctx, policy, "gold", d.gold, cfg.sampling.train, cfg.apo.num_samples)
+            path = phases.sample(ctx, policy, "gold", d.gold, st.train_sampling, st.num_samples)
             return pipeline.apo_pairs(d.gold, fileio.read_jsonl(path))
         if isinstance(ref, BestOfS):
             policy = self.realize(ref.policy)
-            path = phases.sample(ctx, policy, "llm", d.llm_prompts, cfg.sampling.train, cfg.apo.num_samples)
+            path = phases.sample(ctx, policy, "llm", d.llm_prompts, st.train_sampling, st.num_samples)
             rm = self.realize(ref.rm) if ref.rm is not None else None
             select = phases.select_pairs if isinstance(ref, PairOfS) else phases.select_best_of_s
             return select(ctx, ref.rule, rm, path, policy, self._best_name[ref])

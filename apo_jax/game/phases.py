@@ -11,12 +11,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Sequence
 
-import jax
 import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
 
-from apo_jax import evaluation, models, sharding
+from apo_jax import evaluation, models
 from apo_jax.evaluation import diagnostics
 from apo_jax.inference import sampler, scoring
 from apo_jax.io import checkpointing, fileio, hf
@@ -27,11 +26,94 @@ from apo_jax.game.store import (ModelSlot, PolicyEvalKey, RMEvalKey, RunStore, S
                            phase_seed)
 
 
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    """One sampling setting (`sampling.train` for best-of-S and D_APO, `sampling.test` for Table 3)."""
+
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+    top_k: int
+
+    @classmethod
+    def from_section(cls, section: Any) -> "Sampling":
+        return cls(int(section.max_new_tokens), float(section.temperature), float(section.top_p), int(section.top_k))
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """The run-wide values the phases read, resolved once from the validated config."""
+
+    seed: int
+    num_samples: int
+    """S: samples per query for best-of-S and D_APO."""
+    train_sampling: Sampling
+    test_sampling: Sampling
+    sample_batch_size: int
+    stop_strings: tuple[str, ...]
+    eval_batch_size: int
+    ece_bins: int
+    save_every_steps: int
+    keep_checkpoints: int
+    async_save: bool
+    log_every_steps: int
+
+    @classmethod
+    def from_config(cls, cfg: ml_collections.ConfigDict) -> "Settings":
+        return cls(
+            seed=int(cfg.seed), num_samples=int(cfg.apo.num_samples),
+            train_sampling=Sampling.from_section(cfg.sampling.train),
+            test_sampling=Sampling.from_section(cfg.sampling.test),
+            sample_batch_size=int(cfg.sampling.batch_size), stop_strings=tuple(cfg.sampling.stop_strings),
+            eval_batch_size=int(cfg.eval.batch_size), ece_bins=int(cfg.eval.num_bins),
+            save_every_steps=int(cfg.checkpoint.save_every_steps), keep_checkpoints=int(cfg.checkpoint.keep),
+            async_save=bool(cfg.checkpoint.async_save), log_every_steps=int(cfg.log_every_steps),
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerSettings:
+    """An optimizer section of the config resolved for one model (its round's learning rate)."""
+
+    lr: float
+    batch_size: int
+    grad_accum: int
+    epochs: int
+    max_steps: int
+    warmup_steps: int
+    schedule: str
+    weight_decay: float
+    grad_clip: float
+    b1: float
+    b2: float
+
+    @classmethod
+    def from_section(cls, section: ml_collections.ConfigDict, round_: int) -> "OptimizerSettings":
+        """`section.lrs[round - 1]` where the section gives per-round rates, else `section.lr`."""
+        lr = section.lrs[round_ - 1] if "lrs" in section and round_ >= 1 else section.lr
+        return cls(lr=float(lr), batch_size=int(section.batch_size), grad_accum=int(section.grad_accum),
+                   epochs=int(section.epochs), max_steps=int(section.max_steps),
+                   warmup_steps=int(section.warmup_steps), schedule=str(section.schedule),
+                   weight_decay=float(section.weight_decay), grad_clip=float(section.grad_clip),
+                   b1=float(section.b1), b2=float(section.b2))
+
+    def sized(self, num_examples: int) -> train.OptimizerConfig:
+        """The schedule for a phase of `num_examples` examples."""
+        steps_per_epoch = max(1, num_examples // self.batch_size)
+        total = self.max_steps if self.max_steps > 0 else steps_per_epoch * self.epochs
+        return train.OptimizerConfig(
+            lr=self.lr, warmup_steps=min(self.warmup_steps, max(total - 1, 0)), total_steps=total,
+            schedule=self.schedule, weight_decay=self.weight_decay, grad_clip=self.grad_clip, b1=self.b1, b2=self.b2,
+        )
+
+
 @dataclasses.dataclass
 class Context:
-    """What every phase reads: the run store, the validated config and the prepared data."""
+    """What every phase reads: the run store, the resolved settings, the data section (read by
+    the tokenisation layer) and the prepared data."""
 
-    cfg: ml_collections.ConfigDict
+    settings: Settings
+    data_cfg: ml_collections.ConfigDict
     store: RunStore
     data: pipeline.Data
 
@@ -40,46 +122,35 @@ class Context:
         return self.data.tokenizer
 
 
-
-def optimizer(opt_cfg: ml_collections.ConfigDict, num_examples: int, lr: float) -> train.OptimizerConfig:
-    """An optimizer section of the config, sized for a phase of `num_examples` examples."""
-    steps_per_epoch = max(1, num_examples // opt_cfg.batch_size)
-    total = opt_cfg.max_steps if opt_cfg.max_steps > 0 else steps_per_epoch * opt_cfg.epochs
-    return train.OptimizerConfig(
-        lr=lr, warmup_steps=min(opt_cfg.warmup_steps, max(total - 1, 0)), total_steps=total,
-        schedule=opt_cfg.schedule, weight_decay=opt_cfg.weight_decay, grad_clip=opt_cfg.grad_clip,
-        b1=opt_cfg.b1, b2=opt_cfg.b2,
-    )
-
-
 def train_params(ctx: Context, phase: str, config: models.ModelConfig, params: Any, objective: Objective,
-                 records: Sequence[dict], opt_cfg: ml_collections.ConfigDict, lr: float) -> Any:
+                 records: Sequence[dict], opt_settings: OptimizerSettings) -> Any:
     """Trains `params` with `objective` on `records`; resumable from `ckpt/<phase>/`."""
-    cfg, store = ctx.cfg, ctx.store
-    examples = objective.examples(ctx.tokenizer, records, cfg.data)
-    examples = objective.prepare(examples, config, params, store.mesh, cfg.eval.batch_size)
-    opt = optimizer(opt_cfg, len(examples), lr)
+    st, store = ctx.settings, ctx.store
+    examples = objective.examples(ctx.tokenizer, records, ctx.data_cfg)
+    examples = objective.prepare(examples, config, params, store.mesh, st.eval_batch_size)
+    opt = opt_settings.sized(len(examples))
     state = train.init_state(config, params, opt, store.mesh)
-    step_fn = store.train_step(config, objective, opt, opt_cfg.grad_accum)
-    ckpt = checkpointing.TrainCheckpointer(store.checkpoint_dir(phase), save_every=cfg.checkpoint.save_every_steps,
-                                           max_to_keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save,
-                                           preemption_check_every=cfg.log_every_steps)
+    step_fn = store.train_step(config, objective, opt, opt_settings.grad_accum)
+    ckpt = checkpointing.TrainCheckpointer(store.checkpoint_dir(phase), save_every=st.save_every_steps,
+                                           max_to_keep=st.keep_checkpoints, async_save=st.async_save,
+                                           preemption_check_every=st.log_every_steps)
     if not ckpt.latest_step():
         store.status(f"{phase}: {opt.total_steps} steps of {objective.describe()} on {len(examples)} examples, "
-                     f"batch {opt_cfg.batch_size}")
-    state = fit.fit(phase, state, step_fn, examples, batch_size=opt_cfg.batch_size, total_steps=opt.total_steps,
-                    seed=phase_seed(cfg.seed, phase), mesh=store.mesh, checkpointer=ckpt, metrics=store.metrics,
-                    log_every=cfg.log_every_steps, show_progress=store.is_main, status=store.status)
+                     f"batch {opt_settings.batch_size}")
+    state = fit.fit(phase, state, step_fn, examples, batch_size=opt_settings.batch_size, total_steps=opt.total_steps,
+                    seed=phase_seed(st.seed, phase), mesh=store.mesh, checkpointer=ckpt, metrics=store.metrics,
+                    log_every=st.log_every_steps, show_progress=store.is_main, status=store.status)
     return state.params
 
 
-def sample(ctx: Context, policy: str, split: str, prompts: Sequence[dict], settings: Any, num_samples: int) -> str:
+def sample(ctx: Context, policy: str, split: str, prompts: Sequence[dict], settings: Sampling, num_samples: int) -> str:
     """Samples `num_samples` answers per prompt from `policy`; returns the JSONL path.
 
-    Resumable: finished batches are appended to the file; a restart continues after them. On
-    a preemption signal it stops after the current batch (`checkpointing.Preempted`).
+    Resumable: finished batches are appended to the file; a restart continues after them (batch b
+    samples with the same key whatever ran before: `sampler.sample_batches`). On a preemption
+    signal it stops after the current batch (`checkpointing.Preempted`).
     """
-    store, cfg = ctx.store, ctx.cfg
+    store, st = ctx.store, ctx.settings
     key = SamplesKey(policy, split)
     path = store.path("samples", f"{policy}_{split}.jsonl")
     if store.done(key):
@@ -88,7 +159,7 @@ def sample(ctx: Context, policy: str, split: str, prompts: Sequence[dict], setti
     # Compute-dtype weights for the whole phase: identical samples, half the bytes per decode
     # step when float32 master weights run in bfloat16.
     gen_params = models.params_for_generation(slot.config, slot.params)
-    bs = cfg.sampling.batch_size
+    bs = st.sample_batch_size
     done = len(fileio.complete_lines(path)) // num_samples
     done -= done % bs  # resume at a batch boundary (a torn last batch is redone)
     if store.is_main:
@@ -97,36 +168,31 @@ def sample(ctx: Context, policy: str, split: str, prompts: Sequence[dict], setti
     # Locally each batch is appended and fsynced; on GCS the object is rewritten at most once a
     # minute (a restart redoes the batches that had not reached the bucket).
     out_file = fileio.Appender(path, flush_every_s=60.0) if store.is_main else None
-    rng = phase_key(cfg.seed, key.id)
     n_batches = -(-len(prompts) // bs)
-    ids = pipeline.prompt_ids(ctx.tokenizer, prompts, cfg.data)
-    pad_id = int(ctx.tokenizer.pad_token_id or 0)
     store.status(f"sampling {num_samples} answers x {len(prompts)} {split} prompts from {policy}")
     bar = tqdm(total=len(prompts), initial=done, desc=f"sample {policy} {split}", disable=not store.is_main,
                leave=False)
+    batches = sampler.sample_batches(
+        slot.config, gen_params, pipeline.prompt_ids(ctx.tokenizer, prompts, ctx.data_cfg),
+        phase_key(st.seed, key.id), batch_size=bs, buckets=tuple(ctx.data_cfg.buckets), start=done // bs,
+        pad_id=int(ctx.tokenizer.pad_token_id or 0), mesh=store.mesh, num_samples=num_samples,
+        max_new_tokens=settings.max_new_tokens, temperature=settings.temperature, top_p=settings.top_p,
+        top_k=settings.top_k, eos_token_id=slot.config.eos_token_ids, stop_strings=st.stop_strings,
+        tokenizer=ctx.tokenizer)
     # Closing flushes every finished batch (on GCS too) whether the phase ends, is preempted or fails.
     try:
-        for b in range(done // bs, n_batches):
-            recs = prompts[b * bs:(b + 1) * bs]
-            prompt_ids, prompt_mask = pipeline.prompt_batch(ids[b * bs:(b + 1) * bs], bs, cfg.data, pad_id)
-            out = sampler.generate(
-                slot.config, gen_params, prompt_ids, prompt_mask, jax.random.fold_in(rng, b),
-                num_samples=num_samples, max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
-                top_p=settings.top_p, top_k=settings.top_k, eos_token_id=slot.config.eos_token_ids,
-                stop_strings=tuple(cfg.sampling.stop_strings), tokenizer=ctx.tokenizer, mesh=store.mesh,
-            )
-            tokens, lengths = sharding.to_host(out.tokens), sharding.to_host(out.lengths)
+        for b, indices, tokens, lengths in batches:
             lines = []
-            for i, rec in enumerate(recs):
+            for r, i in enumerate(indices):
+                rec = prompts[i]
                 for s in range(num_samples):
-                    text = tokenize.decode_response(ctx.tokenizer, tokens[i, s, : lengths[i, s]],
-                                                    cfg.sampling.stop_strings)
+                    text = tokenize.decode_response(ctx.tokenizer, tokens[r, s, : lengths[r, s]], st.stop_strings)
                     lines.append({"prompt_id": rec["prompt_id"], "prompt": rec["prompt"], "sample": s,
-                                  "response": text, "num_tokens": int(lengths[i, s])})
+                                  "response": text, "num_tokens": int(lengths[r, s])})
             if out_file is not None:
                 out_file.write_jsonl(lines)
             fit.progress(key.id, b + 1)
-            bar.update(len(recs))
+            bar.update(len(indices))
             # A SIGTERM (a preemptible VM's notice) stops the phase at this batch boundary: the file
             # holds every finished batch and the same command resumes after them.
             if b + 1 < n_batches and checkpointing.agree_on_preemption():
@@ -142,8 +208,8 @@ def sample(ctx: Context, policy: str, split: str, prompts: Sequence[dict], setti
 
 def score_texts(ctx: Context, slot: ModelSlot, texts: Sequence[tuple[str, str]]) -> np.ndarray:
     """Rewards of (prompt, response) texts by the RM in `slot`, in batches of eval.batch_size."""
-    return scoring.score_texts_with(slot.config, slot.params, ctx.tokenizer, texts, ctx.cfg.data, ctx.store.mesh,
-                                    ctx.cfg.eval.batch_size)
+    return scoring.score_texts_with(slot.config, slot.params, ctx.tokenizer, texts, ctx.data_cfg, ctx.store.mesh,
+                                    ctx.settings.eval_batch_size)
 
 
 def score(ctx: Context, rm: str, rows: Sequence[dict], tag: str) -> np.ndarray:
@@ -162,11 +228,19 @@ def score(ctx: Context, rm: str, rows: Sequence[dict], tag: str) -> np.ndarray:
     return scores
 
 
+def samples_per_prompt(rows: Sequence[dict]) -> int:
+    """S of a samples file (rows prompt-major, `sample` = 0 .. S-1 within each prompt)."""
+    s = 1 + max((int(r["sample"]) for r in rows), default=0)
+    if len(rows) % s:
+        raise ValueError(f"a samples file of {len(rows)} rows does not hold {s} samples per prompt")
+    return s
+
+
 def _judge(ctx: Context, rule: str, rm: str | None, rows: Sequence[dict], policy: str
            ) -> tuple[np.ndarray, np.ndarray | None]:
     """Selection scores [P, S] of a samples file's rows by `rule` ("rm": `rm`'s scores; "oracle":
     r*), and r* [P, S] where the world knows it."""
-    s = ctx.cfg.apo.num_samples
+    s = samples_per_prompt(rows)
     true = None
     if ctx.data.true_reward is not None:
         true = np.asarray([ctx.data.true_reward(r["prompt"], r["response"]) for r in rows]).reshape(-1, s)
@@ -210,7 +284,7 @@ def select_best_of_s(ctx: Context, rule: str, rm: str | None, samples_path: str,
     """Best-of-S answers per prompt (rule "rm": argmax of `rm`'s scores; "oracle": argmax of r*);
     written to best/<out_name>.jsonl."""
     rows = fileio.read_jsonl(samples_path)
-    s = ctx.cfg.apo.num_samples
+    s = samples_per_prompt(rows)
     scores_ps, true = _judge(ctx, rule, rm, rows, policy)
     valid = _nonempty(rows, scores_ps.shape)
     best = diagnostics.pick(scores_ps, valid)
@@ -231,7 +305,7 @@ def select_pairs(ctx: Context, rule: str, rm: str | None, samples_path: str, pol
     DPO. Prompts whose best and worst are the same text or tied in score give no pair. Written to
     pairs/<out_name>.jsonl."""
     rows = fileio.read_jsonl(samples_path)
-    s = ctx.cfg.apo.num_samples
+    s = samples_per_prompt(rows)
     scores_ps, true = _judge(ctx, rule, rm, rows, policy)
     valid = _nonempty(rows, scores_ps.shape)
     best, worst = diagnostics.pick(scores_ps, valid), np.argmin(scores_ps, axis=1)
@@ -252,7 +326,7 @@ def select_pairs(ctx: Context, rule: str, rm: str | None, samples_path: str, pol
 
 def evaluate_rm(ctx: Context, name: str, label: str, schedule: str, rnd: int) -> dict:
     """Table 2's numbers for RM `name`: accuracy and both ECEs on HH_Dev and HH_Test."""
-    store, data, cfg = ctx.store, ctx.data, ctx.cfg
+    store, data, bins = ctx.store, ctx.data, ctx.settings.ece_bins
 
     def run() -> dict:
         slot = store.model(name)
@@ -261,9 +335,9 @@ def evaluate_rm(ctx: Context, name: str, label: str, schedule: str, rnd: int) ->
             good = score_texts(ctx, slot, [(p["prompt"], p["chosen"]) for p in pairs])
             bad = score_texts(ctx, slot, [(p["prompt"], p["rejected"]) for p in pairs])
             rec[f"{split}_acc"] = float(evaluation.preference_accuracy(good, bad))
-            rec[f"{split}_ece"] = float(evaluation.expected_calibration_error(good, bad, cfg.eval.num_bins))
+            rec[f"{split}_ece"] = float(evaluation.expected_calibration_error(good, bad, bins))
             rec[f"{split}_ece_weighted"] = float(
-                evaluation.expected_calibration_error(good, bad, cfg.eval.num_bins, weighted=True))
+                evaluation.expected_calibration_error(good, bad, bins, weighted=True))
             if data.true_reward is not None:
                 rec[f"{split}_true_acc"] = pipeline.true_order_accuracy(data, pairs, good, bad)
         if data.world is not None:
@@ -286,10 +360,10 @@ def evaluate_rm(ctx: Context, name: str, label: str, schedule: str, rnd: int) ->
 
 def evaluate_policy(ctx: Context, policy: str, schedule: str, rnd: int, scorer: str) -> dict:
     """Table 3's numbers for `policy`: its answers to the test prompts, scored by `scorer`."""
-    store, data, cfg = ctx.store, ctx.data, ctx.cfg
+    store, data = ctx.store, ctx.data
 
     def run() -> dict:
-        path = sample(ctx, policy, "test", data.test_prompts, cfg.sampling.test, 1)
+        path = sample(ctx, policy, "test", data.test_prompts, ctx.settings.test_sampling, 1)
         rows = fileio.read_jsonl(path)
         scores = score(ctx, scorer, rows, f"{policy}_test")
         rec = {"kind": "policy_eval", "policy": policy, "schedule": schedule, "round": rnd,
@@ -328,7 +402,7 @@ def export(ctx: Context, names: Sequence[str]) -> dict[str, str]:
             slot = ctx.store.model(name)
             # An RM export scores in transformers what the game scored (issue #16).
             hf.save_pretrained(path, slot.config, slot.params, tokenizer=ctx.tokenizer,
-                               reward_position=ctx.cfg.data.reward_position,
-                               prompt_format=ctx.cfg.data.get("prompt_format", "hh"))
+                               reward_position=ctx.data_cfg.reward_position,
+                               prompt_format=ctx.data_cfg.get("prompt_format", "hh"))
         out[name] = path
     return out

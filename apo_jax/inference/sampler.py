@@ -17,7 +17,7 @@ own token ids decode back to it is also matched on device at every step (the fas
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, Iterator, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -26,7 +26,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
 from apo_jax import models, sharding
-from apo_jax.data.tokenize import bucket_length
+from apo_jax.data.tokenize import bucket_length, pad_left
 
 COMPILES = {"prefill": 0, "decode": 0, "score": 0}
 """Trace counts of the jitted programs (a trace happens once per compiled shape)."""
@@ -385,7 +385,7 @@ def generate(
 # A whole query set.
 
 
-def sample_dataset(
+def sample_batches(
     config: models.ModelConfig,
     params: Any,
     prompts: Sequence[Sequence[int]],
@@ -393,51 +393,38 @@ def sample_dataset(
     *,
     batch_size: int,
     buckets: Sequence[int],
-    num_samples: int,
-    max_new_tokens: int,
-    temperature: float,
-    top_p: float = 1.0,
-    top_k: int = 0,
-    eos_token_id: int | Sequence[int] | None = None,
-    stop_sequences: Sequence[Sequence[int]] = (),
+    start: int = 0,
+    pad_id: int | None = None,
     mesh: jax.sharding.Mesh | None = None,
-    on_batch: Callable[[list[int], SampleOutput], None] | None = None,
-    progress: bool = True,
-) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Samples every prompt (token ids, already truncated); returns per prompt (tokens [S, N],
-    lengths [S]) in the input order.
+    **generate_kwargs: Any,
+) -> Iterator[tuple[int, list[int], np.ndarray, np.ndarray]]:
+    """Samples a query set (token ids, already truncated) in input-order batches of `batch_size`.
 
-    Prompts are grouped by length bucket and run in fixed-size batches (the last batch of a
-    bucket padded with dummy rows), so the number of compiles is at most 2 x buckets used.
-    Batch i of the run uses `fold_in(rng, i)`, so results do not depend on what ran before.
+    Yields `(b, indices, tokens [n, S, N], lengths [n, S])` on the host for batches b = `start`,
+    `start` + 1, ...: batch b holds prompts b*batch_size ... and samples with `fold_in(rng, b)`, so
+    a run resumed at batch `start` gives the samples the whole run would have. Each batch is
+    left-padded to the length bucket of its longest prompt (the last one filled with copies of its
+    first prompt, whose samples are dropped), so there are at most two compiles per bucket used.
+    `generate_kwargs` are `generate`'s (num_samples, max_new_tokens, temperature, stops, ...).
     """
-    order = sorted(range(len(prompts)), key=lambda i: (bucket_length(len(prompts[i]), buckets), i))
+    pad = int(config.pad_token_id or 0) if pad_id is None else int(pad_id)
+    for b in range(start, -(-len(prompts) // batch_size)):
+        indices = list(range(b * batch_size, min((b + 1) * batch_size, len(prompts))))
+        rows = [np.asarray(prompts[i], np.int32) for i in indices]
+        rows += [rows[0]] * (batch_size - len(rows))
+        ids, mask = pad_left(rows, bucket_length(max(len(r) for r in rows), buckets), batch_size, pad)
+        out = generate(config, params, ids, mask, jax.random.fold_in(rng, b), mesh=mesh, **generate_kwargs)
+        tokens, lengths = sharding.to_host(out.tokens), sharding.to_host(out.lengths)
+        yield b, indices, tokens[:len(indices)], lengths[:len(indices)]
+
+
+def sample_dataset(config: models.ModelConfig, params: Any, prompts: Sequence[Sequence[int]], rng: jax.Array, *,
+                   progress: bool = True, **kwargs: Any) -> list[tuple[np.ndarray, np.ndarray]]:
+    """`sample_batches` collected: per prompt (tokens [S, N], lengths [S]) in the input order."""
     results: list[Any] = [None] * len(prompts)
-    batches: list[list[int]] = []
-    for i in order:
-        if batches and len(batches[-1]) < batch_size and bucket_length(len(prompts[batches[-1][0]]), buckets) == \
-                bucket_length(len(prompts[i]), buckets):
-            batches[-1].append(i)
-        else:
-            batches.append([i])
-    pad_id = int(config.pad_token_id or 0)
-    bar = tqdm(total=len(prompts), desc="sampling", disable=not progress, leave=False)
-    for k, rows in enumerate(batches):
-        width = bucket_length(max(len(prompts[i]) for i in rows), buckets)
-        ids = np.full((batch_size, width), pad_id, np.int32)
-        mask = np.zeros((batch_size, width), np.int32)
-        for r, i in enumerate(rows + [rows[0]] * (batch_size - len(rows))):
-            seq = prompts[i]
-            ids[r, width - len(seq):] = seq
-            mask[r, width - len(seq):] = 1
-        out = generate(config, params, ids, mask, jax.random.fold_in(rng, k), num_samples=num_samples,
-                       max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                       eos_token_id=eos_token_id, stop_sequences=stop_sequences, mesh=mesh)
-        if on_batch is not None:
-            on_batch(rows, out)
-        tokens, lengths = jax.device_get((out.tokens, out.lengths))
-        for r, i in enumerate(rows):
-            results[i] = (tokens[r], lengths[r])
-        bar.update(len(rows))
-    bar.close()
+    with tqdm(total=len(prompts), desc="sampling", disable=not progress, leave=False) as bar:
+        for _, indices, tokens, lengths in sample_batches(config, params, prompts, rng, **kwargs):
+            for r, i in enumerate(indices):
+                results[i] = (tokens[r], lengths[r])
+            bar.update(len(indices))
     return results
