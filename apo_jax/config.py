@@ -139,7 +139,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.sampling.stop_strings = ("\nHuman",)
     c.sampling.batch_size = 64
 
-    c.eval = ml_collections.ConfigDict(dict(num_bins=10, batch_size=64))
+    c.eval = ml_collections.ConfigDict(dict(num_bins=10, batch_size=64, overopt_samples=0, overopt_prompts=100))
     c.checkpoint = ml_collections.ConfigDict(dict(save_every_steps=200, async_save=True, keep=2))
     c.log_every_steps = 20
     return c
@@ -311,6 +311,9 @@ def validate(c: ml_collections.ConfigDict, num_devices: int,
             err(f"sampling.{split}.max_new_tokens", f"{s.max_new_tokens} must be >= 1")
     if c.eval.num_bins < 1:
         err("eval.num_bins", f"{c.eval.num_bins} must be >= 1")
+    if c.eval.overopt_samples < 0 or c.eval.overopt_prompts < 0:
+        err("eval.overopt_samples", f"{c.eval.overopt_samples} (and eval.overopt_prompts {c.eval.overopt_prompts}) "
+            "must be >= 0")
     if c.checkpoint.save_every_steps < 0:
         err("checkpoint.save_every_steps", f"{c.checkpoint.save_every_steps} must be >= 0 (0 = phase ends only)")
 
@@ -396,11 +399,14 @@ NOTES: dict[str, str] = {
     "dpo.sft_weight": "weight of an SFT term on the chosen answer",
     "apo.rounds": "rounds of the game",
     "apo.num_samples": "S: samples per query, for best-of-S and the APO pairs",
-    "apo.schedules": "the arms played (rows of apo_jax/game/schedules.py: rjs, apo, apo_seq, ablation, oracle, `<arm>-dpo`)",
+    "apo.schedules": "the arms played (rows of apo_jax/game/schedules.py: rjs, apo, apo_seq, ablation, oracle, random, `<arm>-dpo`)",
     "sampling.stop_strings": "texts that end a sample (cut off), found on the decoded text",
     "sampling.batch_size": "prompts per sampling batch",
     "eval.num_bins": "calibration bins of the RM's expected calibration error",
     "eval.batch_size": "rows per RM scoring batch",
+    "eval.overopt_samples": "N > 0: best-of-n over-optimization curves (n = 1, 2, 4 .. N) of policy_0's test samples "
+                            "under every RM, r* and a random pick (0: off)",
+    "eval.overopt_prompts": "test prompts the over-optimization curves use (0: all)",
     "checkpoint.save_every_steps": "train-state checkpoint interval within a phase (0: only at its end)",
     "checkpoint.async_save": "write checkpoints in the background",
     "checkpoint.keep": "train-state checkpoints kept per phase",

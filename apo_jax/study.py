@@ -194,7 +194,7 @@ def index(per_seed: dict[int, list[Record]]) -> dict[Key, dict[int, Record]]:
     return out
 
 
-SCHEDULE_ORDER = ("base", "rjs", "apo", "apo_seq", "ablation", "oracle")
+SCHEDULE_ORDER = ("base", "rjs", "apo", "apo_seq", "ablation", "oracle", "random")
 
 
 def _sort_key(key: Key) -> tuple:

@@ -232,6 +232,25 @@ def test_gcs_run_dir_preempted_and_resumed_ends_with_the_reference_results(refer
         torch.testing.assert_close(a, b, atol=1e-4, rtol=0, msg=k)
 
 
+def test_random_pick_is_uniform_and_a_function_of_seed_and_policy():
+    """The random arm's selection scores: argmax uniform over the S samples, the same draws for the
+    same seed and policy (a resumed run picks the same answers), others for another policy."""
+    import types
+
+    from apo_jax.game import phases
+
+    ctx = types.SimpleNamespace(settings=types.SimpleNamespace(seed=3), data=types.SimpleNamespace(true_reward=None))
+    p_count, s = 4000, 4
+    rows = [{"prompt_id": p, "sample": k, "prompt": "x", "response": "y"} for p in range(p_count) for k in range(s)]
+    scores, true = phases._judge(ctx, "random", None, rows, "policy_0")
+    assert scores.shape == (p_count, s) and true is None
+    counts = np.bincount(np.argmax(scores, axis=1), minlength=s)
+    sd = np.sqrt(p_count * (1 / s) * (1 - 1 / s))
+    assert np.all(np.abs(counts - p_count / s) < 4.5 * sd), counts
+    np.testing.assert_array_equal(scores, phases._judge(ctx, "random", None, rows, "policy_0")[0])
+    assert not np.array_equal(scores, phases._judge(ctx, "random", None, rows, "policy_rjs_r1")[0])
+
+
 def test_a_new_schedule_is_one_table_row(tmp_path):
     """A toy arm defined here alone (APO from the previous round's RM, with its own optimizer
     section) is trained, labelled and reported by a 1-round game; no apo_jax file changes."""
@@ -242,7 +261,7 @@ def test_a_new_schedule_is_one_table_row(tmp_path):
     schedules.register(row)
     try:
         cfg = tiny_config(run_dir=str(tmp_path / "run"), apo__rounds=1,
-                          apo__schedules=("rjs", "toy_seq", "apo-dpo", "oracle"))
+                          apo__schedules=("rjs", "toy_seq", "apo-dpo", "oracle", "random"), eval__overopt_samples=4)
         cfg.dpo.lrs = (1e-3,)
         cfg.rm.toy = cfg.rm.apo.copy_and_resolve_references()
         cfg.rm.toy.lr = 3e-3
@@ -257,7 +276,8 @@ def test_a_new_schedule_is_one_table_row(tmp_path):
     assert [(r["name"], r["model"], r["round"]) for r in rm] == [("rm_toy_r1", "RM_Toy-v1", 1)]
     pol = {(r["schedule"], r["round"]): r["policy"] for r in records if r["kind"] == "policy_eval"}
     assert pol == {("base", 0): "policy_0", ("rjs", 1): "policy_rjs_r1", ("toy_seq", 1): "policy_toy_seq_r1",
-                   ("apo-dpo", 1): "policy_apo-dpo_r1", ("oracle", 1): "policy_oracle_r1"}
+                   ("apo-dpo", 1): "policy_apo-dpo_r1", ("oracle", 1): "policy_oracle_r1",
+                   ("random", 1): "policy_random_r1"}
     # The DPO arm shares round 1's APO RM recipe (init RM_Base, D_P + D_APO of policy_0), so it is
     # trained under the first name it was given; its policy learns best over worst pairs.
     assert {r["name"] for r in records if r["kind"] == "rm_eval"} == {"rm_base", "rm_test", "rm_toy_r1",
@@ -285,6 +305,30 @@ def test_a_new_schedule_is_one_table_row(tmp_path):
     assert len(picks) == len(best_true)
     for p in picks:
         assert world.true_reward(p["prompt"], p["response"]) == pytest.approx(best_true[p["prompt_id"]])
+    # The random arm picks one of each prompt's non-empty samples, trains no RM, and its policy is
+    # fine-tuned on those picks.
+    by_prompt = {}
+    for row in samples:
+        by_prompt.setdefault(row["prompt_id"], []).append(row["response"])
+    picks = [json.loads(x) for x in open(run / "best" / "random_r1.jsonl")]
+    assert len(picks) == len(by_prompt)
+    assert all(p["response"] in by_prompt[p["prompt_id"]] for p in picks)
+    assert all(p["response"].strip() or not any(r.strip() for r in by_prompt[p["prompt_id"]]) for p in picks)
+    # Over-optimization curves over policy_0's test samples: every RM, r* (oracle) and a random pick,
+    # each the best-of-n estimate of that RM's own score file against r* of the same samples.
+    from apo_jax.evaluation import overopt
+
+    (oo,) = [r for r in records if r["kind"] == "overopt"]
+    assert oo["policy"] == "policy_0" and oo["n"] == [1, 2, 4] and oo["gold"] == "true reward r*"
+    labels = {r["model"] for r in records if r["kind"] == "rm_eval"}
+    assert "RM_Toy-v1" in labels and set(oo["curves"]) == labels | {"oracle", "random"}
+    oo_rows = [json.loads(x) for x in open(run / "samples" / "policy_0_overopt.jsonl")]
+    gold = np.asarray([world.true_reward(r["prompt"], r["response"]) for r in oo_rows]).reshape(-1, 4)
+    rm_scores = np.asarray([json.loads(x)["score"] for x in open(run / "scores" / "rm_toy_r1__policy_0_overopt.jsonl")])
+    np.testing.assert_allclose(oo["curves"]["RM_Toy-v1"], overopt.best_of_n(rm_scores.reshape(-1, 4), gold, (1, 2, 4)))
+    assert oo["curves"]["random"] == [pytest.approx(gold.mean())] * 3
+    assert oo["curves"]["oracle"][-1] == pytest.approx(gold.max(axis=1).mean())
+    assert (run / "figure_overopt_policy_0.png").exists()
     tables = open(tmp_path / "run" / "tables.md").read()
     assert "Toy (RM_Toy-vR)" in tables and "RM_Toy-v1" in tables
     # Its RM was trained with its own optimizer section (the logged lr peaks at rm.toy.lr).

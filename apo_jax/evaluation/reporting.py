@@ -173,7 +173,34 @@ def write_reports(records: Sequence[dict[str, Any]], out_dir: str) -> dict[str, 
     out = {"tables": tables_path, "figure2_rm": calib, "figure2_policy": scores}
     if any("true_reward" in r for r in pol):
         out["true_reward_plot"] = true_reward_figure(pol, out_dir)
+    for r in records:
+        if r.get("kind") == "overopt":
+            out[f"overopt_{r['policy']}"] = overopt_figure(r, out_dir)
     return out
+
+
+def overopt_figure(record: dict[str, Any], out_dir: str,
+                   spread: dict[str, Sequence[float]] | None = None) -> str:
+    """Gao et al.'s Figure 1 axes: the gold reward of the best-of-n pick under each selector
+    against KL_bon, for one policy's samples (`spread`: a +- band per selector, e.g. the SE over
+    seeds)."""
+    path = fileio.join(out_dir, f"figure_overopt_{record['policy']}.png")
+    fig, ax = plt.subplots(figsize=(6.0, 4.4))
+    kl = record["kl_bon"]
+    for name, ys in record["curves"].items():
+        line, = ax.plot(kl, ys, marker="o", label=name, linestyle="--" if name in ("random", "oracle") else "-")
+        if spread and name in spread:
+            lo = [y - e for y, e in zip(ys, spread[name])]
+            hi = [y + e for y, e in zip(ys, spread[name])]
+            ax.fill_between(kl, lo, hi, color=line.get_color(), alpha=0.15)
+    ax.set_xlabel("KL_bon = log n - (n-1)/n (nats); n = " + ", ".join(str(n) for n in record["n"]))
+    ax.set_ylabel(f"{record['gold']} of the best-of-n pick")
+    ax.set_title(f"Best-of-n over {record['policy']}'s samples", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    _save_png(fig, path)
+    return path
 
 
 def true_reward_figure(policy_records: Sequence[dict[str, Any]], out_dir: str) -> str:

@@ -262,7 +262,12 @@ class Game:
                 policy_of[sched.name] = policy
                 self.policy_records.append(phases.evaluate_policy(self.ctx, name, sched.name, rnd, "rm_test"))
 
-        records = self.rm_records + self.policy_records + self._probe_records() + self._selection_records()
+        overopt = []
+        if self.settings.overopt_samples > 0:  # every RM as a selector over policy_0's samples
+            overopt.append(phases.overoptimization(self.ctx, "policy_0",
+                                                   [(r["name"], r["model"]) for r in self.rm_records]))
+        records = (self.rm_records + self.policy_records + self._probe_records() + self._selection_records()
+                   + overopt)
         outputs = reporting.write_reports(records, store.run_dir) if store.is_main else {}
         final = ["rm_base", "rm_test"] + [self.names[rm_of[s.name]] for s in table] + [
             self.names[policy_of[s.name]] for s in table]

@@ -16,14 +16,14 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from apo_jax import evaluation, models
-from apo_jax.evaluation import diagnostics
+from apo_jax.evaluation import diagnostics, overopt
 from apo_jax.inference import sampler, scoring
 from apo_jax.io import checkpointing, fileio, hf
 from apo_jax.training import fit, train
 from apo_jax.data import pipeline, tokenize
 from apo_jax.training.objectives import Objective
-from apo_jax.game.store import (ModelSlot, PolicyEvalKey, RMEvalKey, RunStore, SamplesKey, ScoresKey, phase_key,
-                           phase_seed)
+from apo_jax.game.store import (ModelSlot, PolicyEvalKey, ProbeKey, RMEvalKey, RunStore, SamplesKey, ScoresKey,
+                                phase_key, phase_seed)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +53,9 @@ class Settings:
     stop_strings: tuple[str, ...]
     eval_batch_size: int
     ece_bins: int
+    overopt_samples: int
+    """N: samples per test prompt for the over-optimization curves (0: off)."""
+    overopt_prompts: int
     save_every_steps: int
     keep_checkpoints: int
     async_save: bool
@@ -66,6 +69,7 @@ class Settings:
             test_sampling=Sampling.from_section(cfg.sampling.test),
             sample_batch_size=int(cfg.sampling.batch_size), stop_strings=tuple(cfg.sampling.stop_strings),
             eval_batch_size=int(cfg.eval.batch_size), ece_bins=int(cfg.eval.num_bins),
+            overopt_samples=int(cfg.eval.overopt_samples), overopt_prompts=int(cfg.eval.overopt_prompts),
             save_every_steps=int(cfg.checkpoint.save_every_steps), keep_checkpoints=int(cfg.checkpoint.keep),
             async_save=bool(cfg.checkpoint.async_save), log_every_steps=int(cfg.log_every_steps),
         )
@@ -239,13 +243,17 @@ def samples_per_prompt(rows: Sequence[dict]) -> int:
 def _judge(ctx: Context, rule: str, rm: str | None, rows: Sequence[dict], policy: str
            ) -> tuple[np.ndarray, np.ndarray | None]:
     """Selection scores [P, S] of a samples file's rows by `rule` ("rm": `rm`'s scores; "oracle":
-    r*), and r* [P, S] where the world knows it."""
+    r*; "random": i.i.d. uniform draws, a function of the seed and the policy only), and r* [P, S]
+    where the world knows it."""
     s = samples_per_prompt(rows)
     true = None
     if ctx.data.true_reward is not None:
         true = np.asarray([ctx.data.true_reward(r["prompt"], r["response"]) for r in rows]).reshape(-1, s)
     if rule == "rm":
         return score(ctx, rm, rows, f"{policy}_llm").reshape(-1, s), true
+    if rule == "random":
+        draws = np.random.default_rng(phase_seed(ctx.settings.seed, f"random_pick/{policy}"))
+        return draws.random((len(rows) // s, s)), true
     if rule == "oracle":
         if true is None:
             raise ValueError("the oracle selection rule needs a world with a known true reward (data.kind=synthetic)")
@@ -295,7 +303,7 @@ def select_best_of_s(ctx: Context, rule: str, rm: str | None, samples_path: str,
                        "score": float(scores_ps[p, k])})
     if ctx.store.is_main:
         fileio.write_jsonl(ctx.store.path("best", f"{out_name}.jsonl"), chosen)
-    _log_selection(ctx, out_name, rm if rule == "rm" else "oracle", policy, rows, scores_ps, true, valid)
+    _log_selection(ctx, out_name, rm if rule == "rm" else rule, policy, rows, scores_ps, true, valid)
     return chosen
 
 
@@ -320,7 +328,7 @@ def select_pairs(ctx: Context, rule: str, rm: str | None, samples_path: str, pol
     if ctx.store.is_main:
         fileio.write_jsonl(ctx.store.path("pairs", f"{out_name}.jsonl"), pairs)
     ctx.store.status(f"{out_name}: {len(pairs)} best-vs-worst pairs from {len(best)} prompts")
-    _log_selection(ctx, out_name, rm if rule == "rm" else "oracle", policy, rows, scores_ps, true, valid)
+    _log_selection(ctx, out_name, rm if rule == "rm" else rule, policy, rows, scores_ps, true, valid)
     return pairs
 
 
@@ -391,6 +399,37 @@ def evaluate_policy(ctx: Context, policy: str, schedule: str, rnd: int, scorer: 
         return rec
 
     return store.once(PolicyEvalKey(policy, schedule), run)
+
+
+def overoptimization(ctx: Context, policy: str, rms: Sequence[tuple[str, str]]) -> dict:
+    """Best-of-n curves over `policy`'s answers to the test prompts (`evaluation.overopt`): N =
+    `eval.overopt_samples` samples per prompt at the training temperature, each RM of `rms`
+    ((name, label) pairs) as a selector, the true reward r* as gold where the world knows it (and
+    as the oracle selector), else RM_Test's score (the paper's evaluator)."""
+    store, data, st = ctx.store, ctx.data, ctx.settings
+
+    def run() -> dict:
+        prompts = data.test_prompts[:st.overopt_prompts] if st.overopt_prompts > 0 else data.test_prompts
+        rows = fileio.read_jsonl(sample(ctx, policy, "overopt", prompts, st.train_sampling, st.overopt_samples))
+        s = samples_per_prompt(rows)
+        tag = f"{policy}_overopt"
+        selectors = {label: score(ctx, name, rows, tag).reshape(-1, s) for name, label in rms}
+        if data.true_reward is not None:
+            gold_name = "true reward r*"
+            gold = np.asarray([data.true_reward(r["prompt"], r["response"]) for r in rows]).reshape(-1, s)
+            selectors["oracle"] = gold
+        else:
+            gold_name = "RM_Test score"
+            gold = score(ctx, "rm_test", rows, tag).reshape(-1, s)
+        ns = overopt.powers_of_two(s)
+        rec = {"kind": "overopt", "policy": policy, "gold": gold_name, "num_prompts": len(prompts), "n": list(ns),
+               "kl_bon": overopt.kl_bon(ns).tolist(), "curves": overopt.curves(selectors, gold, ns)}
+        store.metrics.write(rec)
+        top = ", ".join(f"{k} {v[-1]:.3f}" for k, v in rec["curves"].items())
+        store.status(f"best-of-{ns[-1]} over {policy}'s test samples ({gold_name}): {top}")
+        return rec
+
+    return store.once(ProbeKey(f"overopt_{policy}"), run)
 
 
 def export(ctx: Context, names: Sequence[str]) -> dict[str, str]:

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 
-SELECTION_RULES = ("rm", "oracle")
+SELECTION_RULES = ("rm", "oracle", "random")
 """How best-of-S picks an answer: "rm" = argmax of the schedule's RM score; "oracle" = argmax of
-the true reward r* (the synthetic world only: the bound on what the loop can do)."""
+the true reward r* (the synthetic world only: the bound on what the loop can do); "random" = a
+uniformly random one of the S samples (the control that separates what selection adds from
+self-training on the policy's own samples)."""
 POLICY_UPDATES = ("sft", "dpo")
 """Objectives a policy update may use (`apo_jax.training.objectives`): "sft" learns the best of S (paper:
 rejection-sampling SFT); "dpo" learns best over worst of S against the round's starting policy."""
@@ -98,6 +100,8 @@ def with_dpo(row: Schedule) -> Schedule:
 
 # The oracle arm (synthetic world only): r* picks the best of S, the bound on what the loop can do.
 ORACLE = Schedule("oracle", "Oracle (r* picks)", select="oracle")
+# The random arm: SFT on a uniformly random sample of S (self-training with no selection).
+RANDOM = Schedule("random", "Random pick", select="random")
 
 SCHEDULES: dict[str, Schedule] = {}
 """Every known schedule by name, in table order (the order of Table 3's columns)."""
@@ -124,7 +128,7 @@ def label(name: str) -> str:
     return SCHEDULES[name].label if name in SCHEDULES else name
 
 
-for _row in (*PAPER, ORACLE):
+for _row in (*PAPER, ORACLE, RANDOM):
     register(_row)
 for _row in (*PAPER, ORACLE):
     register(with_dpo(_row))
