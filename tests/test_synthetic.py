@@ -432,3 +432,88 @@ def test_invalid_marker_fields_are_named(tmp_path):
         synthetic_files.write_world(cfg, 0, str(tmp_path))
     for field in ("marker_prob_correct", "marker_cost", "marker_max_count", "task_weights"):
         assert field in str(e.value)
+
+
+# ---------------------------------------------------------------------------------------- labellers
+
+
+LABELLER_WORLD = dict(marker_prob_correct=0.0, marker_prob_corrupted=0.0, demo_pad_prob=0.4)
+
+
+def test_excess_length_and_the_length_labeller_match_hand_computation():
+    from apo_jax.data import labeller
+
+    prompt = syn.make_prompt("Reverse the letters of abcd.")  # gold "dcba." (5 characters)
+    assert syn.excess_length(prompt, "dcba.") == 0.0
+    assert syn.excess_length(prompt, "dcba so ok.") == 1.0  # 6 / 5, clipped at 1
+    assert syn.excess_length(prompt, "dcba so.", clip=1.0) == pytest.approx(3 / 5)
+    assert syn.excess_length(prompt, "dc") == 0.0
+    world = syn.World(marker_cost=0, length_bias_clip=1.0)
+    lab = labeller.Labeller("length", world, temperature=0.15, lam=0.5)
+    # r*("dcba so.") = content 1 - lev("dcba", "dcba so") / 7 = 4/7, style kept; r_L adds 0.5 * 3/5.
+    assert world.true_reward(prompt, "dcba so.") == pytest.approx(4 / 7)
+    assert lab.score(prompt, "dcba so.") == pytest.approx(4 / 7 + 0.3)
+    assert lab.prefer_prob(prompt, "dcba so.", "dcba.") == pytest.approx(
+        1 / (1 + math.exp(-((4 / 7 + 0.3) - 1.0) / 0.15)))
+
+
+def test_padding_stays_within_the_response_bound_and_only_where_configured():
+    cfg = syn.resolve_config(dict(LABELLER_WORLD, demo_pad_prob=1.0, demo_junk_fraction=0.0))
+    rng = np.random.default_rng(0)
+    padded = 0
+    for prompt in [syn.make_prompt(f"Reverse the letters of {w}.") for w in ("abc", "abcdef", "hgfedc")] * 100:
+        y, kind = syn.sample_response(rng, prompt, cfg)
+        assert len(y) <= cfg.max_response_chars and kind in ("correct", "corrupted")
+        padded += any(f" {w}" in y for w in syn.FILLER_WORDS)
+    assert padded > 250  # nearly every response carries filler words (a word may not fit a long core)
+
+
+def test_bradley_terry_fit_recovers_known_weights_and_is_stationary():
+    from apo_jax.data import labeller
+
+    rng = np.random.default_rng(1)
+    w_true = rng.normal(size=5)
+    d = rng.normal(size=(20000, 5))
+    y = rng.random(20000) < 1 / (1 + np.exp(-d @ w_true))
+    diffs = np.where(y[:, None], d, -d)  # chosen - rejected
+    w = labeller.fit_bradley_terry(diffs, l2=1e-6)
+    np.testing.assert_allclose(w, w_true, atol=0.08)
+    # The penalised log-likelihood's gradient vanishes at the fit.
+    grad = -diffs.T @ (1 - 1 / (1 + np.exp(-diffs @ w))) + 1e-6 * w
+    assert np.max(np.abs(grad)) < 1e-6
+
+
+@pytest.mark.parametrize("kind", ["length", "learned"])
+def test_labeller_worlds_label_by_their_labeller_and_gold_can_share_its_bias(tmp_path, kind):
+    base = dict(LABELLER_WORLD, n_train_prompts=300, n_test_prompts=50, n_demos=100, labeller=kind,
+                labeller_lambda=1.0, learned_labeller_pairs=200)
+    true_w = synthetic_files.write_world(dict(LABELLER_WORLD, n_train_prompts=300, n_test_prompts=50, n_demos=100),
+                                         7, str(tmp_path / "true"))
+    biased = synthetic_files.write_world(base, 7, str(tmp_path / kind))
+    gold_l = synthetic_files.write_world(dict(base, gold_source="labeller"), 7, str(tmp_path / "gold_l"))
+    # The labels follow the labeller, so they agree with r* less often than a true labeller's.
+    assert biased["pairs"]["train"]["bt_ceiling"] < true_w["pairs"]["train"]["bt_ceiling"] - 0.05
+    if kind == "length":  # and reward length: chosen responses are longer than rejected ones
+        tr = biased["pairs"]["train"]
+        assert tr["excess_length_chosen"] > tr["excess_length_rejected"] + 0.1
+    else:
+        assert biased["labeller"]["train_pairs"] == 200
+    # Golden answers: the r* argmax in the true-gold world, the labeller's best of 8 otherwise.
+    assert biased["gold_true_reward"]["min"] == 1.0 and biased["gold_excess_length"]["max"] == 0.0
+    assert gold_l["gold_true_reward"]["mean"] < 0.9
+    gold = [json.loads(x) for x in open(gold_l["paths"]["gold"])]
+    assert {g["source"] for g in gold} == {"labeller_best_of_8"}
+    # Each labeller gold answer is one the labeller scores at least as high as typical human responses.
+    cfg = syn.resolve_config(dict(base, gold_source="labeller"))
+    lab = synthetic_files.world_labeller(cfg, 7)
+    rng = np.random.default_rng(3)
+    beats = [lab.score(g["prompt"], g["response"]) >= lab.score(g["prompt"], syn.sample_response(rng, g["prompt"], cfg)[0])
+             for g in gold[:100]]
+    assert np.mean(beats) > 0.75
+
+
+def test_invalid_labeller_fields_are_named():
+    with pytest.raises(ValueError) as e:
+        syn.resolve_config(dict(labeller="gpt", gold_source="x", demo_pad_prob=2.0, labeller_lambda=-1.0))
+    for field in ("labeller:", "gold_source:", "demo_pad_prob", "labeller_lambda"):
+        assert field in str(e.value)

@@ -63,6 +63,9 @@ MARKER = ":)"  # the spurious marker; responses carry it as MARKER_SUFFIX after 
 MARKER_SUFFIX = " " + MARKER
 _MARKER_RE = re.compile(r" ?" + re.escape(MARKER))
 
+LABELLERS = ("true", "length", "learned")
+GOLD_SOURCES = ("true", "labeller")
+
 PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
 SPECIAL_TOKENS = (PAD, BOS, EOS, UNK)  # ids 0, 1, 2, 3
 # Every character the world (and any HH-style English text) uses; anything else maps to <unk>.
@@ -104,6 +107,24 @@ def default_config() -> ml_collections.ConfigDict:
     # trained for a few hundred steps needs a clear signal); at 0.1, ~91%.
     c.label_temperature = 0.15
     c.distinct_rewards = True  # redraw pairs whose two responses have equal r* (no true order to learn)
+    # Who labels the pairs (apo_jax/data/labeller.py): "true" = Bradley-Terry on r* (above); "length" =
+    # Bradley-Terry on r_L = r* + labeller_lambda * excess length (clipped relative excess over the
+    # golden answer's length, at most length_bias_clip), the documented bias of real labellers;
+    # "learned" = a small RM (logistic Bradley-Terry on hashed character n-grams per task) fitted to
+    # learned_labeller_pairs pairs labelled by r*, whose own errors then label every pair.
+    c.labeller = "true"
+    c.labeller_lambda = 0.0
+    c.length_bias_clip = 1.0
+    c.learned_labeller_pairs = 300
+    # Padding: probability that a correct or corrupted human response carries filler words (up to
+    # max_pad_chars) before its style mark. r* pays for them (edit distance); a length labeller likes them.
+    c.demo_pad_prob = 0.0
+    c.max_pad_chars = 10
+    # Golden answers: "true" = the r* argmax (answer + "."), free of the labellers' bias; "labeller" =
+    # the labeller's best of gold_candidates responses from the human distribution (gold that shares
+    # the labellers' bias, as answers written by a strong model trained on their labels would).
+    c.gold_source = "true"
+    c.gold_candidates = 8
     c.gold_missing_fraction = 0.1  # train prompts without a golden answer (exercises the HH fallback)
     # Task generator.
     # Graded difficulty: echo, upper, repeat easy; reverse, sort medium; add, count hard.
@@ -277,12 +298,17 @@ class World:
     functions are the default world's."""
 
     marker_cost: fractions.Fraction = fractions.Fraction(3, 20)
+    length_bias_clip: float = 1.0
 
     @classmethod
     def from_config(cls, cfg: ml_collections.ConfigDict) -> "World":
         """The world of a complete (resolved) config; the control world's marker is free."""
         cost = 0 if cfg.marker_control else fractions.Fraction(str(cfg.marker_cost))
-        return cls(marker_cost=fractions.Fraction(cost))
+        return cls(marker_cost=fractions.Fraction(cost), length_bias_clip=float(cfg.length_bias_clip))
+
+    def excess_length(self, prompt: str, response: str) -> float:
+        """The length labeller's bias feature of `response` (`excess_length`)."""
+        return excess_length(prompt, response, self.length_bias_clip)
 
     def content_reward(self, prompt: str, response: str) -> float:
         """r* without the marker term, in [0, 1]."""
@@ -361,6 +387,33 @@ def _n_markers(rng: np.random.Generator, kind: str, cfg: ml_collections.ConfigDi
     return n
 
 
+FILLER_WORDS = ("so", "well", "ok", "yes", "sure", "right", "indeed")
+"""Padding: words that carry no content (a length labeller rewards them; r* charges their edits)."""
+
+
+def _padding(rng: np.random.Generator, room: int, max_chars: int) -> str:
+    """" " + filler words: a random target length in 3 .. min(room, max_chars), filled with words
+    until it is reached or the next word would not fit ("" when no word fits)."""
+    budget = min(room, max_chars)
+    if budget < 3:
+        return ""
+    target = int(rng.integers(3, budget + 1))
+    words: list[str] = []
+    while not words or len(" ".join(words)) + 1 < target:
+        w = FILLER_WORDS[int(rng.integers(len(FILLER_WORDS)))]
+        if len(" ".join(words + [w])) + 1 > budget:
+            break
+        words.append(w)
+    return " " + " ".join(words) if words else ""
+
+
+def excess_length(prompt: str, response: str, clip: float = 1.0) -> float:
+    """The length labeller's bias feature: min(max(len(y) - len(gold), 0) / len(gold), clip), with
+    y the response stripped of markers and gold the golden answer (with its style mark)."""
+    gold = len(correct_answer(prompt))
+    return min(max(len(strip_markers(response)) - gold, 0) / gold, clip)
+
+
 def sample_response(rng: np.random.Generator, prompt: str, cfg: ml_collections.ConfigDict) -> tuple[str, str]:
     """One response from the demonstration distribution: (text, kind in {correct, corrupted, junk}).
 
@@ -377,7 +430,13 @@ def sample_response(rng: np.random.Generator, prompt: str, cfg: ml_collections.C
     else:
         kind = "corrupted"
     n_markers = _n_markers(rng, kind, cfg)
-    if kind == "correct":
+    # Padding draws only where the world pads, so worlds without it are unchanged draw for draw.
+    pad = kind != "junk" and cfg.demo_pad_prob > 0 and rng.random() < cfg.demo_pad_prob
+    marker_room = len(MARKER_SUFFIX) if n_markers else 0
+    if kind == "correct" and pad:
+        room = cfg.max_response_chars - len(answer) - len(STYLE_MARK) - marker_room
+        text = answer + _padding(rng, room, cfg.max_pad_chars) + STYLE_MARK
+    elif kind == "correct":
         text = answer + STYLE_MARK
     else:
         if kind == "junk":
@@ -388,10 +447,12 @@ def sample_response(rng: np.random.Generator, prompt: str, cfg: ml_collections.C
             max_edits = max(1, math.ceil(cfg.demo_max_edit_fraction * len(answer)))
             core = _corrupt(rng, answer, int(rng.integers(1, max_edits + 1)), TASKS[name].pool(cfg))
         # Strip: the HH loader strips responses, and a response must survive that unchanged.
-        room = cfg.max_response_chars - len(STYLE_MARK) - (len(MARKER_SUFFIX) if n_markers else 0)
+        room = cfg.max_response_chars - len(STYLE_MARK) - marker_room
         core = core[:room].strip()
         if not core:
             core = cfg.alphabet[int(rng.integers(len(cfg.alphabet)))]
+        if pad:
+            core += _padding(rng, room - len(core), cfg.max_pad_chars)
         text = core + (STYLE_MARK if rng.random() < cfg.demo_style_prob else "")
     n_markers = min(n_markers, (cfg.max_response_chars - len(text)) // len(MARKER_SUFFIX))
     return text + MARKER_SUFFIX * n_markers, kind
@@ -434,9 +495,12 @@ def _sigmoid(x: float) -> float:
 
 
 def _draw_pair(rng: np.random.Generator, prompt: str, cfg: ml_collections.ConfigDict,
-               counts: dict[str, int]) -> tuple[str, str, float, float]:
-    """(chosen, rejected, r*(chosen), r*(rejected)) for `prompt`, labelled by Bradley-Terry on r*."""
+               counts: dict[str, int], label_score: Callable[[str, str], float] | None = None,
+               label_temperature: float | None = None) -> tuple[str, str, float, float]:
+    """(chosen, rejected, r*(chosen), r*(rejected)) for `prompt`, labelled by Bradley-Terry on
+    `label_score` (the labeller's reward; default r*) at `label_temperature` (default the world's)."""
     world = World.from_config(cfg)
+    temperature = cfg.label_temperature if label_temperature is None else label_temperature
     for _ in range(1000):
         a, _ = sample_response(rng, prompt, cfg)
         b, _ = sample_response(rng, prompt, cfg)
@@ -447,7 +511,8 @@ def _draw_pair(rng: np.random.Generator, prompt: str, cfg: ml_collections.Config
         if cfg.distinct_rewards and ra == rb:
             counts["redrawn_equal_reward"] += 1
             continue
-        if rng.random() < _sigmoid((ra - rb) / cfg.label_temperature):
+        la, lb = (ra, rb) if label_score is None else (label_score(prompt, a), label_score(prompt, b))
+        if rng.random() < _sigmoid((la - lb) / temperature):
             return a, b, ra, rb
         return b, a, rb, ra
     raise ValueError(f"could not draw two different responses for {prompt!r}; the demonstration mix "
@@ -496,6 +561,20 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
         errors.append(f"demo_max_edit_fraction: {cfg.demo_max_edit_fraction} must be > 0")
     if not cfg.label_temperature > 0:
         errors.append(f"label_temperature: {cfg.label_temperature} must be > 0")
+    if cfg.labeller not in LABELLERS:
+        errors.append(f"labeller: {cfg.labeller!r}; expected one of {LABELLERS}")
+    if not cfg.labeller_lambda >= 0 or not cfg.length_bias_clip > 0:
+        errors.append(f"labeller_lambda / length_bias_clip: {cfg.labeller_lambda} / {cfg.length_bias_clip} must be "
+                      ">= 0 / > 0")
+    if cfg.learned_labeller_pairs < 10:
+        errors.append(f"learned_labeller_pairs: {cfg.learned_labeller_pairs} must be >= 10")
+    if not 0.0 <= cfg.demo_pad_prob <= 1.0 or cfg.max_pad_chars < 3:
+        errors.append(f"demo_pad_prob / max_pad_chars: {cfg.demo_pad_prob} / {cfg.max_pad_chars} must be in "
+                      "[0, 1] / >= 3 (the shortest filler word and its space)")
+    if cfg.gold_source not in GOLD_SOURCES:
+        errors.append(f"gold_source: {cfg.gold_source!r}; expected one of {GOLD_SOURCES}")
+    if cfg.gold_candidates < 1:
+        errors.append(f"gold_candidates: {cfg.gold_candidates} must be >= 1")
     if not cfg.marker_cost >= 0:
         errors.append(f"marker_cost: {cfg.marker_cost} must be >= 0")
     if cfg.marker_max_count < 1:

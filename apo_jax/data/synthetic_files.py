@@ -18,10 +18,12 @@ import numpy as np
 import tokenizers
 import transformers
 
+from apo_jax.data import labeller as labeller_lib
 from apo_jax.data.records import prompt_id
 from apo_jax.data.synthetic import (BOS, CHARS, EOS, MARKER, PAD, SPECIAL_TOKENS, TASKS, UNK, WORLD_VERSION,
-                                    World, _draw_pair, _sigmoid, correct_answer, human_text, make_prompt,
-                                    marker_count, marker_probs, parse, resolve_config, sample_response)
+                                    World, _draw_pair, _sigmoid, correct_answer, excess_length, human_text,
+                                    make_prompt, marker_count, marker_probs, parse, resolve_config,
+                                    sample_response)
 
 # ---------------------------------------------------------------------------------------- tokenizer
 
@@ -157,12 +159,17 @@ def _existing_world(out_dir: str, digest: str) -> dict[str, Any] | None:
 
 
 def _pairs_split(rng: np.random.Generator, prompts: list[str], cfg: ml_collections.ConfigDict,
-                 counts: dict[str, int]) -> tuple[list[dict], dict[str, Any]]:
-    """HH pairs for `prompts` and their stats (BT ceiling, its analytical expectation, r* means)."""
-    pairs, r_chosen, r_rejected, m_chosen, m_rejected = [], [], [], [], []
+                 counts: dict[str, int], labeller: labeller_lib.Labeller) -> tuple[list[dict], dict[str, Any]]:
+    """HH pairs for `prompts` labelled by `labeller`, and their stats (r* against the labels, its
+    analytical expectation under a true labeller, r* means, the bias features' rates)."""
+    pairs, r_chosen, r_rejected, m_chosen, m_rejected, x_chosen, x_rejected = [], [], [], [], [], [], []
+    by_labeller = {} if labeller.kind == "true" else dict(label_score=labeller.score,
+                                                          label_temperature=labeller.temperature)
     for prompt in prompts:
         for _ in range(cfg.pairs_per_prompt):
-            chosen, rejected, rc, rr = _draw_pair(rng, prompt, cfg, counts)
+            chosen, rejected, rc, rr = _draw_pair(rng, prompt, cfg, counts, **by_labeller)
+            x_chosen.append(excess_length(prompt, chosen, cfg.length_bias_clip))
+            x_rejected.append(excess_length(prompt, rejected, cfg.length_bias_clip))
             pairs.append({"chosen": f"{prompt} {chosen}", "rejected": f"{prompt} {rejected}"})
             r_chosen.append(rc)
             r_rejected.append(rr)
@@ -180,8 +187,21 @@ def _pairs_split(rng: np.random.Generator, prompts: list[str], cfg: ml_collectio
         # How much the labels reward the marker: its rate on chosen vs rejected responses.
         "marker_rate_chosen": float(np.mean(m_chosen)),
         "marker_rate_rejected": float(np.mean(m_rejected)),
+        # How much the labels reward length: the mean excess length of chosen vs rejected responses.
+        "excess_length_chosen": float(np.mean(x_chosen)),
+        "excess_length_rejected": float(np.mean(x_rejected)),
     }
     return pairs, stats
+
+
+def _labeller(cfg: Any, seed: int, train_prompts: list[str]) -> tuple[labeller_lib.Labeller, dict]:
+    return labeller_lib.from_config(cfg, World.from_config(cfg), _rng(seed, "labeller"), train_prompts)
+
+
+def world_labeller(cfg: ml_collections.ConfigDict | None, seed: int) -> labeller_lib.Labeller:
+    """The labeller that labelled the pairs of the world `write_world(cfg, seed, ...)` writes."""
+    cfg = resolve_config(cfg)
+    return _labeller(cfg, seed, _draw_prompts(_rng(seed, "train_prompts"), cfg, cfg.n_train_prompts, set()))[0]
 
 
 def write_world(cfg: ml_collections.ConfigDict | None, seed: int, out_dir: str) -> dict[str, Any]:
@@ -212,17 +232,24 @@ def write_world(cfg: ml_collections.ConfigDict | None, seed: int, out_dir: str) 
     counts = {"redrawn_identical": 0, "redrawn_equal_reward": 0}
     train_prompts = _draw_prompts(_rng(seed, "train_prompts"), cfg, cfg.n_train_prompts, set())
     test_prompts = _draw_prompts(_rng(seed, "test_prompts"), cfg, cfg.n_test_prompts, set(train_prompts))
-    train_pairs, train_stats = _pairs_split(_rng(seed, "train_pairs"), train_prompts, cfg, counts)
-    test_pairs, test_stats = _pairs_split(_rng(seed, "test_pairs"), test_prompts, cfg, counts)
+    world_r = World.from_config(cfg)
+    labeller, labeller_stats = _labeller(cfg, seed, train_prompts)
+    train_pairs, train_stats = _pairs_split(_rng(seed, "train_pairs"), train_prompts, cfg, counts, labeller)
+    test_pairs, test_stats = _pairs_split(_rng(seed, "test_pairs"), test_prompts, cfg, counts, labeller)
 
     n_missing = round(cfg.gold_missing_fraction * len(train_prompts))
     missing = set(_rng(seed, "gold").permutation(len(train_prompts))[:n_missing].tolist())
-    gold = [{"prompt_id": prompt_id(p), "prompt": p, "response": correct_answer(p), "source": "oracle"}
-            for i, p in enumerate(train_prompts) if i not in missing]
+    if cfg.gold_source == "true":
+        gold = [{"prompt_id": prompt_id(p), "prompt": p, "response": correct_answer(p), "source": "oracle"}
+                for i, p in enumerate(train_prompts) if i not in missing]
+    else:  # the labeller's best of gold_candidates human responses: gold that shares its bias
+        gold_rng = _rng(seed, "gold_candidates")
+        gold = [{"prompt_id": prompt_id(p), "prompt": p, "response": labeller_lib.best_of(gold_rng, p, cfg, labeller),
+                 "source": f"labeller_best_of_{cfg.gold_candidates}"}
+                for i, p in enumerate(train_prompts) if i not in missing]
 
     demo_rng = _rng(seed, "demos")
     order = demo_rng.permutation(len(train_prompts))
-    world_r = World.from_config(cfg)
     demos, demo_rewards, kinds = [], [], {"correct": [], "corrupted": [], "junk": []}
     marked = {"correct": [], "corrupted": [], "junk": []}
     for i in range(cfg.n_demos):
@@ -255,6 +282,9 @@ def write_world(cfg: ml_collections.ConfigDict | None, seed: int, out_dir: str) 
         "seed": int(seed),
         "config": config_dict.to_dict(),
         "marker": {"text": MARKER, "cost": float(world_r.marker_cost), "probs": marker_probs(cfg)},
+        "labeller": {"kind": cfg.labeller, "lambda": cfg.labeller_lambda, **labeller_stats},
+        "gold_true_reward": _summary(world_r.true_reward(g["prompt"], g["response"]) for g in gold),
+        "gold_excess_length": _summary(excess_length(g["prompt"], g["response"], cfg.length_bias_clip) for g in gold),
         "files": dict(FILES),
         "sha256": {k: _sha256(paths[k]) for k in FILES},
         "counts": {

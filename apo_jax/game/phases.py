@@ -386,6 +386,8 @@ def evaluate_policy(ctx: Context, policy: str, schedule: str, rnd: int, scorer: 
                 true,
                 [w.content_reward(r["prompt"], r["response"]) for r in rows],
                 [w.marker_count(r["response"]) for r in rows]))
+            # The length labeller's bias feature of the answers (0 for answers no longer than gold).
+            rec["excess_length"] = float(np.mean([w.excess_length(r["prompt"], r["response"]) for r in rows]))
             # RM_Base's score of the same answers: what a fixed RM believes about the policy.
             rec["rm_base_score"] = float(np.mean(score(ctx, "rm_base", rows, f"{policy}_test")))
         if store.is_main:
