@@ -477,9 +477,105 @@ def run_study(config: str, seeds: Sequence[int], out: str, overrides: Sequence[s
     return summarise(out, seeds, config), status
 
 
+# ------------------------------------------------------------------------------------ pre-registered analysis
+
+
+def load_variants(out: str, seeds: Sequence[int]) -> dict[str, dict[int, list[Record]]]:
+    """variant -> seed -> records, for every `out/<variant>/seed_<k>` with a summary.json."""
+    per_variant: dict[str, dict[int, list[Record]]] = {}
+    for variant in sorted(os.listdir(out)) if os.path.isdir(out) else []:
+        for seed in seeds:
+            run_dir = seed_dir(os.path.join(out, variant), seed)
+            if os.path.exists(os.path.join(run_dir, "summary.json")):
+                per_variant.setdefault(variant, {})[seed] = load_seed(run_dir)
+    return per_variant
+
+
+def _kendall_tau(x: Sequence[float], y: Sequence[float]) -> float:
+    """Kendall's tau-a of two orderings of the same items (ties count 0)."""
+    n, s = len(x), 0.0
+    for i in range(n):
+        for j in range(i + 1, n):
+            s += np.sign(x[i] - x[j]) * np.sign(y[i] - y[j])
+    return float(s / (n * (n - 1) / 2)) if n > 1 else float("nan")
+
+
+def evaluator_agreement(per_seed: dict[int, list[Record]]) -> dict[str, Any]:
+    """Does Table 3's learned judge (RM_Test's avg_score) rank the arms of the last round as the true
+    reward does? Per seed: Kendall's tau over the arms and whether the top arm is the same."""
+    taus, same_top = [], []
+    for records in per_seed.values():
+        pol = [r for r in records if r.get("kind") == "policy_eval" and r.get("schedule") != "base"]
+        if not pol:
+            continue
+        last = max(r["round"] for r in pol)
+        arms = [r for r in pol if r["round"] == last and "true_reward" in r]
+        if len(arms) < 2:
+            continue
+        score, true = [r["avg_score"] for r in arms], [r["true_reward"] for r in arms]
+        taus.append(_kendall_tau(score, true))
+        same_top.append(float(int(np.argmax(score)) == int(np.argmax(true))))
+    return {"kendall_tau": mean_se(taus), "same_top_arm": mean_se(same_top)}
+
+
+def overopt_curves(per_seed: dict[int, list[Record]]) -> dict[str, Any] | None:
+    """Mean and SE across seeds of each selector's best-of-n curve (records of kind "overopt")."""
+    recs = [r for records in per_seed.values() for r in records if r.get("kind") == "overopt"]
+    if not recs:
+        return None
+    names = sorted(set.intersection(*(set(r["curves"]) for r in recs)))
+    curves = {name: [mean_se([r["curves"][name][i] for r in recs]) for i in range(len(recs[0]["n"]))]
+              for name in names}
+    return {"policy": recs[0]["policy"], "gold": recs[0]["gold"], "n": recs[0]["n"], "kl_bon": recs[0]["kl_bon"],
+            "seeds": len(recs), "curves": curves}
+
+
+def analyze(out: str, plan_name: str, seeds: Sequence[int], alpha: float = 0.05) -> dict[str, Any]:
+    """The pre-registered plan `plan_name` (`apo_jax.evaluation.plans`) over `out/<variant>/seed_<k>`:
+    writes out/confirmatory.md and .json and one over-optimization figure per variant."""
+    from apo_jax.evaluation import hypotheses, plans, reporting
+
+    per_variant = load_variants(out, seeds)
+    results = hypotheses.evaluate(plans.PLANS[plan_name], per_variant, alpha)
+    variants = {}
+    for variant, per_seed in per_variant.items():
+        info: dict[str, Any] = {"seeds": sorted(per_seed), "evaluator_agreement": evaluator_agreement(per_seed)}
+        curves = overopt_curves(per_seed)
+        if curves is not None:
+            info["overopt"] = curves
+            record = {**curves, "policy": f"{curves['policy']}_{variant}",
+                      "curves": {k: [c["mean"] for c in v] for k, v in curves["curves"].items()}}
+            spread = {k: [c["se"] if math.isfinite(c["se"]) else 0.0 for c in v] for k, v in curves["curves"].items()}
+            info["overopt_figure"] = os.path.basename(reporting.overopt_figure(record, out, spread))
+        variants[variant] = info
+    result = {"plan": plan_name, "seeds_requested": list(seeds), "alpha": alpha, "hypotheses": results,
+              "variants": variants}
+    lines = [f"# Pre-registered analysis: {plan_name}\n\n",
+             f"Seeds requested {list(seeds)}; one-sided paired tests unless stated, Holm-corrected within each "
+             f"family, alpha = {alpha}.\n\n", hypotheses.render(results, alpha)]
+    for variant, info in variants.items():
+        agree = info["evaluator_agreement"]
+        lines.append(f"\n## {variant} (seeds {info['seeds']})\n\n")
+        lines.append(f"- Table 3's judge (RM_Test) against r*, last round: Kendall tau "
+                     f"{_cell(agree['kendall_tau'])}, same top arm in {_cell(agree['same_top_arm'])} of seeds\n")
+        if "overopt" in info:
+            c = info["overopt"]
+            lines.append(f"- Best-of-n of {c['policy']}'s samples ({c['gold']}, mean ± SE over {c['seeds']} seeds), "
+                         f"![]({info['overopt_figure']}):\n\n")
+            lines.append(_table(["selector", *(f"n={n}" for n in c["n"])],
+                                ([name, *(_cell(x) for x in v)] for name, v in c["curves"].items())))
+    with open(os.path.join(out, "confirmatory.json"), "w") as f:
+        json.dump(result, f, indent=1, allow_nan=True)
+    with open(os.path.join(out, "confirmatory.md"), "w") as f:
+        f.write("".join(lines))
+    return result
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m apo_jax.study", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", required=True, help="config file (configs/*.py)")
+    parser.add_argument("--config", help="config file (configs/*.py[:variant])")
+    parser.add_argument("--analyze", default="", help="a pre-registered plan (apo_jax/evaluation/plans.py): "
+                        "evaluate it over --out/<variant>/seed_<k> instead of running seeds")
     parser.add_argument("--seeds", type=int, required=True, help="number of seeds N (seeds first_seed..+N-1)")
     parser.add_argument("--out", required=True, help="study directory (one run dir per seed inside)")
     parser.add_argument("--first_seed", type=int, default=0)
@@ -489,9 +585,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unknown arguments {bad}; only --config.<field>=<value> overrides are passed to the runs")
     if args.seeds < 1:
         parser.error(f"--seeds: {args.seeds} must be >= 1")
+    seeds = list(range(args.first_seed, args.first_seed + args.seeds))
+    if args.analyze:
+        from apo_jax.evaluation import plans
+
+        if args.analyze not in plans.PLANS:
+            parser.error(f"--analyze: unknown plan {args.analyze!r}; expected one of {sorted(plans.PLANS)}")
+        result = analyze(args.out, args.analyze, seeds)
+        for h in result["hypotheses"]:
+            print(f"{h['name']:6s} {h['verdict']}: {h['statement']}")
+        print(f"study: {os.path.join(args.out, 'confirmatory.md')}")
+        return 0
+    if not args.config:
+        parser.error("--config is required (or --analyze=<plan>)")
     if not os.path.isfile(args.config.split(":")[0]):  # "file.py:arg" passes arg to get_config
         parser.error(f"--config: no such file {args.config}")
-    seeds = list(range(args.first_seed, args.first_seed + args.seeds))
     study, status = run_study(args.config, seeds, args.out, overrides)
     for c in study["checks"]:
         print(f"{c['check']:4s} {c['status']:5s} {c['what']}: {c['detail']}")
