@@ -80,24 +80,42 @@ def prepare(cfg: ml_collections.ConfigDict, run_dir: str) -> Data:
         def local(p: str) -> str:  # gs:// inputs are copied once into the local cache
             return fileio.local_copy(p) if p and fileio.is_remote(p) else p
 
-        train_src, test_src, gold_path = local(d.hh_train), local(d.hh_test), local(d.gold) or None
+        if d.kind == "preference":
+            train_src, test_src = _local_source(d.get("train", ""), local), _local_source(d.get("test", ""), local)
+        else:
+            train_src, test_src = local(d.hh_train), local(d.hh_test)
+        gold_path = local(d.gold) or None
         tokenizer_path = local(d.tokenizer or cfg.policy.checkpoint)
+    load = _pair_loader(d)
     carve = float(d.get("carve_test_fraction", 0.0))
     if carve > 0:
         # One split only (e.g. the HH test files alone): its prompts are carved into disjoint
-        # train and test parts; data.hh_train is not read.
-        test_pairs, test_report = hh.load_hh_pairs(test_src, "test", on_bad_line=d.on_bad_line)
+        # train and test parts; the train source is not read.
+        test_pairs, test_report = load(test_src, "test")
         train_pairs, test_pairs = hh.carve_by_prompt(test_pairs, carve, cfg.seed)
         reports["cleaning"] = [test_report.summary()]
         reports["carved"] = {"source": test_src, "test_fraction": carve, "train_pairs": len(train_pairs),
                              "test_pairs": len(test_pairs)}
     else:
-        train_pairs, train_report = hh.load_hh_pairs(train_src, "train", on_bad_line=d.on_bad_line)
-        test_pairs, test_report = hh.load_hh_pairs(test_src, "test", on_bad_line=d.on_bad_line)
+        train_pairs, train_report = load(train_src, "train")
+        test_pairs, test_report = load(test_src, "test")
         reports["cleaning"] = [train_report.summary(), test_report.summary()]
+    extra_prompts = None
+    if d.kind == "preference" and d.get("prompts", ""):
+        from apo_jax.data import preference
+
+        extra_prompts, reports["prompts"] = preference.load_prompts(
+            _local_source(d.prompts, local), cols=preference.Columns.from_config(d.get("columns")),
+            on_bad_line=d.on_bad_line)
     splits = hh.make_splits(train_pairs, test_pairs, n_rm=d.n_rm, n_dev=d.n_dev, n_llm=d.n_llm, n_test=d.n_test,
-                            seed=cfg.seed)
-    gold, reports["gold"] = hh.load_gold(gold_path, splits.rm_pairs)
+                            seed=cfg.seed, prompts=extra_prompts)
+    gold, reports["gold"] = hh.load_gold(gold_path, splits.rm_pairs, known=[*train_pairs, *test_pairs,
+                                                                            *(extra_prompts or [])],
+                                         on_bad_line=d.on_bad_line)
+    if cfg.get("rm") is not None and cfg.rm.get("margin_from_data", False):
+        if not any("margin" in p for p in splits.rm_pairs):
+            raise hh.DataError(f"rm.margin_from_data: the RM pairs of {train_src or test_src} have no margin; expected "
+                               "a 'margin' or 'score_chosen'/'score_rejected' column (data.columns maps other names)")
     tokenizer = tokenize.load_tokenizer(tokenizer_path)
     try:
         tokenize.check_prompt_format(tokenizer, prompt_format(d))
@@ -109,6 +127,27 @@ def prepare(cfg: ml_collections.ConfigDict, run_dir: str) -> Data:
                 world=world, reports=reports)
     _write_split_files(data, fileio.join(run_dir, "data"))
     return data
+
+
+def _local_source(spec: str, local: Callable[[str], str]) -> str:
+    """A `path_or_id[:split]` source with a gs:// path copied into the local cache."""
+    if not spec or not fileio.is_remote(spec):
+        return spec
+    from apo_jax.data import preference
+
+    path, split = preference.parse_source(spec, "")
+    return local(path) + (f":{split}" if split else "")
+
+
+def _pair_loader(d: ml_collections.ConfigDict) -> Callable[[str, str], tuple[list[dict], Any]]:
+    """(source, split) -> (pair records, cleaning report) for `data.kind`: HH-RLHF's layout or any
+    preference source (`preference.load_pairs`: the same records, any standard format)."""
+    if d.kind == "preference":
+        from apo_jax.data import preference
+
+        cols = preference.Columns.from_config(d.get("columns"))
+        return lambda src, split: preference.load_pairs(src, split, cols=cols, on_bad_line=d.on_bad_line)
+    return lambda src, split: hh.load_hh_pairs(src, split, on_bad_line=d.on_bad_line)
 
 
 def _write_split_files(data: Data, out_dir: str) -> None:
