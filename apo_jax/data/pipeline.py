@@ -1,7 +1,8 @@
 """From a config to the game's data: splits, golden answers, the tokenizer, and model batches.
 
-`prepare` loads HH-RLHF (hub id or local files) or writes and loads the synthetic world, through
-the same HH loader, split and gold code, and returns a `Data`. The `*_set` functions tokenise a
+`prepare` loads HH-RLHF (hub id or local files), any preference data set in the standard formats
+(`data.kind = "preference"`, `preference.py`), or writes and loads the synthetic world, through the
+same row reader, split and gold code, and returns a `Data`. The `*_set` functions tokenise a
 list of records once per phase into a `TokenizedSet`, whose `batch(global_rows)` gives this
 process's block of a global batch, padded to the length bucket of the global batch's longest row
 (every process computes the same width from the cached lengths, without a collective).
@@ -38,6 +39,7 @@ class Data:
     demonstrations: list[dict] | None = None  # synthetic world: SFT data for the initial policy
     true_reward: Callable[[str, str], float] | None = None  # synthetic world: r*(prompt, response)
     world: Any = None  # synthetic world: its synthetic.World (content_reward, marker_count, add_marker)
+    rm_tokenizer: Any = None  # rm.tokenizer: the reward models' own tokenizer (None: `tokenizer`)
     reports: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
@@ -48,6 +50,10 @@ def prepare(cfg: ml_collections.ConfigDict, run_dir: str) -> Data:
     world = None
     demonstrations = None
     reports: dict[str, Any] = {}
+
+    def local(p: str) -> str:  # gs:// inputs are copied once into the local cache
+        return fileio.local_copy(p) if p and fileio.is_remote(p) else p
+
     if d.kind == "synthetic":
         from apo_jax.data import synthetic, synthetic_files
 
@@ -77,9 +83,6 @@ def prepare(cfg: ml_collections.ConfigDict, run_dir: str) -> Data:
         world = synthetic.World.from_config(synthetic.resolve_config(d.synthetic))  # r* depends on the config
         true_reward = world.true_reward
     else:
-        def local(p: str) -> str:  # gs:// inputs are copied once into the local cache
-            return fileio.local_copy(p) if p and fileio.is_remote(p) else p
-
         if d.kind == "preference":
             train_src, test_src = _local_source(d.get("train", ""), local), _local_source(d.get("test", ""), local)
         else:
@@ -121,8 +124,17 @@ def prepare(cfg: ml_collections.ConfigDict, run_dir: str) -> Data:
         tokenize.check_prompt_format(tokenizer, prompt_format(d))
     except ValueError as e:
         raise hh.DataError(str(e)) from None
-    data = Data(tokenizer=tokenizer, rm_pairs=splits.rm_pairs, gold=gold, llm_prompts=splits.llm_prompts,
-                dev_pairs=splits.dev_pairs, test_pairs=splits.test_pairs, test_prompts=splits.test_prompts,
+    rm_tokenizer = None
+    if cfg.get("rm") is not None and cfg.rm.get("tokenizer", ""):
+        # Reward models of another family: samples are scored as text, re-encoded with this tokenizer
+        # (and its chat template), like every RM input.
+        rm_tokenizer = tokenize.load_tokenizer(local(cfg.rm.tokenizer))
+        try:
+            tokenize.check_prompt_format(rm_tokenizer, prompt_format(d))
+        except ValueError as e:
+            raise hh.DataError(f"rm.tokenizer {cfg.rm.tokenizer!r}: {e}") from None
+    data = Data(tokenizer=tokenizer, rm_tokenizer=rm_tokenizer, rm_pairs=splits.rm_pairs, gold=gold,
+                llm_prompts=splits.llm_prompts, dev_pairs=splits.dev_pairs, test_pairs=splits.test_pairs, test_prompts=splits.test_prompts,
                 all_train_pairs=splits.all_train_pairs, demonstrations=demonstrations, true_reward=true_reward,
                 world=world, reports=reports)
     _write_split_files(data, fileio.join(run_dir, "data"))
@@ -237,6 +249,8 @@ def rm_set(tokenizer: Any, pairs: Sequence[dict], d: ml_collections.ConfigDict) 
     extras = {
         "weight": np.asarray([p.get("weight", 1.0) for p in pairs], np.float32),
         "is_apo": np.asarray([int(p.get("is_apo", 0)) for p in pairs], np.int32),
+        # The data's per-pair margin (rm.margin_from_data); 0 where a pair has none (APO pairs).
+        "margin": np.asarray([float(p.get("margin", 0.0)) for p in pairs], np.float32),
     }
     return TokenizedSet("rm", {"chosen": chosen, "rejected": rejected}, extras, tuple(d.buckets), _pad_id(tokenizer))
 
@@ -296,6 +310,13 @@ def apo_pairs(gold: Sequence[dict], samples: Sequence[dict]) -> list[dict]:
         out.append({"prompt_id": g["prompt_id"], "prompt": g["prompt"], "chosen": g["response"],
                     "rejected": s["response"], "is_apo": 1})
     return out
+
+
+def reference_texts(data: Data, name: str) -> list[tuple[str, str]]:
+    """(prompt, response) texts of a reference set for reward statistics (`rm.reward_stats_set`):
+    both answers of every pair of "dev" (HH_Dev), "test" or "rm" (HH_RM)."""
+    pairs = {"dev": data.dev_pairs, "test": data.test_pairs, "rm": data.rm_pairs}[name]
+    return [(p["prompt"], p[side]) for p in pairs for side in ("chosen", "rejected")]
 
 
 def true_order_accuracy(data: Data, pairs: Sequence[dict], good: np.ndarray, bad: np.ndarray) -> float:

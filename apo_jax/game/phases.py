@@ -39,6 +39,11 @@ class Context:
     def tokenizer(self) -> Any:
         return self.data.tokenizer
 
+    @property
+    def rm_tokenizer(self) -> Any:
+        """The reward models' tokenizer (`rm.tokenizer`; the policy's when not set)."""
+        return self.data.rm_tokenizer or self.data.tokenizer
+
 
 
 def optimizer(opt_cfg: ml_collections.ConfigDict, num_examples: int, lr: float) -> train.OptimizerConfig:
@@ -56,7 +61,7 @@ def train_params(ctx: Context, phase: str, config: models.ModelConfig, params: A
                  records: Sequence[dict], opt_cfg: ml_collections.ConfigDict, lr: float) -> Any:
     """Trains `params` with `objective` on `records`; resumable from `ckpt/<phase>/`."""
     cfg, store = ctx.cfg, ctx.store
-    examples = objective.examples(ctx.tokenizer, records, cfg.data)
+    examples = objective.examples(ctx.rm_tokenizer if objective.head == "score" else ctx.tokenizer, records, cfg.data)
     examples = objective.prepare(examples, config, params, store.mesh, cfg.eval.batch_size)
     opt = optimizer(opt_cfg, len(examples), lr)
     state = train.init_state(config, params, opt, store.mesh)
@@ -142,7 +147,7 @@ def sample(ctx: Context, policy: str, split: str, prompts: Sequence[dict], setti
 
 def score_texts(ctx: Context, slot: ModelSlot, texts: Sequence[tuple[str, str]]) -> np.ndarray:
     """Rewards of (prompt, response) texts by the RM in `slot`, in batches of eval.batch_size."""
-    return scoring.score_texts_with(slot.config, slot.params, ctx.tokenizer, texts, ctx.cfg.data, ctx.store.mesh,
+    return scoring.score_texts_with(slot.config, slot.params, ctx.rm_tokenizer, texts, ctx.cfg.data, ctx.store.mesh,
                                     ctx.cfg.eval.batch_size)
 
 
@@ -326,9 +331,13 @@ def export(ctx: Context, names: Sequence[str]) -> dict[str, str]:
         path = fileio.join(ctx.store.run_dir, "export", name)
         if not hf.is_saved(path):
             slot = ctx.store.model(name)
+            is_rm = "score" in slot.params
+            stats_set = ctx.cfg.rm.get("reward_stats_set", "") if is_rm else ""
+            stats = scoring.reward_stats(score_texts(ctx, slot, pipeline.reference_texts(ctx.data, stats_set))
+                                         ) if stats_set else None
             # An RM export scores in transformers what the game scored (issue #16).
-            hf.save_pretrained(path, slot.config, slot.params, tokenizer=ctx.tokenizer,
+            hf.save_pretrained(path, slot.config, slot.params, tokenizer=ctx.rm_tokenizer if is_rm else ctx.tokenizer,
                                reward_position=ctx.cfg.data.reward_position,
-                               prompt_format=ctx.cfg.data.get("prompt_format", "hh"))
+                               prompt_format=ctx.cfg.data.get("prompt_format", "hh"), reward_stats=stats)
         out[name] = path
     return out
