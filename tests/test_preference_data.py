@@ -289,3 +289,53 @@ def test_documented_example_files_load():
     assert all(r["response"].endswith("(gold)") for r in records[:6])
     prompts, _ = preference.load_prompts(str(EXAMPLES / "prompts.jsonl"))
     assert len(prompts) == 11 and prompts[-1]["prompt"].startswith("\n\nSystem: Answer in one sentence.")
+
+
+# ---------------------------------------------------------------------------------------------
+# configs/ultrafeedback.py on a local copy in the data set's own layout and schema.
+
+
+def ultrafeedback_rows(n: int, tag: str) -> list[dict]:
+    rows = []
+    for i in range(n):
+        q = f"{tag} question {i}?"
+        u = {"role": "user", "content": q}
+        good, bad = [u, bot(f"A careful answer {i}.")], [u, bot("Whatever.")]
+        rows.append({"prompt": q, "prompt_id": f"{tag}{i:04d}", "chosen": good, "rejected": bad, "messages": good,
+                     "score_chosen": 9.0, "score_rejected": float(i % 5)})
+    return rows
+
+
+def test_ultrafeedback_config_reads_a_local_copy_of_the_data_set(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    import runpy
+
+    from apo_jax import config as config_lib
+
+    c = runpy.run_path(str(REPO / "configs" / "ultrafeedback.py"))["get_config"]()
+    config_lib.validate(c, 8)
+    assert (c.data.kind, c.data.train, c.data.test) == (
+        "preference", "HuggingFaceH4/ultrafeedback_binarized:train_prefs", "HuggingFaceH4/ultrafeedback_binarized:test_prefs")
+    snap = tmp_path / "ultrafeedback_binarized" / "data"  # the hub repo's layout
+    snap.mkdir(parents=True)
+    for split, n in (("train_prefs", 12), ("test_prefs", 4), ("train_gen", 3)):
+        datasets.Dataset.from_list(ultrafeedback_rows(n, split)).to_parquet(str(snap / f"{split}-00000-of-00001.parquet"))
+    c.data.train, c.data.test = f"{snap.parent}:train_prefs", f"{snap.parent}:test_prefs"
+    c.data.n_rm, c.data.n_dev, c.data.n_llm, c.data.n_test = 4, 2, 0, 0
+    tok_dir = tmp_path / "tok"
+    tok = llama_like_tokenizer()
+    tok.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    tok.save_pretrained(tok_dir)
+    c.data.tokenizer = str(tok_dir)
+    data = pipeline.prepare(c, str(tmp_path / "run"))
+    assert len(data.all_train_pairs) == 12 and len(data.test_pairs) == 4  # train_gen is not read
+    assert len(data.rm_pairs) == 4 and len(data.llm_prompts) == 8 and len(data.dev_pairs) == 2
+    first = next(p for p in data.all_train_pairs if p["source_id"] == "train_prefs0003")
+    assert first == {"prompt_id": prompt_id("\n\nHuman: train_prefs question 3?" + A),
+                     "prompt": "\n\nHuman: train_prefs question 3?" + A, "chosen": "A careful answer 3.",
+                     "rejected": "Whatever.", "subset": "data", "margin": 6.0, "source_id": "train_prefs0003"}
+    assert [g["response"] for g in data.gold] == [p["chosen"] for p in data.rm_pairs]  # no gold: chosen
+    c.data.train = "HuggingFaceH4/ultrafeedback_binarized:train_prefs"
+    with pytest.raises(hh.DataError, match=r"hub dataset HuggingFaceH4/ultrafeedback_binarized:train_prefs: cannot read"
+                                           r".* pass a local copy instead"):
+        pipeline.prepare(c, str(tmp_path / "run2"))

@@ -222,11 +222,11 @@ def _dataset_part(ds: Any, where: str, subset: str) -> Part:
     return Part(subset, lambda n, where=where: f"{where} row {n}", ((n, row) for n, row in enumerate(ds, 1)))
 
 
-def _load(loader: Callable[[], Any], where: str) -> Any:
+def _load(loader: Callable[[], Any], where: str, hint: str = "") -> Any:
     try:
         return loader()
     except Exception as e:  # datasets raises many types (ArrowInvalid, FileNotFoundError, ConnectionError, ...)
-        raise DataError(f"{where}: cannot read it with `datasets` ({type(e).__name__}: {str(e)[:300]})") from e
+        raise DataError(f"{where}: cannot read it with `datasets` ({type(e).__name__}: {str(e)[:300]}){hint}") from e
 
 
 def _file_part(path: str) -> Part:
@@ -268,8 +268,9 @@ def source_parts(spec: str, default_split: str) -> list[Part]:
     import datasets
 
     where = f"{source}:{split}"
-    ds = _load(lambda: datasets.load_dataset(source, split=split), f"hub dataset {where} (offline? pass a local "
-               f"copy: a .jsonl/.parquet file or a directory)")
+    ds = _load(lambda: datasets.load_dataset(source, split=split), f"hub dataset {where}",
+               f"; offline or without network, pass a local copy instead: a .jsonl/.parquet file, or a directory "
+               f"holding the data set's files, as /path/to/copy:{split}")
     return [_dataset_part(ds, where, split)]
 
 
