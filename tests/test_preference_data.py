@@ -4,6 +4,7 @@ read through the same path, and the example files of docs/data_formats.md."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -230,6 +231,10 @@ def test_prepare_carves_the_papers_splits_by_prompt(tmp_path):
     data = pipeline.prepare(cfg, str(tmp_path / "run"))
     rm_ids = {p["prompt_id"] for p in data.rm_pairs}
     llm_ids = {p["prompt_id"] for p in data.llm_prompts}
+    # The documented rule, computed here: prompts ordered by blake2b(seed, "prompt", prompt id).
+    order = sorted({prompt_id(f"\n\nHuman: q{i}" + A) for i in range(5)},
+                   key=lambda pid: hashlib.blake2b(f"0\x1fprompt\x1f{pid}".encode(), digest_size=16).digest())
+    assert rm_ids == set(order[:2]) and [p["prompt_id"] for p in data.llm_prompts] == order[2:]
     # 5 prompts x 2 pairs: 2 RM prompts with all 4 of their pairs; the other 3 are the policy's queries.
     assert len(rm_ids) == 2 and len(data.rm_pairs) == 4 and len(llm_ids) == 3 and not rm_ids & llm_ids
     assert {p["prompt_id"] for p in data.dev_pairs} <= llm_ids and len(data.dev_pairs) == 1

@@ -103,6 +103,8 @@ def prepare(cfg: ml_collections.ConfigDict, run_dir: str) -> Data:
         train_pairs, train_report = load(train_src, "train")
         test_pairs, test_report = load(test_src, "test")
         reports["cleaning"] = [train_report.summary(), test_report.summary()]
+    for line in reports["cleaning"]:
+        log.info("data: %s", line)
     extra_prompts = None
     if d.kind == "preference" and d.get("prompts", ""):
         from apo_jax.data import preference
