@@ -12,7 +12,10 @@ Records (see `records.py`):
 - gold:   {"prompt_id", "prompt", "response", "source"}: source "hh_chosen" for the fallback, else the
           file's own "source" field (collect_gold's Appendix A path) or "file"
 
-Everything here is a pure function of its inputs (files, seed); no global state.
+Rows are read by the general preference reader (`preference.read_pairs`, HH's transcripts being its
+implicit-prompt plain-text format), with HH's published cleaning; the splits and golden answers
+here serve every data kind. Everything here is a pure function of its inputs (files, seed); no
+global state.
 """
 
 from __future__ import annotations
@@ -25,8 +28,6 @@ import os
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import NamedTuple
-
-from apo_jax.data.records import prompt_id
 
 HUB_ID = "Anthropic/hh-rlhf"
 SUBSETS = ("helpful-base", "harmless-base")
@@ -206,8 +207,8 @@ def _local_files(source: str, split: str, subsets: Sequence[str]) -> list[tuple[
         f"{source!r} is neither an existing .jsonl/.jsonl.gz file or directory nor the hub id {HUB_ID!r}")
 
 
-class _Part(NamedTuple):
-    """One subset's rows: (number, raw line bytes or an already decoded row)."""
+class Part(NamedTuple):
+    """One file's (or hub split's) rows: (1-based row number, raw line bytes or an already decoded row)."""
 
     subset: str
     locate: Callable[[int], str]
@@ -215,12 +216,12 @@ class _Part(NamedTuple):
     rows: Iterable[tuple[int, bytes | dict]]
 
 
-def _local_parts(source: str, split: str, subsets: Sequence[str]) -> list[_Part]:
-    return [_Part(s, lambda n, path=path: f"{path}:{n}", _read_lines(path))
+def _local_parts(source: str, split: str, subsets: Sequence[str]) -> list[Part]:
+    return [Part(s, lambda n, path=path: f"{path}:{n}", _read_lines(path))
             for s, path in _local_files(source, split, subsets)]
 
 
-def _hub_parts(split: str, subsets: Sequence[str]) -> list[_Part]:
+def _hub_parts(split: str, subsets: Sequence[str]) -> list[Part]:
     """One part per subset from the hub through `datasets`; DataError when it cannot be reached."""
     import datasets  # Deferred: a second to import, and local sources never need it.
 
@@ -235,7 +236,7 @@ def _hub_parts(split: str, subsets: Sequence[str]) -> list[_Part]:
         if missing:
             raise DataError(f"{where}: no column(s) {sorted(missing)}; expected 'chosen' and 'rejected'")
         rows = ((n, {"chosen": c, "rejected": r}) for n, (c, r) in enumerate(zip(ds["chosen"], ds["rejected"]), 1))
-        parts.append(_Part(s, lambda n, where=where: f"{where} row {n}", rows))
+        parts.append(Part(s, lambda n, where=where: f"{where} row {n}", rows))
     return parts
 
 
@@ -293,8 +294,7 @@ def load_hh_pairs(source: str, split: str, *, subsets: Sequence[str] = SUBSETS,
     # cleaning (identical responses dropped and counted, not an error).
     from apo_jax.data import preference
 
-    return preference.read_pairs([preference.Part(p.subset, p.locate, p.rows) for p in parts], source, split,
-                                 on_bad_line=on_bad_line, identical="drop")
+    return preference.read_pairs(parts, source, split, on_bad_line=on_bad_line, identical="drop")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -117,10 +117,10 @@ def prepare(cfg: ml_collections.ConfigDict, run_dir: str) -> Data:
     gold, reports["gold"] = hh.load_gold(gold_path, splits.rm_pairs, known=[*train_pairs, *test_pairs,
                                                                             *(extra_prompts or [])],
                                          on_bad_line=d.on_bad_line)
-    if cfg.get("rm") is not None and cfg.rm.get("margin_from_data", False):
-        if not any("margin" in p for p in splits.rm_pairs):
-            raise hh.DataError(f"rm.margin_from_data: the RM pairs of {train_src or test_src} have no margin; expected "
-                               "a 'margin' or 'score_chosen'/'score_rejected' column (data.columns maps other names)")
+    if (cfg.get("rm") is not None and cfg.rm.get("margin_from_data", False)
+            and not any("margin" in p for p in splits.rm_pairs)):
+        raise hh.DataError(f"rm.margin_from_data: the RM pairs of {train_src or test_src} have no margin; expected "
+                           "a 'margin' or 'score_chosen'/'score_rejected' column (data.columns maps other names)")
     tokenizer = tokenize.load_tokenizer(tokenizer_path)
     try:
         tokenize.check_prompt_format(tokenizer, prompt_format(d))

@@ -30,11 +30,11 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Callable
 
 from apo_jax.data import hh
-from apo_jax.data.hh import CleaningReport, DataError, _BadRecord
+from apo_jax.data.hh import CleaningReport, DataError, Part, _BadRecord
 from apo_jax.data.records import prompt_id
 
 ROLES = ("system", "user", "assistant")
@@ -57,7 +57,7 @@ class Columns:
     score_rejected: str = "score_rejected"
 
     @classmethod
-    def from_config(cls, columns: Mapping[str, str] | None) -> "Columns":
+    def from_config(cls, columns: Mapping[str, str] | None) -> Columns:
         return cls(**{k: v for k, v in dict(columns or {}).items() if v})
 
 
@@ -184,16 +184,6 @@ def pair_margin(row: Mapping[str, Any], cols: Columns) -> float | None:
 
 # ----------------------------------------------------------------------------------------------
 # Sources.
-
-
-@dataclasses.dataclass(frozen=True)
-class Part:
-    """The rows of one file (or hub split): (1-based row number, raw line bytes or a decoded row)."""
-
-    subset: str
-    locate: Callable[[int], str]
-    """Row number -> where it is, for messages ("path:12", "path row 12")."""
-    rows: Iterable[tuple[int, bytes | dict]]
 
 
 def parse_source(spec: str, default_split: str) -> tuple[str, str]:
