@@ -108,7 +108,8 @@ def test_parquet_and_save_to_disk_give_the_same_records_as_jsonl(tmp_path):
     strip = lambda ps: [{k: v for k, v in p.items() if k != "subset"} for p in ps]  # noqa: E731
     assert strip(from_parquet) == strip(from_disk) == strip(from_jsonl) == strip(
         [rec(p, c, r, "") for p, c, r in want])
-    # A directory stands for its files of the split: both train files are read.
+    # A directory stands for its files of the split: both train files are read, not train_gen's.
+    write(tmp_path / "pq" / "train_gen.jsonl", rows)
     assert len(preference.load_pairs(str(tmp_path / "pq"), "train")[0]) == 2 * len(rows)
 
 

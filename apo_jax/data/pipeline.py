@@ -136,8 +136,8 @@ def prepare(cfg: ml_collections.ConfigDict, run_dir: str) -> Data:
         except ValueError as e:
             raise hh.DataError(f"rm.tokenizer {cfg.rm.tokenizer!r}: {e}") from None
     data = Data(tokenizer=tokenizer, rm_tokenizer=rm_tokenizer, rm_pairs=splits.rm_pairs, gold=gold,
-                llm_prompts=splits.llm_prompts, dev_pairs=splits.dev_pairs, test_pairs=splits.test_pairs, test_prompts=splits.test_prompts,
-                all_train_pairs=splits.all_train_pairs, demonstrations=demonstrations, true_reward=true_reward,
+                llm_prompts=splits.llm_prompts, dev_pairs=splits.dev_pairs, test_pairs=splits.test_pairs,
+                test_prompts=splits.test_prompts, all_train_pairs=splits.all_train_pairs, demonstrations=demonstrations, true_reward=true_reward,
                 world=world, reports=reports)
     _write_split_files(data, fileio.join(run_dir, "data"))
     return data

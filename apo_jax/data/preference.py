@@ -5,7 +5,8 @@ or a hub id, each with an optional `:split` (`HuggingFaceH4/ultrafeedback_binari
 `mine/:test`). `.jsonl` / `.jsonl.gz` files are read line by line here (so an error names the line);
 `.json`, `.parquet`, `.arrow`, directories saved by `datasets.save_to_disk` and hub ids are read
 with `datasets`. A plain directory stands for the files in it (any depth) whose name starts with the
-split (`train.jsonl`, `test-00000-of-00001.parquet`).
+split followed by "-", "." or a digit (`train.jsonl`, `test-00000-of-00001.parquet`; not
+`train_gen.parquet` for the split `train`).
 
 Row formats (TRL's names; `data.columns` maps other names onto them):
 
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any, Callable
 
@@ -247,8 +249,9 @@ def source_parts(spec: str, default_split: str) -> list[Part]:
                     raise DataError(f"{source}: no split {split!r} (it has {sorted(ds)}); give it as {source}:SPLIT")
                 ds = ds[split]
             return [_dataset_part(ds, f"{source}:{split}", split)]
+        of_split = re.compile(re.escape(split) + r"([-.0-9].*)?")  # train.jsonl, train-00000-of-00001.parquet
         files = sorted(os.path.join(d, f) for d, _, names in os.walk(source) for f in names
-                       if f.startswith(split) and _extension(f) is not None)
+                       if of_split.fullmatch(f) and _extension(f) is not None)
         if not files:
             raise DataError(f"{source}: no file named {split}*.jsonl(.gz) / .json / .parquet / .arrow / .csv in it; "
                             f"expected the {split!r} split's files (or give another split as {source}:SPLIT)")

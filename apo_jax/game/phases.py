@@ -331,10 +331,10 @@ def export(ctx: Context, names: Sequence[str]) -> dict[str, str]:
         path = fileio.join(ctx.store.run_dir, "export", name)
         if not hf.is_saved(path):
             slot = ctx.store.model(name)
-            is_rm = "score" in slot.params
-            stats_set = ctx.cfg.rm.get("reward_stats_set", "") if is_rm else ""
-            stats = scoring.reward_stats(score_texts(ctx, slot, pipeline.reference_texts(ctx.data, stats_set))
-                                         ) if stats_set else None
+            is_rm, stats = "score" in slot.params, None
+            if is_rm and ctx.cfg.rm.get("reward_stats_set", ""):  # the rewards' mean/std on a reference set
+                texts = pipeline.reference_texts(ctx.data, ctx.cfg.rm.reward_stats_set)
+                stats = scoring.reward_stats(score_texts(ctx, slot, texts))
             # An RM export scores in transformers what the game scored (issue #16).
             hf.save_pretrained(path, slot.config, slot.params, tokenizer=ctx.rm_tokenizer if is_rm else ctx.tokenizer,
                                reward_position=ctx.cfg.data.reward_position,

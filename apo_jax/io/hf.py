@@ -337,8 +337,8 @@ def save_pretrained(
     post-processor appends EOS, as apo_jax's RM inputs do (see `export_tokenizer`). The RM's
     scoring settings (`reward_position`, `prompt_format`: the run's `data.*`) are recorded in
     `apo_jax_scoring.json`, which `evaluation.score_texts` follows, with `reward_stats`
-    ({reward_mean, reward_std, reward_count}) when given (`score_texts(normalize=True)`). Files are readable by other
-    users (0644/0755 under the usual umask).
+    ({reward_mean, reward_std, reward_count}) when given (`score_texts(normalize=True)`).
+    Files are readable by other users (0644/0755 under the usual umask).
     """
     if reward_position not in REWARD_POSITIONS:
         raise ValueError(f"reward_position: {reward_position!r}; expected one of {REWARD_POSITIONS}")
