@@ -345,3 +345,24 @@ def test_ultrafeedback_config_reads_a_local_copy_of_the_data_set(tmp_path):
     with pytest.raises(hh.DataError, match=r"hub dataset HuggingFaceH4/ultrafeedback_binarized:train_prefs: cannot read"
                                            r".* pass a local copy instead"):
         pipeline.prepare(c, str(tmp_path / "run2"))
+
+
+def test_config_checks_for_the_preference_fields(tmp_path):
+    from apo_jax import config as config_lib
+
+    c = config_lib.base_config()
+    c.data.kind, c.policy.checkpoint = "preference", "org/model"
+    c.data.train = str(tmp_path / "missing.jsonl")
+    c.rm.tokenizer, c.rm.reward_stats_set, c.rm.center_rewards_coefficient = "org/rm", "train", -1.0
+    with pytest.raises(config_lib.ConfigError) as info:
+        config_lib.validate(c, 8)
+    msg = str(info.value)
+    for line in (f"data.train: {str(tmp_path / 'missing.jsonl')!r} does not exist",
+                 "data.test: empty; give a file, directory or hub id",
+                 "rm.tokenizer: a tokenizer of its own needs rm.init_checkpoint",
+                 "rm.reward_stats_set: 'train'; expected '', 'dev', 'test' or 'rm'",
+                 "rm.center_rewards_coefficient: -1.0 must be >= 0"):
+        assert line in msg
+    c.data.train, c.data.test = "org/data:train_prefs", write(tmp_path / "t.jsonl", [])
+    c.rm.tokenizer, c.rm.reward_stats_set, c.rm.center_rewards_coefficient = "", "dev", 0.0
+    config_lib.validate(c, 8)

@@ -94,10 +94,23 @@ def conversational_rows(n: int) -> list[dict]:
 
 
 @pytest.mark.e2e
-def test_a_game_plays_end_to_end_on_a_conversational_file_with_an_rm_of_another_tokenizer(tmp_path):
+def test_a_game_plays_end_to_end_on_a_conversational_file_with_an_rm_of_another_tokenizer(tmp_path, monkeypatch):
     from apo_jax import config as config_lib
+    from apo_jax.data import pipeline
     from apo_jax.evaluation import score_texts
     from apo_jax.game import loop
+
+    # Which tokenizer every RM input (training pairs, APO pairs, scored texts) is encoded with.
+    rm_inputs = []
+    for name in ("rm_set", "score_set"):
+        original = getattr(pipeline, name)
+
+        def spy(tokenizer, records, d, _original=original, _name=name):
+            apo = _name == "rm_set" and any(r.get("is_apo") for r in records)
+            rm_inputs.append((_name, len(tokenizer), apo))
+            return _original(tokenizer, records, d)
+
+        monkeypatch.setattr(pipeline, name, spy)
 
     policy = save_model(tmp_path / "policy", llama_like_tokenizer(), 0)
     rm_init = save_model(tmp_path / "rm_init", byte_level_tokenizer(), 1)
@@ -133,6 +146,11 @@ def test_a_game_plays_end_to_end_on_a_conversational_file_with_an_rm_of_another_
     c.checkpoint.async_save = False
     config_lib.validate(c, 8)
     loop.run(c)
+
+    rm_vocab = len(byte_level_tokenizer())
+    assert rm_vocab != len(llama_like_tokenizer())
+    assert {v for _, v, _ in rm_inputs} == {rm_vocab}  # every RM input through the RM's own tokenizer
+    assert any(apo for _, _, apo in rm_inputs) and any(n == "score_set" for n, _, _ in rm_inputs)
 
     run = tmp_path / "run"
     counts = json.loads((run / "data" / "splits.json").read_text())["counts"]
