@@ -35,6 +35,9 @@ def get_config():
     c.data.test = f"{HUB_ID}:test_prefs"
     c.data.gold = ""  # golden answers fall back to each RM prompt's chosen (best-rated) completion
     c.data.prompt_format = "chat_template"
+    # 61K crowd-sourced rows: a malformed one (equal answers, a turn marker inside a message) is
+    # skipped and counted in run_dir/data/splits.json rather than stopping the run.
+    c.data.on_bad_line = "skip"
     # The data set's own column names are the standard ones; listed for sets that differ.
     c.data.columns.prompt = "prompt"
     c.data.columns.chosen = "chosen"
