@@ -64,9 +64,15 @@ def base_config() -> ml_collections.ConfigDict:
     c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
 
     c.data = ml_collections.ConfigDict()
-    c.data.kind = "synthetic"  # synthetic | hh
+    c.data.kind = "synthetic"  # synthetic | hh | preference
     c.data.hh_train = ""  # hub id `Anthropic/hh-rlhf` or a local dir / .jsonl(.gz)
     c.data.hh_test = ""
+    c.data.train = ""  # data.kind = preference: a file, directory or hub id, with an optional :split
+    c.data.test = ""
+    c.data.prompts = ""  # optional prompt-only rows: the policy's queries
+    c.data.columns = ml_collections.ConfigDict(dict(
+        prompt="prompt", chosen="chosen", rejected="rejected", completion="completion", prompt_id="prompt_id",
+        margin="margin", score_chosen="score_chosen", score_rejected="score_rejected"))
     c.data.gold = ""
     c.data.tokenizer = ""
     c.data.n_rm = 20_000
@@ -112,6 +118,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.rm.apo_weight_per_query = 0.1
     c.rm.apo_init = "base"  # APO RMs fine-tune RM_Base (paper) | "init": the RM init checkpoint (official README)
     c.rm.human_weight = 1.0
+    # Reward-model options, all off by default (the paper's loss): a margin in the BT term from the
+    # data's margin / score difference, TRL's reward centering, and reward statistics for exports.
+    c.rm.margin_from_data = False
+    c.rm.center_rewards_coefficient = 0.0
+    c.rm.reward_stats_set = ""  # "" | dev | test | rm: the pairs whose rewards give an export's mean/std
+    c.rm.tokenizer = ""  # "" = the policy's tokenizer; else the RMs' own (needs rm.init_checkpoint)
     c.rm.param_dtype = "float32"
     c.rm.dtype = "float32"
     c.rm.remat_policy = "auto"
@@ -147,6 +159,14 @@ def base_config() -> ml_collections.ConfigDict:
 
 def _is_remote(path: str) -> bool:
     return "://" in path
+
+
+def _source_path(spec: str) -> str:
+    """The path or hub id of a `path_or_id[:split]` source."""
+    if os.path.exists(spec) or "://" in spec:
+        return spec
+    head, sep, tail = spec.rpartition(":")
+    return head if sep and head and tail and "/" not in tail else spec
 
 
 def _looks_like_hub_id(path: str) -> bool:
@@ -185,15 +205,31 @@ def validate(c: ml_collections.ConfigDict, num_devices: int,
             if problem:
                 err("run_dir", problem)
     for field in ("policy.checkpoint", "rm.init_checkpoint", "rm.base_checkpoint", "rm.test_checkpoint",
-                  "data.hh_train", "data.hh_test", "data.gold", "data.tokenizer"):
+                  "data.hh_train", "data.hh_test", "data.train", "data.test", "data.prompts", "data.gold",
+                  "data.tokenizer", "rm.tokenizer"):
         if fileio.is_remote(lookup(c, field)):
             problem = fileio.remote_backend_problem(lookup(c, field))
             if problem:
                 err(field, problem)
 
     # Data.
-    if c.data.kind not in ("synthetic", "hh"):
-        err("data.kind", f"{c.data.kind!r}; expected 'synthetic' or 'hh'")
+    if c.data.kind not in ("synthetic", "hh", "preference"):
+        err("data.kind", f"{c.data.kind!r}; expected 'synthetic', 'hh' or 'preference'")
+    if c.data.kind == "preference":
+        for field in ("train", "test", "prompts"):
+            spec = c.data[field]
+            if not spec:
+                if field == "test" or (field == "train" and not c.data.carve_test_fraction > 0):
+                    err(f"data.{field}", "empty; give a file, directory or hub id (path_or_id[:split])"
+                        + (" or set data.carve_test_fraction > 0 to carve train from data.test" if field == "train"
+                           else ""))
+                continue
+            path = _source_path(spec)
+            if not (os.path.exists(path) or _is_remote(path) or _looks_like_hub_id(path)):
+                err(f"data.{field}", f"{spec!r} does not exist (expected a file, directory or hub id owner/name[:split])")
+    if c.data.kind == "preference" and c.data.gold and not (os.path.exists(_source_path(c.data.gold))
+                                                            or fileio.is_remote(c.data.gold)):
+        err("data.gold", f"{c.data.gold!r} does not exist (use '' to fall back to the chosen answers)")
     if c.data.kind == "hh":
         for field in ("hh_train", "hh_test"):
             path = c.data[field]
@@ -240,7 +276,14 @@ def validate(c: ml_collections.ConfigDict, num_devices: int,
             if m[field] not in allowed:
                 err(f"{name}.{field}", f"{m[field]!r}; expected one of {allowed}")
     # Checkpoint paths and contents are checked by apo_jax.preflight (resolved, headers read).
-    if c.data.kind == "hh" and not c.policy.checkpoint:
+    if c.rm.center_rewards_coefficient < 0:
+        err("rm.center_rewards_coefficient", f"{c.rm.center_rewards_coefficient} must be >= 0 (0 = off)")
+    if c.rm.reward_stats_set not in ("", "dev", "test", "rm"):
+        err("rm.reward_stats_set", f"{c.rm.reward_stats_set!r}; expected '', 'dev', 'test' or 'rm'")
+    if c.rm.tokenizer and not c.rm.init_checkpoint:
+        err("rm.tokenizer", "a tokenizer of its own needs rm.init_checkpoint (an RM started from the policy's "
+            "weights reads the policy's tokens)")
+    if c.data.kind in ("hh", "preference") and not c.policy.checkpoint:
         err("policy.checkpoint", "required for HH-RLHF runs (an HF checkpoint dir or hub id of a supported family, e.g. Alpaca-7B)")
 
     # Optimizers.
@@ -349,10 +392,21 @@ NOTES: dict[str, str] = {
     "mesh.data": "devices on the pure data-parallel axis (-1: all that remain)",
     "mesh.fsdp": "devices on the fully sharded data-parallel axis (weights and optimizer state sharded)",
     "mesh.tensor": "devices on the tensor-parallel axis (heads, MLP width, vocabulary)",
-    "data.kind": "synthetic (the built-in preference world) | hh (HH-RLHF)",
+    "data.kind": "synthetic (the built-in preference world) | hh (HH-RLHF) | preference (any standard preference data)",
+    "data.train": "preference train pairs: a .jsonl/.parquet/.arrow file, a directory or a hub id, optional :split",
+    "data.test": "preference test pairs, as data.train (with data.carve_test_fraction > 0: the only split read)",
+    "data.prompts": "optional prompt-only rows (a prompt column): the policy's queries instead of the train prompts",
+    "data.columns.prompt": "the data's column holding the prompt (text or messages)",
+    "data.columns.chosen": "the data's column holding the preferred answer (or whole transcript)",
+    "data.columns.rejected": "the data's column holding the dispreferred answer (or whole transcript)",
+    "data.columns.completion": "the gold data's column holding the golden answer (else 'response')",
+    "data.columns.prompt_id": "the data's own prompt id column (golden answers may name prompts by it)",
+    "data.columns.margin": "the data's per-pair margin column (rm.margin_from_data)",
+    "data.columns.score_chosen": "the data's score of the chosen answer (margin = score_chosen - score_rejected)",
+    "data.columns.score_rejected": "the data's score of the rejected answer",
     "data.hh_train": "HH-RLHF train split: hub id Anthropic/hh-rlhf or a local dir / .jsonl(.gz)",
     "data.hh_test": "HH-RLHF test split, as data.hh_train",
-    "data.gold": "golden answers (JSONL of prompt, response); \"\": the HH chosen answers of those prompts",
+    "data.gold": "golden answers (prompt or prompt_id, completion or response); \"\": the chosen answers of those prompts",
     "data.tokenizer": "tokenizer dir or hub id; \"\": the policy checkpoint's tokenizer",
     "data.n_rm": "distinct train prompts whose pairs train the RMs (HH_RM)",
     "data.n_dev": "RM validation pairs, from the policy queries' pairs (HH_Dev)",
@@ -387,6 +441,10 @@ NOTES: dict[str, str] = {
     "rm.apo_weight_per_query": "APO weight per query, split over its S samples (the official 0.1)",
     "rm.apo_init": "base (APO RMs fine-tune RM_Base, the paper) | init (the RM init checkpoint)",
     "rm.human_weight": "weight of each human preference pair",
+    "rm.margin_from_data": "subtract each pair's margin (data margin or score difference) inside the BT term",
+    "rm.center_rewards_coefficient": "reward centering: + coef * mean((r_chosen + r_rejected)^2) (TRL's form; 0 = off)",
+    "rm.reward_stats_set": "\"\" | dev | test | rm: pairs whose rewards' mean/std are saved with each RM export",
+    "rm.tokenizer": "the RMs' tokenizer when it differs from the policy's (\"\": the policy's); samples are re-encoded",
     "rm.param_dtype": "as policy.param_dtype, for reward models",
     "rm.dtype": "as policy.dtype, for reward models",
     "rm.remat_policy": "as policy.remat_policy, for reward models",

@@ -21,6 +21,7 @@ from apo_jax.config import lookup
 CHECKPOINT_FIELDS = ("policy.checkpoint", "rm.init_checkpoint", "rm.base_checkpoint", "rm.test_checkpoint")
 # Checkpoints used as reward models as they are: they must carry the reward head.
 RM_FIELDS = ("rm.base_checkpoint", "rm.test_checkpoint")
+TOKENIZER_FIELDS = ("data.tokenizer", "rm.tokenizer")  # resolved (local or hub cache), contents not checked
 
 
 def check_checkpoint_contents(ckpt_dir: str, *, reward_model: bool = False) -> None:
@@ -62,13 +63,15 @@ def preflight(cfg: ml_collections.ConfigDict) -> None:
     raises hf.CheckpointError listing every problem (`field: problem`), or returns None."""
     errors = []
     fields = list(CHECKPOINT_FIELDS)
-    if cfg.data.kind == "hh":
+    if cfg.data.kind in ("hh", "preference"):
         fields.append("data.tokenizer")
+    if cfg.rm.get("tokenizer", ""):
+        fields.append("rm.tokenizer")
     for field in fields:
         path = lookup(cfg, field)
         if not path:
             continue
-        if field == "data.tokenizer" and fileio.is_remote(path):
+        if field in TOKENIZER_FIELDS and fileio.is_remote(path):
             if not fileio.exists(path):
                 errors.append(f"{field}: {path}: no such tokenizer directory")
             continue
@@ -77,7 +80,7 @@ def preflight(cfg: ml_collections.ConfigDict) -> None:
         except hf.CheckpointError as e:
             errors.append(f"{field}: {e} Override: --config.{field}=/local/dir")
             continue
-        if field == "data.tokenizer":
+        if field in TOKENIZER_FIELDS:
             continue
         try:
             check_checkpoint_contents(local, reward_model=field in RM_FIELDS)

@@ -324,7 +324,8 @@ def test_splits_are_identical_for_a_seed_and_differ_for_another():
     (dict(n_rm=41, n_dev=0), "data.n_rm: 41 queries requested but the train data has only 40 distinct prompts"),
     (dict(n_rm=40, n_dev=0), "data.n_rm: 40 queries requested and the train data has only 40 distinct prompts"),
     (dict(n_rm=30, n_dev=0, n_llm=11), "data.n_llm: 11 queries requested but only 10 distinct train prompts remain"),
-    (dict(n_rm=0, n_dev=80), "data.n_dev: 80 pairs requested but the 40 HH_LLM prompts have only 79 pairs"),
+    (dict(n_rm=1, n_dev=80), "data.n_dev: 80 pairs requested but the 39 HH_LLM prompts have only"),
+    (dict(n_rm=0, n_dev=0), "data.n_rm: 0 RM queries from 40 distinct train prompts leaves no RM pairs"),
     (dict(n_rm=1, n_dev=0, n_test=20), "data.n_test: 20 pairs requested but the test data has only 19 pairs"),
     (dict(n_rm=-1, n_dev=0), "data.n_rm: -1 must be >= 0"),
 ])

@@ -12,7 +12,10 @@ Records (see `records.py`):
 - gold:   {"prompt_id", "prompt", "response", "source"}: source "hh_chosen" for the fallback, else the
           file's own "source" field (collect_gold's Appendix A path) or "file"
 
-Everything here is a pure function of its inputs (files, seed); no global state.
+Rows are read by the general preference reader (`preference.read_pairs`, HH's transcripts being its
+implicit-prompt plain-text format), with HH's published cleaning; the splits and golden answers
+here serve every data kind. Everything here is a pure function of its inputs (files, seed); no
+global state.
 """
 
 from __future__ import annotations
@@ -26,15 +29,11 @@ import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import NamedTuple
 
-from apo_jax.data.records import prompt_id
-
 HUB_ID = "Anthropic/hh-rlhf"
 SUBSETS = ("helpful-base", "harmless-base")
 
 ASSISTANT = "\n\nAssistant:"
 _EXTENSIONS = (".jsonl", ".jsonl.gz")
-# Drop reasons, in the order a pair is checked (see `_drop_reason`).
-_REASONS = ("empty_response", "identical_responses")
 
 
 class DataError(ValueError):
@@ -136,20 +135,6 @@ def _drop_reason(chosen: str, rejected: str) -> str | None:
     return None
 
 
-def _pair_from_fields(obj: object) -> tuple[str, str]:
-    """The ("chosen", "rejected") strings of one decoded line; _BadRecord otherwise."""
-    if not isinstance(obj, dict):
-        raise _BadRecord(f"expected a JSON object with string fields 'chosen' and 'rejected', got {type(obj).__name__}")
-    texts = []
-    for field in ("chosen", "rejected"):
-        if field not in obj:
-            raise _BadRecord(f"missing field {field!r}; expected string fields 'chosen' and 'rejected'")
-        if not isinstance(obj[field], str):
-            raise _BadRecord(f"field {field!r} is {type(obj[field]).__name__}; expected a string transcript")
-        texts.append(obj[field])
-    return texts[0], texts[1]
-
-
 # ----------------------------------------------------------------------------------------------
 # Reading files.
 
@@ -222,8 +207,8 @@ def _local_files(source: str, split: str, subsets: Sequence[str]) -> list[tuple[
         f"{source!r} is neither an existing .jsonl/.jsonl.gz file or directory nor the hub id {HUB_ID!r}")
 
 
-class _Part(NamedTuple):
-    """One subset's rows: (number, raw line bytes or an already decoded row)."""
+class Part(NamedTuple):
+    """One file's (or hub split's) rows: (1-based row number, raw line bytes or an already decoded row)."""
 
     subset: str
     locate: Callable[[int], str]
@@ -231,12 +216,12 @@ class _Part(NamedTuple):
     rows: Iterable[tuple[int, bytes | dict]]
 
 
-def _local_parts(source: str, split: str, subsets: Sequence[str]) -> list[_Part]:
-    return [_Part(s, lambda n, path=path: f"{path}:{n}", _read_lines(path))
+def _local_parts(source: str, split: str, subsets: Sequence[str]) -> list[Part]:
+    return [Part(s, lambda n, path=path: f"{path}:{n}", _read_lines(path))
             for s, path in _local_files(source, split, subsets)]
 
 
-def _hub_parts(split: str, subsets: Sequence[str]) -> list[_Part]:
+def _hub_parts(split: str, subsets: Sequence[str]) -> list[Part]:
     """One part per subset from the hub through `datasets`; DataError when it cannot be reached."""
     import datasets  # Deferred: a second to import, and local sources never need it.
 
@@ -251,7 +236,7 @@ def _hub_parts(split: str, subsets: Sequence[str]) -> list[_Part]:
         if missing:
             raise DataError(f"{where}: no column(s) {sorted(missing)}; expected 'chosen' and 'rejected'")
         rows = ((n, {"chosen": c, "rejected": r}) for n, (c, r) in enumerate(zip(ds["chosen"], ds["rejected"]), 1))
-        parts.append(_Part(s, lambda n, where=where: f"{where} row {n}", rows))
+        parts.append(Part(s, lambda n, where=where: f"{where} row {n}", rows))
     return parts
 
 
@@ -305,32 +290,11 @@ def load_hh_pairs(source: str, split: str, *, subsets: Sequence[str] = SUBSETS,
     else:
         parts = _hub_parts(split, subsets)
 
-    pairs: list[dict] = []
-    dropped = {r: 0 for r in _REASONS}
-    if on_bad_line == "skip":
-        dropped["bad_line"] = 0
-    read = 0
-    for part in parts:
-        for n, row in part.rows:
-            read += 1
-            try:
-                chosen, rejected = _pair_from_fields(_decode_json(row) if isinstance(row, bytes) else row)
-                try:
-                    prompt, c, r = split_transcripts(chosen, rejected)
-                except DataError as e:
-                    raise _BadRecord(str(e)) from None
-            except _BadRecord as e:
-                if on_bad_line == "raise":
-                    raise DataError(f"{part.locate(n)}: {e}") from None
-                dropped["bad_line"] += 1
-                continue
-            reason = _drop_reason(c, r)
-            if reason is not None:
-                dropped[reason] += 1
-                continue
-            pairs.append({"prompt_id": prompt_id(prompt), "prompt": prompt, "chosen": c, "rejected": r,
-                          "subset": part.subset})
-    return pairs, CleaningReport(source=source, split=split, read=read, kept=len(pairs), dropped=dropped)
+    # The general preference reader, on HH's implicit-prompt transcripts, with HH's published
+    # cleaning (identical responses dropped and counted, not an error).
+    from apo_jax.data import preference
+
+    return preference.read_pairs(parts, source, split, on_bad_line=on_bad_line, identical="drop")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -386,7 +350,7 @@ def carve_by_prompt(pairs: Sequence[dict], test_fraction: float, seed: int) -> t
 
 
 def make_splits(train_pairs: Sequence[dict], test_pairs: Sequence[dict], *, n_rm: int, n_dev: int,
-                n_llm: int = 0, n_test: int = 0, seed: int) -> HHSplits:
+                n_llm: int = 0, n_test: int = 0, seed: int, prompts: Sequence[dict] | None = None) -> HHSplits:
     """The paper's splits, deterministic from `seed` and independent of the input order.
 
     Train pairs (all subsets merged) are grouped by prompt, and the distinct prompts put in a seeded
@@ -395,8 +359,12 @@ def make_splits(train_pairs: Sequence[dict], test_pairs: Sequence[dict], *, n_rm
     RM validation uses prompts the RM never trains on. HH_Test is the test pairs (a seeded sample
     of `n_test` if `n_test > 0`). Records are shared with the inputs, not copied.
 
-    Raises SplitSizeError, naming the config field, when a size exceeds the data or `n_rm` leaves
-    no prompts for HH_LLM.
+    `prompts` (prompt-only records, `data.prompts`): the policy queries are these (less any RM
+    prompt, in a seeded order, the first `n_llm` if > 0) instead of the train prompts after HH_RM;
+    HH_Dev still comes from the train pairs outside HH_RM.
+
+    Raises SplitSizeError, naming the config field, when a size exceeds the data, a split would
+    be empty (no test pairs, no RM pairs, no policy queries), or `n_rm` leaves no prompts for HH_LLM.
     """
     for field, value in (("n_rm", n_rm), ("n_dev", n_dev), ("n_llm", n_llm), ("n_test", n_test)):
         if value < 0:
@@ -409,7 +377,15 @@ def make_splits(train_pairs: Sequence[dict], test_pairs: Sequence[dict], *, n_rm
     if n_rm > len(order):
         raise SplitSizeError(
             f"data.n_rm: {n_rm} queries requested but the train data has only {len(order)} distinct prompts")
+    if not test_pairs:
+        raise SplitSizeError("data.test: the test data has no pairs after cleaning; expected at least one")
+    if n_rm == 0 or not order:
+        raise SplitSizeError(f"data.n_rm: {n_rm} RM queries from {len(order)} distinct train prompts leaves no RM "
+                             "pairs; expected n_rm >= 1")
     rm_ids, rest = order[:n_rm], order[n_rm:]
+    if prompts is not None:
+        return _splits_with_prompts(train_pairs, test_pairs, groups, rm_ids, rest, prompts, n_dev=n_dev, n_llm=n_llm,
+                                    n_test=n_test, seed=seed)
     if not rest:
         raise SplitSizeError(
             f"data.n_rm: {n_rm} queries requested and the train data has only {len(order)} distinct prompts, "
@@ -441,73 +417,48 @@ def make_splits(train_pairs: Sequence[dict], test_pairs: Sequence[dict], *, n_rm
     )
 
 
+def _splits_with_prompts(train_pairs: Sequence[dict], test_pairs: Sequence[dict], groups: dict[str, list[dict]],
+                         rm_ids: list[str], rest: list[str], prompts: Sequence[dict], *, n_dev: int, n_llm: int,
+                         n_test: int, seed: int) -> HHSplits:
+    """`make_splits` when the policy queries come from a prompt-only source."""
+    rm_set = set(rm_ids)
+    queries = sorted({p["prompt_id"]: p for p in prompts if p["prompt_id"] not in rm_set}.values(),
+                     key=lambda p: (_rank(seed, "prompt", p["prompt_id"]), p["prompt_id"]))
+    if not queries:
+        raise SplitSizeError(f"data.prompts: none of its {len(prompts)} prompts is left for the policy after the "
+                             "RM prompts; expected prompts the RM does not train on")
+    if n_llm > len(queries):
+        raise SplitSizeError(f"data.n_llm: {n_llm} queries requested but data.prompts has only {len(queries)} "
+                             "prompts outside the RM prompts")
+    dev_pool = [p for pid in rest for p in groups[pid]]
+    if n_dev > len(dev_pool):
+        raise SplitSizeError(f"data.n_dev: {n_dev} pairs requested but the train prompts outside HH_RM have only "
+                             f"{len(dev_pool)} pairs")
+    if n_test > len(test_pairs):
+        raise SplitSizeError(
+            f"data.n_test: {n_test} pairs requested but the test data has only {len(test_pairs)} pairs")
+    test = _shuffled_pairs(test_pairs, seed, "test")
+    test = test[:n_test] if n_test else test
+    return HHSplits(
+        rm_pairs=_shuffled_pairs([p for pid in rm_ids for p in groups[pid]], seed, "rm"),
+        llm_prompts=[{"prompt_id": p["prompt_id"], "prompt": p["prompt"]} for p in
+                     (queries[:n_llm] if n_llm else queries)],
+        dev_pairs=_shuffled_pairs(dev_pool, seed, "dev")[:n_dev],
+        test_pairs=test,
+        test_prompts=_distinct_prompts(test, with_chosen=True),
+        all_train_pairs=list(train_pairs),
+    )
+
+
 # ----------------------------------------------------------------------------------------------
 # Golden responses.
 
 
-def _gold_entry(obj: object) -> tuple[str, str]:
-    """(prompt_id, response) of one gold-file line; _BadRecord otherwise."""
-    if not isinstance(obj, dict):
-        raise _BadRecord(f"expected a JSON object with 'prompt_id' (or 'prompt') and 'response', "
-                         f"got {type(obj).__name__}")
-    pid = obj.get("prompt_id")
-    text = obj.get("prompt")
-    if pid is None and text is None:
-        raise _BadRecord("missing field 'prompt_id' (or 'prompt'); expected one of them to name the query")
-    for field, value in (("prompt_id", pid), ("prompt", text)):
-        if value is not None and not isinstance(value, str):
-            raise _BadRecord(f"field {field!r} is {type(value).__name__}; expected a string")
-    if text is not None:
-        if pid is not None and pid != prompt_id(text):
-            raise _BadRecord(f"field 'prompt_id' {pid!r} does not match the id of field 'prompt' ({prompt_id(text)!r})")
-        pid = prompt_id(text)
-    response = obj.get("response")
-    if not isinstance(response, str) or not response.strip():
-        got = "missing" if "response" not in obj else f"{type(response).__name__} {response!r}"[:60]
-        raise _BadRecord(f"field 'response' is {got}; expected a non-empty string")
-    return pid, response.strip()
+def load_gold(path: str | None, rm_pairs: Sequence[dict], known: Sequence[dict] | None = None,
+              on_bad_line: str = "raise") -> tuple[list[dict], dict]:
+    """Golden responses for the distinct RM prompts, from a file, with the chosen answer as
+    fallback: `preference.load_gold` (each line `{"prompt_id" or "prompt": ..., "response": ...}`,
+    or the prompt-completion format)."""
+    from apo_jax.data import preference
 
-
-def load_gold(path: str | None, rm_pairs: Sequence[dict]) -> tuple[list[dict], dict]:
-    """Golden responses for the distinct RM prompts, from a JSONL file with HH chosen as fallback.
-
-    Each file line is `{"prompt_id" or "prompt": ..., "response": ...}` (either key names the
-    query). An RM prompt the file does not cover falls back to the chosen response of its first
-    pair in `rm_pairs` (the paper does this for 1.7K queries). `path` None or "" means no file.
-
-    Returns:
-      One gold record per distinct RM prompt, in first-appearance order in `rm_pairs`, and a
-      report {"total", "from_file", "fallback_chosen", "unused_in_file"} (the last counts file
-      entries whose prompt is not an RM prompt).
-
-    Raises DataError naming file and line for a bad line, or two different responses for one prompt.
-    """
-    gold: dict[str, tuple[str, int, str]] = {}
-    if path:
-        if not os.path.isfile(path):
-            raise DataError(f"{path}: no such gold-response file (use no path to fall back to HH chosen responses)")
-        for n, raw in _read_lines(path):
-            try:
-                obj = _decode_json(raw)
-                pid, response = _gold_entry(obj)
-            except _BadRecord as e:
-                raise DataError(f"{path}:{n}: {e}") from None
-            if pid in gold and gold[pid][0] != response:
-                raise DataError(f"{path}:{n}: prompt {pid} already has a different response on line {gold[pid][1]}; "
-                                f"expected one response per prompt")
-            # collect_gold's files say which Appendix A path answered; other files are "file".
-            source = obj.get("source") if isinstance(obj.get("source"), str) and obj.get("source") else "file"
-            gold.setdefault(pid, (response, n, source))
-
-    records = []
-    for p in _distinct_prompts(rm_pairs, with_chosen=True):
-        pid = p["prompt_id"]
-        if pid in gold:
-            records.append({"prompt_id": pid, "prompt": p["prompt"], "response": gold[pid][0],
-                            "source": gold[pid][2]})
-        else:
-            records.append({"prompt_id": pid, "prompt": p["prompt"], "response": p["chosen"], "source": "hh_chosen"})
-    from_file = sum(r["prompt_id"] in gold for r in records)
-    report = {"total": len(records), "from_file": from_file, "fallback_chosen": len(records) - from_file,
-              "unused_in_file": len(gold) - from_file}
-    return records, report
+    return preference.load_gold(path, rm_pairs, known=known, on_bad_line=on_bad_line)

@@ -1,7 +1,8 @@
 """From a config to the game's data: splits, golden answers, the tokenizer, and model batches.
 
-`prepare` loads HH-RLHF (hub id or local files) or writes and loads the synthetic world, through
-the same HH loader, split and gold code, and returns a `Data`. The `*_set` functions tokenise a
+`prepare` loads HH-RLHF (hub id or local files), any preference data set in the standard formats
+(`data.kind = "preference"`, `preference.py`), or writes and loads the synthetic world, through the
+same row reader, split and gold code, and returns a `Data`. The `*_set` functions tokenise a
 list of records once per phase into a `TokenizedSet`, whose `batch(global_rows)` gives this
 process's block of a global batch, padded to the length bucket of the global batch's longest row
 (every process computes the same width from the cached lengths, without a collective).
@@ -38,6 +39,7 @@ class Data:
     demonstrations: list[dict] | None = None  # synthetic world: SFT data for the initial policy
     true_reward: Callable[[str, str], float] | None = None  # synthetic world: r*(prompt, response)
     world: Any = None  # synthetic world: its synthetic.World (content_reward, marker_count, add_marker)
+    rm_tokenizer: Any = None  # rm.tokenizer: the reward models' own tokenizer (None: `tokenizer`)
     reports: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
@@ -48,6 +50,10 @@ def prepare(cfg: ml_collections.ConfigDict, run_dir: str) -> Data:
     world = None
     demonstrations = None
     reports: dict[str, Any] = {}
+
+    def local(p: str) -> str:  # gs:// inputs are copied once into the local cache
+        return fileio.local_copy(p) if p and fileio.is_remote(p) else p
+
     if d.kind == "synthetic":
         from apo_jax.data import synthetic, synthetic_files
 
@@ -77,38 +83,85 @@ def prepare(cfg: ml_collections.ConfigDict, run_dir: str) -> Data:
         world = synthetic.World.from_config(synthetic.resolve_config(d.synthetic))  # r* depends on the config
         true_reward = world.true_reward
     else:
-        def local(p: str) -> str:  # gs:// inputs are copied once into the local cache
-            return fileio.local_copy(p) if p and fileio.is_remote(p) else p
-
-        train_src, test_src, gold_path = local(d.hh_train), local(d.hh_test), local(d.gold) or None
+        if d.kind == "preference":
+            train_src, test_src = _local_source(d.get("train", ""), local), _local_source(d.get("test", ""), local)
+        else:
+            train_src, test_src = local(d.hh_train), local(d.hh_test)
+        gold_path = local(d.gold) or None
         tokenizer_path = local(d.tokenizer or cfg.policy.checkpoint)
+    load = _pair_loader(d)
     carve = float(d.get("carve_test_fraction", 0.0))
     if carve > 0:
         # One split only (e.g. the HH test files alone): its prompts are carved into disjoint
-        # train and test parts; data.hh_train is not read.
-        test_pairs, test_report = hh.load_hh_pairs(test_src, "test", on_bad_line=d.on_bad_line)
+        # train and test parts; the train source is not read.
+        test_pairs, test_report = load(test_src, "test")
         train_pairs, test_pairs = hh.carve_by_prompt(test_pairs, carve, cfg.seed)
         reports["cleaning"] = [test_report.summary()]
         reports["carved"] = {"source": test_src, "test_fraction": carve, "train_pairs": len(train_pairs),
                              "test_pairs": len(test_pairs)}
     else:
-        train_pairs, train_report = hh.load_hh_pairs(train_src, "train", on_bad_line=d.on_bad_line)
-        test_pairs, test_report = hh.load_hh_pairs(test_src, "test", on_bad_line=d.on_bad_line)
+        train_pairs, train_report = load(train_src, "train")
+        test_pairs, test_report = load(test_src, "test")
         reports["cleaning"] = [train_report.summary(), test_report.summary()]
+    for line in reports["cleaning"]:
+        log.info("data: %s", line)
+    extra_prompts = None
+    if d.kind == "preference" and d.get("prompts", ""):
+        from apo_jax.data import preference
+
+        extra_prompts, reports["prompts"] = preference.load_prompts(
+            _local_source(d.prompts, local), cols=preference.Columns.from_config(d.get("columns")),
+            on_bad_line=d.on_bad_line)
     splits = hh.make_splits(train_pairs, test_pairs, n_rm=d.n_rm, n_dev=d.n_dev, n_llm=d.n_llm, n_test=d.n_test,
-                            seed=cfg.seed)
-    gold, reports["gold"] = hh.load_gold(gold_path, splits.rm_pairs)
+                            seed=cfg.seed, prompts=extra_prompts)
+    gold, reports["gold"] = hh.load_gold(gold_path, splits.rm_pairs, known=[*train_pairs, *test_pairs,
+                                                                            *(extra_prompts or [])],
+                                         on_bad_line=d.on_bad_line)
+    if (cfg.get("rm") is not None and cfg.rm.get("margin_from_data", False)
+            and not any("margin" in p for p in splits.rm_pairs)):
+        raise hh.DataError(f"rm.margin_from_data: the RM pairs of {train_src or test_src} have no margin; expected "
+                           "a 'margin' or 'score_chosen'/'score_rejected' column (data.columns maps other names)")
     tokenizer = tokenize.load_tokenizer(tokenizer_path)
     try:
         tokenize.check_prompt_format(tokenizer, prompt_format(d))
     except ValueError as e:
         raise hh.DataError(str(e)) from None
-    data = Data(tokenizer=tokenizer, rm_pairs=splits.rm_pairs, gold=gold, llm_prompts=splits.llm_prompts,
-                dev_pairs=splits.dev_pairs, test_pairs=splits.test_pairs, test_prompts=splits.test_prompts,
-                all_train_pairs=splits.all_train_pairs, demonstrations=demonstrations, true_reward=true_reward,
+    rm_tokenizer = None
+    if cfg.get("rm") is not None and cfg.rm.get("tokenizer", ""):
+        # Reward models of another family: samples are scored as text, re-encoded with this tokenizer
+        # (and its chat template), like every RM input.
+        rm_tokenizer = tokenize.load_tokenizer(local(cfg.rm.tokenizer))
+        try:
+            tokenize.check_prompt_format(rm_tokenizer, prompt_format(d))
+        except ValueError as e:
+            raise hh.DataError(f"rm.tokenizer {cfg.rm.tokenizer!r}: {e}") from None
+    data = Data(tokenizer=tokenizer, rm_tokenizer=rm_tokenizer, rm_pairs=splits.rm_pairs, gold=gold,
+                llm_prompts=splits.llm_prompts, dev_pairs=splits.dev_pairs, test_pairs=splits.test_pairs,
+                test_prompts=splits.test_prompts, all_train_pairs=splits.all_train_pairs, demonstrations=demonstrations, true_reward=true_reward,
                 world=world, reports=reports)
     _write_split_files(data, fileio.join(run_dir, "data"))
     return data
+
+
+def _local_source(spec: str, local: Callable[[str], str]) -> str:
+    """A `path_or_id[:split]` source with a gs:// path copied into the local cache."""
+    if not spec or not fileio.is_remote(spec):
+        return spec
+    from apo_jax.data import preference
+
+    path, split = preference.parse_source(spec, "")
+    return local(path) + (f":{split}" if split else "")
+
+
+def _pair_loader(d: ml_collections.ConfigDict) -> Callable[[str, str], tuple[list[dict], Any]]:
+    """(source, split) -> (pair records, cleaning report) for `data.kind`: HH-RLHF's layout or any
+    preference source (`preference.load_pairs`: the same records, any standard format)."""
+    if d.kind == "preference":
+        from apo_jax.data import preference
+
+        cols = preference.Columns.from_config(d.get("columns"))
+        return lambda src, split: preference.load_pairs(src, split, cols=cols, on_bad_line=d.on_bad_line)
+    return lambda src, split: hh.load_hh_pairs(src, split, on_bad_line=d.on_bad_line)
 
 
 def _write_split_files(data: Data, out_dir: str) -> None:
@@ -198,6 +251,8 @@ def rm_set(tokenizer: Any, pairs: Sequence[dict], d: ml_collections.ConfigDict) 
     extras = {
         "weight": np.asarray([p.get("weight", 1.0) for p in pairs], np.float32),
         "is_apo": np.asarray([int(p.get("is_apo", 0)) for p in pairs], np.int32),
+        # The data's per-pair margin (rm.margin_from_data); 0 where a pair has none (APO pairs).
+        "margin": np.asarray([float(p.get("margin", 0.0)) for p in pairs], np.float32),
     }
     return TokenizedSet("rm", {"chosen": chosen, "rejected": rejected}, extras, tuple(d.buckets), _pad_id(tokenizer))
 
@@ -248,6 +303,13 @@ def apo_pairs(gold: Sequence[dict], samples: Sequence[dict]) -> list[dict]:
         out.append({"prompt_id": g["prompt_id"], "prompt": g["prompt"], "chosen": g["response"],
                     "rejected": s["response"], "is_apo": 1})
     return out
+
+
+def reference_texts(data: Data, name: str) -> list[tuple[str, str]]:
+    """(prompt, response) texts of a reference set for reward statistics (`rm.reward_stats_set`):
+    both answers of every pair of "dev" (HH_Dev), "test" or "rm" (HH_RM)."""
+    pairs = {"dev": data.dev_pairs, "test": data.test_pairs, "rm": data.rm_pairs}[name]
+    return [(p["prompt"], p[side]) for p in pairs for side in ("chosen", "rejected")]
 
 
 def true_order_accuracy(data: Data, pairs: Sequence[dict], good: np.ndarray, bad: np.ndarray) -> float:

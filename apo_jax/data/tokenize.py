@@ -31,7 +31,8 @@ import numpy as np
 
 
 PROMPT_FORMATS = ("hh", "chat_template")
-_TURN = re.compile(r"\n\n(Human|Assistant):")
+_TURN = re.compile(r"\n\n(Human|Assistant|System):")
+_ROLE = {"Human": "user", "Assistant": "assistant", "System": "system"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,6 +90,8 @@ def _special_prefix(offsets: Sequence[tuple[int, int]]) -> int:
 def hh_to_messages(prompt: str) -> list[dict[str, str]]:
     """An HH prompt `"\\n\\nHuman: a\\n\\nAssistant: b\\n\\nHuman: c\\n\\nAssistant:"` as chat messages
     [user a, assistant b, user c] (the final empty Assistant turn is the generation prompt).
+    A "\n\nSystem:" turn (a conversation's system message, `preference.messages_to_prompt`) is a
+    system message.
 
     Text before the first marker, if any, is kept at the start of the first user turn.
     """
@@ -96,7 +99,7 @@ def hh_to_messages(prompt: str) -> list[dict[str, str]]:
     head, rest = parts[0].strip(), parts[1:]
     messages: list[dict[str, str]] = []
     for role, text in zip(rest[0::2], rest[1::2]):
-        messages.append({"role": "user" if role == "Human" else "assistant", "content": text.strip()})
+        messages.append({"role": _ROLE[role], "content": text.strip()})
     if messages and messages[-1]["role"] == "assistant" and not messages[-1]["content"]:
         messages.pop()
     if head:

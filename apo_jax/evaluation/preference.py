@@ -56,7 +56,7 @@ def expected_calibration_error(r_good, r_bad, num_bins: int = 10, weighted: bool
 
 
 def score_texts(rm_dir: str, prompts: Sequence[str], responses: Sequence[str], *,
-                batch_size: int = 16, prompt_format: str | None = None) -> np.ndarray:
+                batch_size: int = 16, prompt_format: str | None = None, normalize: bool = False) -> np.ndarray:
     """float32 rewards [N] of (prompt, response) texts by the reward model in `rm_dir`.
 
     `rm_dir` is an apo_jax export (`run_dir/export/rm_*`) or any Hugging Face
@@ -67,7 +67,9 @@ def score_texts(rm_dir: str, prompts: Sequence[str], responses: Sequence[str], *
     on a mesh over all local devices, one compiled program per length bucket. An export made
     with `data.reward_position="eos"` has a tokenizer that appends the EOS itself.
     `prompt_format` ("hh" or "chat_template", as `data.prompt_format`) defaults to what the
-    export recorded in `apo_jax_scoring.json`, else "hh".
+    export recorded in `apo_jax_scoring.json`, else "hh". `normalize=True` returns
+    (r - mean) / std with the reward statistics the export recorded (`rm.reward_stats_set`);
+    ValueError when it recorded none.
     """
     import json
     import os
@@ -91,12 +93,16 @@ def score_texts(rm_dir: str, prompts: Sequence[str], responses: Sequence[str], *
         raise hf.CheckpointError(f"{rm_dir}: has no score.weight; expected a reward model "
                                  "(a *ForSequenceClassification checkpoint, num_labels=1)")
     tokenizer = tokenize.load_tokenizer(rm_dir)
+    recorded_path = os.path.join(hf.resolve_checkpoint_dir(rm_dir), hf.SCORING_NAME)
+    recorded = {}
+    if os.path.exists(recorded_path):
+        with open(recorded_path) as f:
+            recorded = json.load(f)
     if prompt_format is None:
-        recorded = os.path.join(hf.resolve_checkpoint_dir(rm_dir), hf.SCORING_NAME)
-        prompt_format = "hh"
-        if os.path.exists(recorded):
-            with open(recorded) as f:
-                prompt_format = json.load(f).get("prompt_format", "hh")
+        prompt_format = recorded.get("prompt_format", "hh")
+    if normalize and not {"reward_mean", "reward_std"} <= set(recorded):
+        raise ValueError(f"score_texts: normalize=True but {recorded_path} records no reward_mean/reward_std; "
+                         "export the RM from a run with rm.reward_stats_set (dev, test or rm)")
     max_len = int(config.max_position_embeddings)
     buckets = tuple(sorted({min(2 ** k, max_len) for k in range(4, max_len.bit_length() + 1)}))
     # The game's RM data settings; the tokenizer itself adds what an "eos" export needs.
@@ -104,4 +110,5 @@ def score_texts(rm_dir: str, prompts: Sequence[str], responses: Sequence[str], *
                                               prompt_format=prompt_format))
     n = mesh.devices.size
     batch = -(-batch_size // n) * n
-    return scoring.score_texts_with(config, params, tokenizer, list(zip(prompts, responses)), data_cfg, mesh, batch)
+    rewards = scoring.score_texts_with(config, params, tokenizer, list(zip(prompts, responses)), data_cfg, mesh, batch)
+    return scoring.normalize_rewards(rewards, recorded) if normalize else rewards

@@ -60,6 +60,8 @@ class Settings:
     keep_checkpoints: int
     async_save: bool
     log_every_steps: int
+    reward_stats_set: str
+    """"" or the reference set whose reward mean/std an exported RM carries (`rm.reward_stats_set`)."""
 
     @classmethod
     def from_config(cls, cfg: ml_collections.ConfigDict) -> "Settings":
@@ -72,6 +74,7 @@ class Settings:
             overopt_samples=int(cfg.eval.overopt_samples), overopt_prompts=int(cfg.eval.overopt_prompts),
             save_every_steps=int(cfg.checkpoint.save_every_steps), keep_checkpoints=int(cfg.checkpoint.keep),
             async_save=bool(cfg.checkpoint.async_save), log_every_steps=int(cfg.log_every_steps),
+            reward_stats_set=str(cfg.rm.get("reward_stats_set", "")),
         )
 
 
@@ -125,12 +128,18 @@ class Context:
     def tokenizer(self) -> Any:
         return self.data.tokenizer
 
+    @property
+    def rm_tokenizer(self) -> Any:
+        """The reward models' tokenizer (`rm.tokenizer`; the policy's when not set)."""
+        return self.data.rm_tokenizer or self.data.tokenizer
+
 
 def train_params(ctx: Context, phase: str, config: models.ModelConfig, params: Any, objective: Objective,
                  records: Sequence[dict], opt_settings: OptimizerSettings) -> Any:
     """Trains `params` with `objective` on `records`; resumable from `ckpt/<phase>/`."""
     st, store = ctx.settings, ctx.store
-    examples = objective.examples(ctx.tokenizer, records, ctx.data_cfg)
+    tokenizer = ctx.rm_tokenizer if objective.head == "score" else ctx.tokenizer
+    examples = objective.examples(tokenizer, records, ctx.data_cfg)
     examples = objective.prepare(examples, config, params, store.mesh, st.eval_batch_size)
     opt = opt_settings.sized(len(examples))
     state = train.init_state(config, params, opt, store.mesh)
@@ -212,7 +221,7 @@ def sample(ctx: Context, policy: str, split: str, prompts: Sequence[dict], setti
 
 def score_texts(ctx: Context, slot: ModelSlot, texts: Sequence[tuple[str, str]]) -> np.ndarray:
     """Rewards of (prompt, response) texts by the RM in `slot`, in batches of eval.batch_size."""
-    return scoring.score_texts_with(slot.config, slot.params, ctx.tokenizer, texts, ctx.data_cfg, ctx.store.mesh,
+    return scoring.score_texts_with(slot.config, slot.params, ctx.rm_tokenizer, texts, ctx.data_cfg, ctx.store.mesh,
                                     ctx.settings.eval_batch_size)
 
 
@@ -441,9 +450,13 @@ def export(ctx: Context, names: Sequence[str]) -> dict[str, str]:
         path = fileio.join(ctx.store.run_dir, "export", name)
         if not hf.is_saved(path):
             slot = ctx.store.model(name)
+            is_rm, stats = "score" in slot.params, None
+            if is_rm and ctx.settings.reward_stats_set:  # the rewards' mean/std on a reference set
+                texts = pipeline.reference_texts(ctx.data, ctx.settings.reward_stats_set)
+                stats = scoring.reward_stats(score_texts(ctx, slot, texts))
             # An RM export scores in transformers what the game scored (issue #16).
-            hf.save_pretrained(path, slot.config, slot.params, tokenizer=ctx.tokenizer,
+            hf.save_pretrained(path, slot.config, slot.params, tokenizer=ctx.rm_tokenizer if is_rm else ctx.tokenizer,
                                reward_position=ctx.data_cfg.reward_position,
-                               prompt_format=ctx.data_cfg.get("prompt_format", "hh"))
+                               prompt_format=ctx.data_cfg.get("prompt_format", "hh"), reward_stats=stats)
         out[name] = path
     return out

@@ -50,3 +50,17 @@ def score_texts_with(
     examples = pipeline.score_set(tokenizer, texts, data_cfg)
     return sharding.map_batches(lambda g: score_fn(params, g["input_ids"], g["input_mask"]), examples.batch,
                                 len(texts), mesh, batch_size)
+
+
+def reward_stats(rewards: Sequence[float]) -> dict[str, float]:
+    """{reward_mean, reward_std, reward_count} of rewards on a reference set: the normalisation an
+    RM export records (`evaluation.score_texts(normalize=True)` gives (r - mean) / std)."""
+    r = np.asarray(rewards, np.float64)
+    if r.size == 0:
+        raise ValueError("reward_stats: no rewards (the reference set is empty)")
+    return {"reward_mean": float(r.mean()), "reward_std": float(r.std()), "reward_count": int(r.size)}
+
+
+def normalize_rewards(rewards: np.ndarray, stats: dict[str, float]) -> np.ndarray:
+    """(r - mean) / std with an export's `reward_stats` (std floored at 1e-8)."""
+    return ((np.asarray(rewards, np.float64) - stats["reward_mean"]) / max(stats["reward_std"], 1e-8)).astype(np.float32)

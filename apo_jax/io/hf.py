@@ -320,6 +320,7 @@ def save_pretrained(
     max_shard_bytes: int = 5 * 1024**3,
     reward_position: str = "last_token",
     prompt_format: str = "hh",
+    reward_stats: dict[str, float] | None = None,
 ) -> str:
     """Writes `config.json` + safetensors (sharded above `max_shard_bytes`) that transformers loads.
 
@@ -335,8 +336,9 @@ def save_pretrained(
     (transformers pools the last non-pad token), and with `reward_position="eos"` the tokenizer's
     post-processor appends EOS, as apo_jax's RM inputs do (see `export_tokenizer`). The RM's
     scoring settings (`reward_position`, `prompt_format`: the run's `data.*`) are recorded in
-    `apo_jax_scoring.json`, which `evaluation.score_texts` follows. Files are readable by other
-    users (0644/0755 under the usual umask).
+    `apo_jax_scoring.json`, which `evaluation.score_texts` follows, with `reward_stats`
+    ({reward_mean, reward_std, reward_count}) when given (`score_texts(normalize=True)`).
+    Files are readable by other users (0644/0755 under the usual umask).
     """
     if reward_position not in REWARD_POSITIONS:
         raise ValueError(f"reward_position: {reward_position!r}; expected one of {REWARD_POSITIONS}")
@@ -378,6 +380,8 @@ def save_pretrained(
                             "non-pad token, before the EOS, so its scores differ from apo_jax's; use 'last_token'",
                             path, pad)
     scoring = {"reward_position": reward_position, "prompt_format": prompt_format} if is_rm else None
+    if scoring is not None and reward_stats:
+        scoring.update(reward_stats)
     if fileio.is_remote(path):
         return _save_remote(path, hf_config, tensors, tokenizer, max_shard_bytes, scoring)
     parent = os.path.dirname(os.path.abspath(path))

@@ -57,8 +57,8 @@ EXCLUDED: tuple[str, ...] = (
 )
 # Where the inputs are read from: recorded, and a change is reported but allowed.
 INPUT_PATHS: tuple[str, ...] = (
-    "data.hh_train", "data.hh_test", "data.gold", "data.tokenizer",
-    "policy.checkpoint", "rm.init_checkpoint", "rm.base_checkpoint", "rm.test_checkpoint",
+    "data.hh_train", "data.hh_test", "data.train", "data.test", "data.prompts", "data.gold", "data.tokenizer",
+    "rm.tokenizer", "policy.checkpoint", "rm.init_checkpoint", "rm.base_checkpoint", "rm.test_checkpoint",
 )
 # The changes `--allow_config_change` accepts: each keeps every finished phase valid, because
 # rounds are played in order and round r reads only rounds < r and sft.lrs[r - 1].

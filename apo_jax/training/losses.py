@@ -37,6 +37,8 @@ def rm_stats(
     *,
     apo_weight: float,
     human_weight: float,
+    margin: jax.Array | None = None,
+    center_coef: float = 0.0,
 ) -> Stats:
     """Sums for the APO-RM objective (eq. 15) on a mixed batch of APO and human pairs.
 
@@ -45,6 +47,13 @@ def rm_stats(
     the sum of row weights. That is the official code's form (weights 0.1/S and 1 on one
     concatenated dataset); the paper's L_rank(D_APO) + beta2 L_rank(D_P) is apo_weight=1,
     human_weight=beta2, up to the ratio of the two sets' sizes in the mixture.
+
+    Options (off by default): `margin` [B], a per-pair margin m inside the BT term,
+    -log sigmoid(r_good - r_bad - m) (Llama 2's / TRL's / OpenRLHF's margin loss); `center_coef`
+    c > 0 adds c * (r_good + r_bad)^2 per pair (TRL's `center_rewards_coefficient`:
+    c * mean((r_chosen + r_rejected)^2), the mean over the row weights here, so with unit weights
+    it is TRL's term exactly), which pins the rewards' mean near zero. Accuracy and the metrics
+    keep reading r_good - r_bad.
     """
     r_good = r_good.astype(jnp.float32)
     r_bad = r_bad.astype(jnp.float32)
@@ -52,16 +61,17 @@ def rm_stats(
     valid = (w > 0).astype(jnp.float32)
     apo = (is_apo > 0).astype(jnp.float32) * valid
     human = (1.0 - (is_apo > 0).astype(jnp.float32)) * valid
-    margin = r_good - r_bad
-    nll = -jax.nn.log_sigmoid(margin)
+    diff = r_good - r_bad
+    nll = -jax.nn.log_sigmoid(diff if margin is None else diff - margin.astype(jnp.float32))
     coef = w * (apo * apo_weight + human * human_weight)
-    correct = (margin > 0).astype(jnp.float32)  # ties count as wrong
+    correct = (diff > 0).astype(jnp.float32)  # ties count as wrong
+    center = jnp.sum(w * jnp.square(r_good + r_bad)) if center_coef else jnp.float32(0.0)
     return {
-        "loss_num": jnp.sum(coef * nll),
+        "loss_num": jnp.sum(coef * nll) + center_coef * center,
         "loss_den": jnp.sum(w),
         "pairs": jnp.sum(valid),
         "correct": jnp.sum(valid * correct),
-        "margin": jnp.sum(valid * margin),
+        "margin": jnp.sum(valid * diff),
         "chosen": jnp.sum(valid * r_good),
         "rejected": jnp.sum(valid * r_bad),
         "apo_pairs": jnp.sum(apo),
@@ -101,9 +111,13 @@ def apo_rm_loss(
     *,
     apo_weight: float,
     human_weight: float,
+    margin: jax.Array | None = None,
+    center_coef: float = 0.0,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """The APO-RM loss (eq. 15) and its metrics for one batch; see `rm_stats` for the weighting."""
-    m = rm_metrics(rm_stats(r_good, r_bad, is_apo, weight, apo_weight=apo_weight, human_weight=human_weight))
+    """The APO-RM loss (eq. 15) and its metrics for one batch; see `rm_stats` for the weighting
+    and the margin and centering options."""
+    m = rm_metrics(rm_stats(r_good, r_bad, is_apo, weight, apo_weight=apo_weight, human_weight=human_weight,
+                            margin=margin, center_coef=center_coef))
     return m["loss"], m
 
 

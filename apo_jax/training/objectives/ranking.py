@@ -29,18 +29,24 @@ class Ranking(Objective):
     """Weight of each APO (gold vs policy sample) pair."""
     human_weight: float = 1.0
     """Weight of each human preference pair."""
+    margin_from_data: bool = False
+    """Subtract each pair's data margin (`margin` in the batch; 0 for APO pairs) inside the BT term."""
+    center_coef: float = 0.0
+    """TRL's reward centering coefficient (0 = off)."""
 
     @classmethod
     def settings_from(cls, cfg: Any) -> dict[str, Any]:
         from apo_jax.config import apo_pair_weight
 
-        return {"apo_weight": apo_pair_weight(cfg), "human_weight": float(cfg.rm.human_weight)}
+        return {"apo_weight": apo_pair_weight(cfg), "human_weight": float(cfg.rm.human_weight),
+                "margin_from_data": bool(cfg.rm.get("margin_from_data", False)),
+                "center_coef": float(cfg.rm.get("center_rewards_coefficient", 0.0))}
 
     def examples(self, tokenizer: Any, records: Sequence[dict], data_cfg: Any) -> Any:
         """Pairs {prompt, chosen, rejected, [weight], [is_apo]} -> chosen/rejected inputs.
 
-        Batch: chosen_ids, chosen_mask, rejected_ids, rejected_mask int32 [B, T]; weight f32 [B];
-        is_apo int32 [B].
+        Batch: chosen_ids, chosen_mask, rejected_ids, rejected_mask int32 [B, T]; weight, margin
+        f32 [B]; is_apo int32 [B].
         """
         from apo_jax.data import pipeline
 
@@ -53,7 +59,9 @@ class Ranking(Objective):
         r = models.rewards(config, params, ids, mask)
         n = batch["chosen_ids"].shape[0]
         return losses.rm_stats(r[:n], r[n:], batch["is_apo"], batch["weight"], apo_weight=self.apo_weight,
-                               human_weight=self.human_weight)
+                               human_weight=self.human_weight,
+                               margin=batch["margin"] if self.margin_from_data else None,
+                               center_coef=self.center_coef)
 
     def metrics(self, stats: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
         return losses.rm_metrics(stats)
