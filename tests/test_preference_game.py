@@ -69,8 +69,8 @@ def test_rm_with_its_own_tokenizer_scores_each_text_as_encoded_by_hand():
     mesh = sharding.make_mesh(sharding.MeshConfig(1, -1, 1))
     d = ml_collections.ConfigDict(dict(rm_max_len=128, buckets=(32, 64, 128), reward_position="last_token",
                                        prompt_format="hh"))
-    cfg = ml_collections.ConfigDict(dict(data=d, eval=dict(batch_size=8)))
-    ctx = phases.Context(cfg, SimpleNamespace(mesh=mesh), SimpleNamespace(tokenizer=pol_tok, rm_tokenizer=rm_tok))
+    ctx = phases.Context(SimpleNamespace(eval_batch_size=8), d, SimpleNamespace(mesh=mesh),
+                         SimpleNamespace(tokenizer=pol_tok, rm_tokenizer=rm_tok))
     got = phases.score_texts(ctx, SimpleNamespace(config=config, params=params), texts)
     for (p, a), r in zip(texts, got):
         ids = np.asarray([rm_tok(p + " " + a)["input_ids"]], np.int32)  # [BOS] prompt answer, by hand
