@@ -90,6 +90,8 @@ def _labeller_plan(last: int = 3, margin: float = 0.02) -> tuple[Hypothesis, ...
                    arms("s4", "apo", "rjs"), test="two-sided", family="secondary"),
         Hypothesis("S4", f"learned: r*(APO) - r*(RJS) at round {last} (a learned labeller, no chosen bias)",
                    arms("learned", "apo", "rjs"), test="two-sided", family="secondary"),
+        Hypothesis("S5", f"paper_rm: r*(APO) - r*(RJS) at round {last} (the paper's beta2 = 10 and APO learning "
+                         "rate ratio 0.01)", arms("paper_rm", "apo", "rjs"), test="two-sided", family="secondary"),
     )
 
 
