@@ -243,9 +243,14 @@ def validate(c: ml_collections.ConfigDict, num_devices: int,
     if c.data.kind == "hh" and not c.policy.checkpoint:
         err("policy.checkpoint", "required for HH-RLHF runs (an HF checkpoint dir or hub id of a supported family, e.g. Alpaca-7B)")
 
-    # Optimizers.
-    opts = {"rm.base": c.rm.base, "rm.test": c.rm.test, "rm.apo": c.rm.apo, "sft": c.sft,
-            "policy.pretrain": c.policy.pretrain, "dpo": c.dpo}
+    # Optimizers: only the sections this run trains with (an HH run never pretrains, so its
+    # policy.pretrain batch need not divide a pod's mesh).
+    opts = {}
+    for section in used_optimizer_sections(c):
+        try:
+            opts[section] = lookup(c, section)
+        except KeyError:
+            pass  # a schedule naming a missing section is reported under apo.schedules below
     for field, o in opts.items():
         if o.schedule not in settings.LR_SCHEDULES:
             err(f"{field}.schedule", f"{o.schedule!r}; expected one of {settings.LR_SCHEDULES}")
@@ -270,7 +275,7 @@ def validate(c: ml_collections.ConfigDict, num_devices: int,
         err("rm.apo_init", f"{c.rm.apo_init!r}; expected 'base' (fine-tune RM_Base) or 'init' (the RM init checkpoint)")
     if len(tuple(c.dpo.lrs)) < c.apo.rounds and any(s.endswith("-dpo") for s in tuple(c.apo.schedules)):
         err("dpo.lrs", f"{len(tuple(c.dpo.lrs))} learning rates for {c.apo.rounds} rounds; give one per round")
-    if len(tuple(c.sft.lrs)) < c.apo.rounds:
+    if len(tuple(c.sft.lrs)) < c.apo.rounds and "sft" in opts:
         err("sft.lrs", f"{len(tuple(c.sft.lrs))} learning rates for {c.apo.rounds} rounds; give one per round")
 
     # The game.
@@ -318,6 +323,25 @@ def validate(c: ml_collections.ConfigDict, num_devices: int,
         errors.extend(check(c))
     if errors:
         raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
+
+
+def used_optimizer_sections(c: ml_collections.ConfigDict) -> tuple[str, ...]:
+    """The optimizer sections this run trains with, in the game's order: `policy.pretrain` only
+    without a policy checkpoint, `rm.base` / `rm.test` unless a trained one is given, then each
+    played schedule's RM section and policy-update section (`apo_jax.game.schedules`)."""
+    from apo_jax.game import schedules as schedule_table
+
+    used = [] if c.policy.checkpoint else ["policy.pretrain"]
+    used += [] if c.rm.base_checkpoint else ["rm.base"]
+    used += [] if c.rm.test_checkpoint else ["rm.test"]
+    for name in tuple(c.apo.schedules):
+        row = schedule_table.SCHEDULES.get(name)
+        if row is None:
+            continue
+        for section in ((row.rm.optimizer,) if row.rm is not None else ()) + (row.policy_update,):
+            if section not in used:
+                used.append(section)
+    return tuple(used)
 
 
 def apo_pair_weight(c: ml_collections.ConfigDict) -> float:

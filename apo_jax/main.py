@@ -5,7 +5,8 @@ parse the flags and load the config file (an unknown field, in an override or in
 gets a "did you mean"), validate every field, open the run dir (`apo_jax.io.rundir`: create it,
 take its lock, check the config fingerprint), check every checkpoint and offline input
 (`apo_jax.preflight`), then play the APO game (`apo_jax.game.loop`). Restarting the same command
-resumes from the run directory's checkpoints.
+resumes from the run directory's checkpoints. `--dry_run` stops after validation: it compiles every
+training phase on abstract shapes and says whether the config fits the devices (`apo_jax.dryrun`).
 """
 
 from __future__ import annotations
@@ -25,6 +26,13 @@ from apo_jax import config as config_lib
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).", lock_config=True)
 _SHOW_CONFIG = flags.DEFINE_bool("show_config", False, "Print every field of the resolved config with its meaning "
                                  "(docs/config_reference.md lists the defaults) and exit.")
+_DRY_RUN = flags.DEFINE_bool(
+    "dry_run", False, "Check that the config fits the devices this process sees, without weights, data or network: "
+    "resolve the mesh, validate, compile every training phase's step on abstract shapes and print its memory per "
+    "device (XLA_FLAGS=--xla_force_host_platform_device_count=N fakes N devices); exit 0 if it fits, else 2.")
+_DRY_RUN_DEVICE_GIB = flags.DEFINE_float(
+    "dry_run_device_gib", 0.0, "With --dry_run: the memory of one device (GiB) of the machine the run is for "
+    "(0: this device's own, where jax reports it).")
 _ALLOW_CHANGE = flags.DEFINE_list(
     "allow_config_change", [],
     "Config fields that may differ from the run dir's recorded fingerprint: only apo.rounds (increase) "
@@ -207,6 +215,14 @@ def main(argv: list[str]) -> None:
     from apo_jax import devices
 
     devices.resolve_config(cfg)  # "auto" dtype / attention_impl -> this device's choice (logged)
+    if _DRY_RUN.value:
+        from apo_jax import dryrun
+
+        problems = dryrun.run(cfg, device_gib_override=_DRY_RUN_DEVICE_GIB.value)
+        if problems:
+            fail("dry run: does not fit:\n" + "\n".join(problems), prefix)
+        print("dry run ok")
+        return
 
     from apo_jax.game import loop
 
