@@ -256,7 +256,7 @@ def validate(c: ml_collections.ConfigDict, num_devices: int,
             err(f"{field}.schedule", f"{o.schedule!r}; expected one of {settings.LR_SCHEDULES}")
         if o.batch_size <= 0 or o.batch_size % batch_shards:
             err(f"{field}.batch_size", f"{o.batch_size} must be a positive multiple of data*fsdp = {batch_shards}")
-        if o.grad_accum < 1 or o.batch_size % (o.grad_accum * batch_shards):
+        elif o.grad_accum < 1 or o.batch_size % (o.grad_accum * batch_shards):
             err(f"{field}.grad_accum", f"{o.grad_accum}: batch_size {o.batch_size} must split into "
                 f"{o.grad_accum} micro-batches each divisible by data*fsdp = {batch_shards}")
         if o.lr < 0:

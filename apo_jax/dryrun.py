@@ -197,7 +197,7 @@ def model_configs(cfg: ml_collections.ConfigDict) -> dict[str, models.ModelConfi
     return out
 
 
-def device_size(override: float = 0.0) -> tuple[float | None, str]:
+def device_gib(override: float = 0.0) -> tuple[float | None, str]:
     """Memory of one device in GiB and its description (`override` > 0 wins; None if unknown)."""
     dev = jax.devices()[0]
     name = f"{dev.platform} {dev.device_kind}"
@@ -229,17 +229,12 @@ def _size(n: int) -> str:
     return f"{n / GIB:.2f} GiB" if n >= GIB / 10 else f"{n / 2**20:.1f} MiB"
 
 
-def run(cfg: ml_collections.ConfigDict, *, device_gib_override: float = 0.0,
-        write: Any = print) -> list[str]:
-    """Plans, compiles and prints every phase of `cfg` (already validated, "auto" resolved);
-    returns the problems (one line each; empty: it fits)."""
-    mesh = sharding.make_mesh(sharding.MeshConfig(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor))
+def measure(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
+            configs: Mapping[str, models.ModelConfig | str]) -> list[Row]:
+    """A row per training phase of `cfg`: its batch and, unless skipped, `phase_memory` (phases
+    that compile the same program are compiled once)."""
     shape = dict(mesh.shape)
     shards = shape["data"] * shape["fsdp"]
-    limit, dev_name = device_size(device_gib_override)
-    write(f"dry run: {jax.device_count()} devices ({dev_name}), mesh data={shape['data']} fsdp={shape['fsdp']} "
-          f"tensor={shape['tensor']}; device memory {f'{limit:.1f} GiB' if limit else 'unknown'}")
-    configs = model_configs(cfg)
     compiled: dict[tuple, PhaseMemory] = {}
     rows: list[Row] = []
     for ph in plan(cfg):
@@ -259,6 +254,20 @@ def run(cfg: ml_collections.ConfigDict, *, device_gib_override: float = 0.0,
             compiled[key] = phase_memory(mc, objective, opt, mesh, objective.batch_layout(row.global_batch, ph.seq_len),
                                          grad_accum=k)
         row.memory = compiled[key]
+    return rows
+
+
+def run(cfg: ml_collections.ConfigDict, *, device_gib_override: float = 0.0,
+        write: Any = print) -> list[str]:
+    """Plans, compiles and prints every phase of `cfg` (already validated, "auto" resolved);
+    returns the problems (one line each; empty: it fits)."""
+    mesh = sharding.make_mesh(sharding.MeshConfig(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor))
+    shape = dict(mesh.shape)
+    limit, dev_name = device_gib(device_gib_override)
+    write(f"dry run: {jax.device_count()} devices ({dev_name}), mesh data={shape['data']} fsdp={shape['fsdp']} "
+          f"tensor={shape['tensor']}; device memory {f'{limit:.1f} GiB' if limit else 'unknown'}")
+    configs = model_configs(cfg)
+    rows = measure(cfg, mesh, configs)
     header = ("| phase | objective | global batch | per device (x accum) | seq len | params | params/dev "
               "| opt state/dev | XLA args/dev | XLA temp/dev | peak/dev |")
     write(header)
@@ -283,7 +292,8 @@ def run(cfg: ml_collections.ConfigDict, *, device_gib_override: float = 0.0,
     if measured:
         top = max(measured, key=lambda r: r.memory.peak)
         peak = top.memory.peak / GIB
-        write(f"peak {peak:.2f} GiB per device in {top.phase.section}")
+        write(f"peak {peak:.2f} GiB per device in {top.phase.section} ({top.phase.objective}, batch "
+              f"{top.global_batch} x {top.phase.seq_len} tokens)")
         if limit:
             for r in measured:
                 if r.memory.peak / GIB > limit:
