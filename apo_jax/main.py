@@ -40,6 +40,10 @@ _ALLOW_CHANGE = flags.DEFINE_list(
 flags.mark_flags_as_required(["config"])
 
 EXIT_USAGE = 2  # every start-up error and a diverged run; 1 stays for unexpected crashes
+EXIT_PREEMPTED = 75  # stopped on a signal with the state saved: run the same command to resume
+# (sysexits' EX_TEMPFAIL, "try again later"; launch/slurm_gpu.sbatch requeues and launch/tpu_pod.sh
+# restarts on it; tests/test_launch.py checks they use this value)
+EXIT_INTERRUPTED = 130  # a second Ctrl-C: stopped at once, nothing saved since the last checkpoint
 
 
 def fail(message: str, prefix: str = "") -> NoReturn:
@@ -236,7 +240,12 @@ def main(argv: list[str]) -> None:
     except (FileNotFoundError, NotADirectoryError, PermissionError, IsADirectoryError) as e:
         fail(f"{e.filename or ''}: {e.strerror or e}" if e.filename else str(e), prefix)
     except Preempted as e:
-        sys.exit(f"{prefix}apo_jax: preempted; state saved ({e}). Run the same command to resume.")
+        sys.stderr.write(f"{prefix}apo_jax: stopped on a signal; state saved ({e}). Run the same command to resume.\n")
+        sys.exit(EXIT_PREEMPTED)
+    except KeyboardInterrupt:
+        sys.stderr.write(f"{prefix}apo_jax: interrupted again; stopped without saving (the run resumes from its "
+                         "last checkpoint).\n")
+        sys.exit(EXIT_INTERRUPTED)
     finally:
         if lock is not None:
             lock.release()

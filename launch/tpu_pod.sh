@@ -313,18 +313,28 @@ start_game() {
 
 count() { grep -cE "^apo_jax-status [^ ]+ ($1)\$" <<< "$2" || true; }
 
+PREEMPTED_STATUS=75  # apo_jax.main.EXIT_PREEMPTED: stopped on a signal (a maintenance event), state saved
+
 watch_game() {
-  # 0: finished on every worker; 1: failed (stopped everywhere); 3: the workers are unreachable.
-  local out unreachable=0 running failed done_ok
+  # 0: finished on every worker; 1: failed (stopped everywhere); 3: the workers are unreachable;
+  # 4: stopped on a signal with its state saved (resumable: `all` starts it again).
+  local out unreachable=0 running failed done_ok saved
   while true; do
     if [ "$DRY_RUN" -eq 1 ]; then on_all_workers "$STATUS"; return 0; fi
     show "${SSH[@]}" --command="$STATUS"
     if out="$("${SSH[@]}" --command="$STATUS" 2>&1)"; then unreachable=0; else unreachable=$((unreachable + 1)); fi
     out="${out//$'\r'/}"
     running="$(count running "$out")" done_ok="$(count 'exit 0' "$out")"
-    failed="$(count 'exit [1-9][0-9]*|lost' "$out")"
-    say "$(date -u +%FT%TZ) workers: $running running, $done_ok finished, $failed failed" \
+    saved="$(count "exit $PREEMPTED_STATUS" "$out")"
+    failed=$(($(count 'exit [1-9][0-9]*|lost' "$out") - saved))
+    say "$(date -u +%FT%TZ) workers: $running running, $done_ok finished, $failed failed, $saved stopped and saved" \
       "(logs: $RUN_DIR/logs/)"
+    if [ "$saved" -gt 0 ] && [ "$failed" -eq 0 ]; then
+      say "the game stopped on a signal with its state saved; stopping it on all workers"
+      on_all_workers "$STOP" || true
+      on_all_workers "$COPY_LOG" || true
+      return 4
+    fi
     if [ "$failed" -gt 0 ]; then
       grep -E '^apo_jax-status [^ ]+ (exit [1-9]|lost)' <<< "$out" >&2 || true
       say "the game failed on a worker; stopping it on all workers"
@@ -355,8 +365,14 @@ case "$ACTION" in
       watch_game || status=$?
       if [ "$status" -eq 0 ]; then break; fi
       state="$(qr_state)"
+      if [ "$state" = ACTIVE ] && [ "$status" -eq 4 ] && [ "$restarts" -lt "$MAX_RESTARTS" ]; then
+        restarts=$((restarts + 1))
+        say "the game stopped with its state saved on the ACTIVE slice $NAME; starting it again, restart" \
+          "$restarts of $MAX_RESTARTS (it resumes from that checkpoint)"
+        continue
+      fi
       if [ "$state" = ACTIVE ]; then
-        if [ "$status" -eq 1 ]; then
+        if [ "$status" -eq 1 ] || [ "$status" -eq 4 ]; then
           say "the game failed on an ACTIVE slice (see $RUN_DIR/logs/); not restarting"
         else
           say "the workers of the ACTIVE slice $NAME do not answer; the game may still run there" \

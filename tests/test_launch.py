@@ -461,43 +461,73 @@ def test_sbatch_script_dry_run_and_directives():
     assert _bash("launch/slurm_gpu.sbatch").returncode == 2  # no config: usage
 
 
-def _fake_slurm(tmp_path, srun_body: str) -> dict[str, str]:
-    """srun / scontrol stand-ins that log their calls; the environment of a running batch job."""
+def _fake_slurm(tmp_path, task_body: str) -> dict[str, str]:
+    """srun / scontrol stand-ins that log their calls; the environment of a running batch job.
+
+    The srun stand-in behaves as real srun does with the signals it gets: it runs the task (the
+    game stand-in `task_body`) as its step, forwards SIGUSR1 / SIGUSR2 to it, answers SIGTERM by
+    killing the step (SIGKILL: no chance to save), and exits with the task's status."""
     log = tmp_path / "calls.log"
-    _shim(tmp_path, "srun", f'echo "srun $* SRUN_CPUS_PER_TASK=${{SRUN_CPUS_PER_TASK:-unset}}" >> {log}\n' + srun_body)
+    (tmp_path / "task.sh").write_text(task_body)
+    _shim(tmp_path, "srun", f'echo "srun $* SRUN_CPUS_PER_TASK=${{SRUN_CPUS_PER_TASK:-unset}}" >> {log}\n'
+          f'export BATCH_PID=$PPID\nbash {tmp_path / "task.sh"} &\nchild=$!\n'
+          f"trap 'echo \"srun: TERM: KILL of the step\" >> {log}; kill -KILL $child' TERM\n"
+          "trap 'kill -USR1 $child' USR1\ntrap 'kill -USR2 $child' USR2\n"
+          'while true; do status=0; wait "$child" || status=$?\n'
+          '  if [ "$status" -gt 128 ] && kill -0 "$child" 2>/dev/null; then continue; fi; break; done\n'
+          'exit "$status"\n')
     _shim(tmp_path, "scontrol", f'echo "scontrol $*" >> {log}\n')
     return {"PATH": f"{tmp_path}:{os.environ['PATH']}", "SLURM_JOB_ID": "4242", "SLURM_CPUS_PER_TASK": "6",
             "SLURM_SUBMIT_DIR": REPO, "PYTHON": "python3"}
 
 
-# The game under srun: Slurm's B:USR1@300 reaches the batch script (our parent) while it runs;
-# the forwarded SIGTERM makes it save and exit non-zero, as apo_jax does when preempted.
-_GAME_HITS_TIME_LIMIT = ("trap 'echo TERM >> \"$(dirname \"$0\")/calls.log\"; exit 1' TERM\nkill -USR1 \"$PPID\"\n"
+# The game under srun: Slurm's B:USR1@300 reaches the batch script while the game runs; the
+# forwarded SIGUSR1 makes it save and exit with apo_jax.main.EXIT_PREEMPTED (75), as apo_jax does.
+_GAME_HITS_TIME_LIMIT = ("trap 'echo \"task: USR1: saved\" >> \"$(dirname \"$0\")/calls.log\"; exit 75' USR1\n"
+                         "kill -USR1 \"$BATCH_PID\"\n"
                          "for _ in $(seq 400); do sleep 0.05; done\nexit 0\n")
 
 
 def test_sbatch_requeues_after_saving_at_the_time_limit(tmp_path):
     env = _fake_slurm(tmp_path, _GAME_HITS_TIME_LIMIT)
     proc = _bash("launch/slurm_gpu.sbatch", "configs/hh.py", "--config.run_dir=/shared/x", env=env)
-    assert proc.returncode == 1, proc.stderr
+    assert proc.returncode == 75, proc.stderr
     assert (tmp_path / "calls.log").read_text().splitlines() == [
         "srun --kill-on-bad-exit=1 --label python3 -m apo_jax.main --config=configs/hh.py --config.run_dir=/shared/x "
         "SRUN_CPUS_PER_TASK=6",
-        "TERM",
+        "task: USR1: saved",
         "scontrol requeue 4242",
     ]
     assert "requeueing job 4242 (requeue 1 of 20)" in proc.stderr
 
 
-def test_sbatch_does_not_requeue_a_finished_game_or_past_max_requeues(tmp_path):
+def test_srun_stand_in_kills_the_step_on_sigterm(tmp_path):
+    """What the old script did (TERM to srun) loses the save: the stand-in is real srun's semantics."""
+    env = _fake_slurm(tmp_path, "trap 'echo saved; exit 75' TERM USR1\nfor _ in $(seq 400); do sleep 0.05; done\n")
+    srun = subprocess.Popen([str(tmp_path / "srun")], env=dict(os.environ, **env), text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    _wait_for(lambda: (tmp_path / "calls.log").exists())
+    time.sleep(0.3)
+    srun.terminate()
+    out, _ = srun.communicate(timeout=10)
+    assert srun.returncode != 75 and "saved" not in out  # the step was killed: nothing saved
+    assert "srun: TERM: KILL of the step" in (tmp_path / "calls.log").read_text()
+
+
+def test_sbatch_requeues_only_a_saved_stop(tmp_path):
     env = _fake_slurm(tmp_path, "exit 0\n")
     assert _bash("launch/slurm_gpu.sbatch", "configs/hh.py", env=env).returncode == 0
+    assert "scontrol" not in (tmp_path / "calls.log").read_text()
+    (tmp_path / "calls.log").unlink()
+    env = _fake_slurm(tmp_path, "exit 1\n")  # a crash: not requeued
+    proc = _bash("launch/slurm_gpu.sbatch", "configs/hh.py", env=env)
+    assert proc.returncode == 1 and "not requeueing" in proc.stderr
     assert "scontrol" not in (tmp_path / "calls.log").read_text()
     (tmp_path / "calls.log").unlink()
     env = _fake_slurm(tmp_path, _GAME_HITS_TIME_LIMIT)
     proc = _bash("launch/slurm_gpu.sbatch", "configs/hh.py", env={**env, "SLURM_RESTART_COUNT": "3",
                                                                    "MAX_REQUEUES": "3"})
-    assert proc.returncode == 1 and "not requeueing: job 4242 was requeued 3 times" in proc.stderr
+    assert proc.returncode == 75 and "not requeueing: job 4242 was requeued 3 times" in proc.stderr
     assert "scontrol" not in (tmp_path / "calls.log").read_text()
 
 
@@ -659,3 +689,56 @@ def test_colab_notebook_run_reproduced_on_cpu_shows_tables_and_plots(tmp_path_fa
     assert "Table 2" in tables and "Table 3" in tables and "RM_APO-v2-seq" in tables
     for _, png in shown[1:]:
         assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 1000
+
+
+# ------------------------------------------------------------------------------------------
+# Stopping on a signal: one exit status the launchers act on.
+
+
+def test_the_launchers_use_apo_jax_main_exit_status_for_a_saved_stop():
+    from apo_jax import main
+
+    for script in ("launch/slurm_gpu.sbatch", "launch/tpu_pod.sh"):
+        text = open(os.path.join(REPO, script)).read()
+        assert f"PREEMPTED_STATUS={main.EXIT_PREEMPTED}" in text, script
+
+
+def test_ctrl_c_saves_and_exits_with_the_preempted_status(tmp_path):
+    """SIGINT between two training steps (as Ctrl-C): a checkpoint, one line, EXIT_PREEMPTED; the
+    same command then resumes at the saved step."""
+    import signal
+
+    from apo_jax import main
+    from loop_fixtures import TINY
+
+    env = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    env["PYTHONPATH"] = os.pathsep.join([REPO, os.path.join(REPO, "tests"), env.get("PYTHONPATH", "")])
+    run_dir = str(tmp_path / "run")
+    args = ["--config=configs/synthetic.py", f"--config.run_dir={run_dir}", *TINY]
+    boot = f"import faults; faults.install_signal_at('policy_pretrain:1', {int(signal.SIGINT)})"
+    run = "import runpy; runpy.run_module('apo_jax.main', run_name='__main__', alter_sys=True)"
+    proc = subprocess.run([sys.executable, "-c", f"{boot}\n{run}", *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == main.EXIT_PREEMPTED, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and "KeyboardInterrupt" not in proc.stderr
+    line = [ln.strip() for ln in re.split(r"[\r\n]", proc.stderr) if ln.startswith("apo_jax: ")]  # \r: the bar
+    assert len(line) == 1 and line[0].startswith("apo_jax: stopped on a signal; state saved (policy_pretrain step ")
+    assert os.listdir(os.path.join(run_dir, "ckpt", "policy_pretrain")), "no checkpoint saved"
+
+
+def test_every_stop_signal_is_caught():
+    import signal
+
+    from apo_jax.io import checkpointing
+
+    saved = {s: signal.getsignal(getattr(signal, s)) for s in checkpointing.STOP_SIGNALS}
+    try:
+        checkpointing.install_preemption_handler()
+        for name in ("SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2"):
+            assert callable(signal.getsignal(getattr(signal, name))), name
+            assert signal.getsignal(getattr(signal, name)) not in (signal.SIG_DFL, signal.default_int_handler)
+    finally:
+        for s, h in saved.items():
+            signal.signal(getattr(signal, s), h)
+        checkpointing._SIGNALLED.clear()
+        checkpointing._PREEMPTED.clear()
