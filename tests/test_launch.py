@@ -383,6 +383,20 @@ def test_tpu_pod_all_recreates_a_preempted_slice_and_resumes(pod_repo, tmp_path)
     assert "restart 1 of 10" in proc.stderr and "workers: 0 running, 2 finished, 0 failed" in proc.stderr
 
 
+def test_tpu_pod_all_restarts_a_game_stopped_with_its_state_saved(pod_repo, tmp_path):
+    """A worker exits with apo_jax.main.EXIT_PREEMPTED (a maintenance event's SIGTERM: saved) on a
+    slice that stays ACTIVE: every worker is stopped and the game started again, which resumes."""
+    proc, calls = _pod_with_fake_gcloud(
+        pod_repo, tmp_path, ["", "ACTIVE", "ACTIVE"],
+        ["apo_jax-status w0 exit 75|apo_jax-status w1 running", "apo_jax-status w0 exit 0|apo_jax-status w1 exit 0"],
+        "all", "--accelerator", "v4-16", "--spot")
+    assert proc.returncode == 0, (proc.stderr, calls)
+    assert calls == ["qr describe", "qr create", "qr describe", "stage", "ssh setup", "ssh start", "ssh status",
+                     "ssh stop", "ssh logs", "qr describe",  # stopped and saved; the slice is still ACTIVE
+                     "ssh start", "ssh status"]  # started again: resumed and finished
+    assert "1 stopped and saved" in proc.stderr and "starting it again, restart 1 of 10" in proc.stderr
+
+
 def test_tpu_pod_stops_every_worker_when_one_fails_on_an_active_slice(pod_repo, tmp_path):
     proc, calls = _pod_with_fake_gcloud(pod_repo, tmp_path, ["ACTIVE"],
                                         ["apo_jax-status w0 running|apo_jax-status w1 exit 1"], "run", "--spot")
@@ -742,3 +756,26 @@ def test_every_stop_signal_is_caught():
             signal.signal(getattr(signal, s), h)
         checkpointing._SIGNALLED.clear()
         checkpointing._PREEMPTED.clear()
+
+
+def test_tpu_pod_checks_the_config_fits_before_requesting_a_slice(tmp_path):
+    """`up` runs the dry run on as many fake devices as the slice has chips, with their HBM, and a
+    config that fails it creates nothing (here: a batch that does not divide 64 chips)."""
+    fake = tmp_path / "fake"
+    fake.mkdir()
+    _shim(fake, "gcloud", f'echo "gcloud $*" >> {fake}/calls.log\n')
+    (tmp_path / "home" / ".ssh").mkdir(parents=True)
+    (tmp_path / "home" / ".ssh" / "google_compute_engine").write_text("key")
+    env = {"HOME": str(tmp_path / "home"), "TMPDIR": str(tmp_path), "LOCAL_PYTHON": sys.executable,
+           "PATH": f"{fake}:{os.environ['PATH']}", "HF_HUB_OFFLINE": "1", "PYTHONPATH": REPO}
+    args = ["launch/tpu_pod.sh", "up", "--name", "apo", "--zone", "z", "--accelerator", "v5litepod-64", "--bucket",
+            "gs://b", "--allow-dirty"]
+    dry = _bash(*args, "--dry-run", env=env)
+    assert ["env", "XLA_FLAGS=--xla_force_host_platform_device_count=64", "JAX_PLATFORMS=cpu", sys.executable, "-m",
+            "apo_jax.main", "--config=configs/hh.py", f"--config.run_dir={tmp_path}/apo_jax-fit-check", "--dry_run",
+            "--dry_run_device_gib=16"] in _commands(dry.stdout)
+    proc = _bash(*args, "--", "--config.sft.batch_size=96", env=env)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "sft.batch_size: 96 must be a positive multiple of data*fsdp = 64" in proc.stderr
+    assert "does not fit v5litepod-64; nothing was created" in proc.stderr
+    assert "create" not in (fake / "calls.log").read_text()
