@@ -445,6 +445,17 @@ def test_slurm_launch_sizes_cpus_and_time_from_the_partition(tmp_path, args, siz
     assert "(sinfo) -> --cpus-per-task=" in proc.stderr
 
 
+def test_slurm_launch_submits_nothing_for_a_config_that_fails_its_dry_run(tmp_path):
+    _shim(tmp_path, "sbatch", f'echo "sbatch $*" >> {tmp_path}/calls.log\n')
+    env = {"PATH": f"{tmp_path}:{os.environ['PATH']}", "PYTHON": sys.executable, "PYTHONPATH": REPO,
+           "HF_HUB_OFFLINE": "1"}
+    proc = _bash("launch/slurm_launch.sh", "--nodes", "2", "--gpus-per-node", "8", "--cpus-per-task", "4",
+                 "--config", "configs/hh.py", "--", "--config.rm.base.batch_size=24", env=env)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "rm.base.batch_size: 24 must be a positive multiple of data*fsdp = 16" in proc.stderr
+    assert "nothing was submitted" in proc.stderr and not (tmp_path / "calls.log").exists()
+
+
 def test_slurm_launch_without_sinfo_needs_cpus_per_task():
     env = {"PATH": os.pathsep.join(sorted({os.path.dirname(shutil.which(c)) for c in ("bash", "awk", "dirname")}))}
     if shutil.which("sinfo", path=env["PATH"]):
@@ -484,9 +495,9 @@ def _fake_slurm(tmp_path, task_body: str) -> dict[str, str]:
     log = tmp_path / "calls.log"
     (tmp_path / "task.sh").write_text(task_body)
     _shim(tmp_path, "srun", f'echo "srun $* SRUN_CPUS_PER_TASK=${{SRUN_CPUS_PER_TASK:-unset}}" >> {log}\n'
-          f'export BATCH_PID=$PPID\nbash {tmp_path / "task.sh"} &\nchild=$!\n'
           f"trap 'echo \"srun: TERM: KILL of the step\" >> {log}; kill -KILL $child' TERM\n"
           "trap 'kill -USR1 $child' USR1\ntrap 'kill -USR2 $child' USR2\n"
+          f'export BATCH_PID=$PPID\nbash {tmp_path / "task.sh"} &\nchild=$!\n'
           'while true; do status=0; wait "$child" || status=$?\n'
           '  if [ "$status" -gt 128 ] && kill -0 "$child" 2>/dev/null; then continue; fi; break; done\n'
           'exit "$status"\n')
@@ -498,7 +509,7 @@ def _fake_slurm(tmp_path, task_body: str) -> dict[str, str]:
 # The game under srun: Slurm's B:USR1@300 reaches the batch script while the game runs; the
 # forwarded SIGUSR1 makes it save and exit with apo_jax.main.EXIT_PREEMPTED (75), as apo_jax does.
 _GAME_HITS_TIME_LIMIT = ("trap 'echo \"task: USR1: saved\" >> \"$(dirname \"$0\")/calls.log\"; exit 75' USR1\n"
-                         "kill -USR1 \"$BATCH_PID\"\n"
+                         "sleep 0.3\nkill -USR1 \"$BATCH_PID\"\n"
                          "for _ in $(seq 400); do sleep 0.05; done\nexit 0\n")
 
 
