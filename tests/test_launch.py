@@ -11,6 +11,7 @@ from __future__ import annotations
 import glob
 import os
 import re
+import runpy
 import shlex
 import shutil
 import socket
@@ -696,7 +697,19 @@ def test_colab_notebook_run_reproduced_on_cpu_shows_tables_and_plots(tmp_path_fa
     assert multiproc.tiny_main_args(run_dir)[:1] == cpu  # the same command, plus the tiny overrides
 
     [show] = [c.source for c in nb.cells if c.cell_type == "code" and "display(" in c.source]
-    assert 'RUN_DIR = "runs/synthetic_gpu"' in show
+    # The cell runs unchanged in a checkout (configs/) whose synthetic_gpu run dir holds the tiny
+    # run's outputs: it finds them through the config's own run_dir, as on Colab after step 3.
+    work = tmp_path_factory.mktemp("colab_checkout")
+    shutil.copytree(os.path.join(REPO, "configs"), work / "configs")
+    gpu_run_dir = runpy.run_path(os.path.join(REPO, "configs", "synthetic_gpu.py"))["get_config"]().run_dir
+    assert gpu_run_dir == "runs/synthetic_gpu_s4"  # what step 3's command writes
+    os.makedirs(work / "runs")
+    os.symlink(run_dir, work / gpu_run_dir)
+    monkeypatch.chdir(work)
+    python_dir = tmp_path_factory.mktemp("python_bin")
+    _shim(python_dir, "python", f'exec {shlex.quote(sys.executable)} "$@"\n')  # the cell's `python`
+    monkeypatch.setenv("PATH", f"{python_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("PYTHONPATH", REPO)
     shown: list[tuple[str, object]] = []
     display_mod = types.ModuleType("IPython.display")
     display_mod.Markdown = lambda text: ("markdown", text)
@@ -706,7 +719,7 @@ def test_colab_notebook_run_reproduced_on_cpu_shows_tables_and_plots(tmp_path_fa
     ipython.display = display_mod
     monkeypatch.setitem(sys.modules, "IPython", ipython)
     monkeypatch.setitem(sys.modules, "IPython.display", display_mod)
-    exec(show.replace('RUN_DIR = "runs/synthetic_gpu"', f"RUN_DIR = {run_dir!r}"), {})
+    exec(show, {})
 
     kinds = [kind for kind, _ in shown]
     assert kinds == ["markdown", "image", "image"]
