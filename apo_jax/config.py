@@ -7,6 +7,7 @@ reports every wrong field at once, named by its dotted path.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from typing import Any, Callable, Sequence
 
@@ -142,6 +143,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval = ml_collections.ConfigDict(dict(num_bins=10, batch_size=64))
     c.checkpoint = ml_collections.ConfigDict(dict(save_every_steps=200, async_save=True, keep=2))
     c.log_every_steps = 20
+    # Weights & Biases, beside TensorBoard (pip install apo_jax[wandb]); project "" = off.
+    c.wandb = ml_collections.ConfigDict(dict(project="", entity="", name="", mode=""))
     return c
 
 
@@ -316,6 +319,11 @@ def validate(c: ml_collections.ConfigDict, num_devices: int,
             err(f"sampling.{split}.max_new_tokens", f"{s.max_new_tokens} must be >= 1")
     if c.eval.num_bins < 1:
         err("eval.num_bins", f"{c.eval.num_bins} must be >= 1")
+    if c.wandb.mode not in ("", "online", "offline", "disabled"):
+        err("wandb.mode", f"{c.wandb.mode!r}; expected '', 'online', 'offline' or 'disabled'")
+    if c.wandb.project and importlib.util.find_spec("wandb") is None:
+        err("wandb.project", f"{c.wandb.project!r} needs the wandb package: pip install 'apo_jax[wandb]' "
+            "(or --config.wandb.project='' for TensorBoard only)")
     if c.checkpoint.save_every_steps < 0:
         err("checkpoint.save_every_steps", f"{c.checkpoint.save_every_steps} must be >= 0 (0 = phase ends only)")
 
@@ -367,6 +375,10 @@ NOTES: dict[str, str] = {
     "seed": "seeds the data splits, initialisations, data order and sampling",
     "compilation_cache_dir": "persistent XLA compilation cache (local or gs://; \"\" = off); JAX_COMPILATION_CACHE_DIR wins",
     "log_every_steps": "train metrics are logged every this many steps",
+    "wandb.project": "Weights & Biases project the metrics also go to (\"\": off; needs the wandb extra)",
+    "wandb.entity": "W&B entity (team or user; \"\": the account's default)",
+    "wandb.name": "W&B run name (\"\": the run_dir's last part); a resumed run_dir continues the same W&B run",
+    "wandb.mode": "\"\" (WANDB_MODE or online) | online | offline | disabled",
     "mesh.data": "devices on the pure data-parallel axis (-1: all that remain)",
     "mesh.fsdp": "devices on the fully sharded data-parallel axis (weights and optimizer state sharded)",
     "mesh.tensor": "devices on the tensor-parallel axis (heads, MLP width, vocabulary)",
