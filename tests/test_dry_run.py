@@ -125,3 +125,28 @@ def test_cli_a_bad_batch_names_the_field_and_a_hub_checkpoint_is_skipped():
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "rm.base: skipped: needs the checkpoint's config.json" in proc.stdout
     assert proc.stdout.strip().endswith("dry run ok")
+
+
+@pytest.mark.parametrize("name", ["ranking", "sft", "dpo"])
+def test_each_objective_declares_the_batch_its_examples_make(name):
+    """`Objective.batch_layout` (what the dry run compiles on) against a real batch of the
+    objective's own `examples` (and `prepare`'s extras for DPO), padded to a bucket."""
+    import numpy as np
+
+    from apo_jax import config as config_lib
+    from apo_jax.training import objectives
+    from tok_fixtures import llama_like_tokenizer
+
+    cfg = config_lib.base_config()
+    cfg.data.buckets, cfg.data.rm_max_len, cfg.data.sft_max_len = (16, 32), 32, 32
+    obj = objectives.from_config(name, cfg)
+    records = [{"prompt": f"question {i}", "chosen": "a good answer", "rejected": "no", "response": "an answer"}
+               for i in range(4)]
+    examples = obj.examples(llama_like_tokenizer(), records, cfg.data)
+    if name == "dpo":  # what prepare adds: the reference log-probs of both sides
+        examples.extras["ref_chosen"] = np.zeros(4, np.float32)
+        examples.extras["ref_rejected"] = np.zeros(4, np.float32)
+    batch = examples.batch(np.arange(4), local=False)
+    width = examples.width(np.arange(4))
+    layout = obj.batch_layout(4, width)
+    assert {k: (v.shape, v.dtype) for k, v in batch.items()} == {k: (s, np.dtype(d)) for k, (s, d) in layout.items()}
