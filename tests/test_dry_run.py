@@ -101,9 +101,9 @@ def test_paper_and_small_configs_on_fake_devices(n, tiny_ckpt):
             assert r["peak"] >= r["params"] * 3 and r["temp"] > 0  # params + two Adam moments, and scratch
 
 
-def _cli(n: int, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "apo_jax.main", "--dry_run", *args], cwd=REPO, env=_env(n),
-                          capture_output=True, text=True, timeout=400)
+def _cli(n: int, *args: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "apo_jax.main", "--dry_run", *args], cwd=REPO,
+                          env={**_env(n), **env}, capture_output=True, text=True, timeout=400)
 
 
 def test_cli_a_config_that_does_not_fit_exits_2_naming_the_phase(tiny_ckpt):
@@ -117,11 +117,12 @@ def test_cli_a_config_that_does_not_fit_exits_2_naming_the_phase(tiny_ckpt):
     assert "Traceback" not in proc.stderr
 
 
-def test_cli_a_bad_batch_names_the_field_and_a_hub_checkpoint_is_skipped():
+def test_cli_a_bad_batch_names_the_field_and_a_hub_checkpoint_is_skipped(tmp_path):
     proc = _cli(8, "--config=configs/hh.py", "--config.sft.batch_size=12")
     assert proc.returncode == 2 and "sft.batch_size: 12 must be a positive multiple of data*fsdp = 8" in proc.stderr
     assert "Traceback" not in proc.stderr
-    proc = _cli(1, "--config=configs/hh.py")  # hub ids, offline, nothing cached: no dimensions to compile
+    # Hub ids, offline, an empty HF cache: no dimensions to compile.
+    proc = _cli(1, "--config=configs/hh.py", HF_HOME=str(tmp_path / "hf"))
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "rm.base: skipped: needs the checkpoint's config.json" in proc.stdout
     assert proc.stdout.strip().endswith("dry run ok")
