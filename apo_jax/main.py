@@ -5,7 +5,8 @@ parse the flags and load the config file (an unknown field, in an override or in
 gets a "did you mean"), validate every field, open the run dir (`apo_jax.io.rundir`: create it,
 take its lock, check the config fingerprint), check every checkpoint and offline input
 (`apo_jax.preflight`), then play the APO game (`apo_jax.game.loop`). Restarting the same command
-resumes from the run directory's checkpoints.
+resumes from the run directory's checkpoints. `--dry_run` stops after validation: it compiles every
+training phase on abstract shapes and says whether the config fits the devices (`apo_jax.dryrun`).
 """
 
 from __future__ import annotations
@@ -25,6 +26,13 @@ from apo_jax import config as config_lib
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).", lock_config=True)
 _SHOW_CONFIG = flags.DEFINE_bool("show_config", False, "Print every field of the resolved config with its meaning "
                                  "(docs/config_reference.md lists the defaults) and exit.")
+_DRY_RUN = flags.DEFINE_bool(
+    "dry_run", False, "Check that the config fits the devices this process sees, without weights, data or network: "
+    "resolve the mesh, validate, compile every training phase's step on abstract shapes and print its memory per "
+    "device (XLA_FLAGS=--xla_force_host_platform_device_count=N fakes N devices); exit 0 if it fits, else 2.")
+_DRY_RUN_DEVICE_GIB = flags.DEFINE_float(
+    "dry_run_device_gib", 0.0, "With --dry_run: the memory of one device (GiB) of the machine the run is for "
+    "(0: this device's own, where jax reports it).")
 _ALLOW_CHANGE = flags.DEFINE_list(
     "allow_config_change", [],
     "Config fields that may differ from the run dir's recorded fingerprint: only apo.rounds (increase) "
@@ -32,6 +40,10 @@ _ALLOW_CHANGE = flags.DEFINE_list(
 flags.mark_flags_as_required(["config"])
 
 EXIT_USAGE = 2  # every start-up error and a diverged run; 1 stays for unexpected crashes
+EXIT_PREEMPTED = 75  # stopped on a signal with the state saved: run the same command to resume
+# (sysexits' EX_TEMPFAIL, "try again later"; launch/slurm_gpu.sbatch requeues and launch/tpu_pod.sh
+# restarts on it; tests/test_launch.py checks they use this value)
+EXIT_INTERRUPTED = 130  # a second Ctrl-C: stopped at once, nothing saved since the last checkpoint
 
 
 def fail(message: str, prefix: str = "") -> NoReturn:
@@ -207,6 +219,14 @@ def main(argv: list[str]) -> None:
     from apo_jax import devices
 
     devices.resolve_config(cfg)  # "auto" dtype / attention_impl -> this device's choice (logged)
+    if _DRY_RUN.value:
+        from apo_jax import dryrun
+
+        problems = dryrun.run(cfg, device_gib_override=_DRY_RUN_DEVICE_GIB.value)
+        if problems:
+            fail("dry run: does not fit:\n" + "\n".join(problems), prefix)
+        print("dry run ok")
+        return
 
     from apo_jax.game import loop
 
@@ -220,7 +240,12 @@ def main(argv: list[str]) -> None:
     except (FileNotFoundError, NotADirectoryError, PermissionError, IsADirectoryError) as e:
         fail(f"{e.filename or ''}: {e.strerror or e}" if e.filename else str(e), prefix)
     except Preempted as e:
-        sys.exit(f"{prefix}apo_jax: preempted; state saved ({e}). Run the same command to resume.")
+        sys.stderr.write(f"{prefix}apo_jax: stopped on a signal; state saved ({e}). Run the same command to resume.\n")
+        sys.exit(EXIT_PREEMPTED)
+    except KeyboardInterrupt:
+        sys.stderr.write(f"{prefix}apo_jax: interrupted again; stopped without saving (the run resumes from its "
+                         "last checkpoint).\n")
+        sys.exit(EXIT_INTERRUPTED)
     finally:
         if lock is not None:
             lock.release()

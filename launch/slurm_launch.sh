@@ -3,7 +3,8 @@
 #
 #   launch/slurm_launch.sh --nodes 2 --gpus-per-node 8 --config configs/hh.py \
 #       --run-dir /shared/runs/apo-hh [--per gpu|host] [--partition P] [--account A] \
-#       [--time D-HH:MM:SS] [--cpus-per-task N] [--dry-run] [-- --config.field=value ...]
+#       [--time D-HH:MM:SS] [--cpus-per-task N] [--gpu-gib N] [--no-fit-check] [--dry-run]
+#       [-- --config.field=value ...]
 #
 # --per gpu (default): one process per GPU; --per host: one process per node driving all of
 # its GPUs. Defaults sized from the partition (--partition, or the cluster's default one), read
@@ -11,11 +12,15 @@
 # --time = its time limit (none when that is infinite or sinfo is missing: the partition's
 # default applies). A game longer than the limit saves and requeues itself before the limit
 # (see slurm_gpu.sbatch).
+# Before submitting, the config's dry run runs here (python -m apo_jax.main --dry_run on
+# nodes x GPUs fake CPU devices; with --gpu-gib, the memory of one GPU, it also checks the fit) and
+# a config that fails it is not submitted; --no-fit-check skips it.
 # --dry-run prints the sbatch command and the srun command the job will run, as `+ command`
 # lines, and submits nothing.
 set -euo pipefail
 
 NODES="" GPUS="" PER=gpu PARTITION="" ACCOUNT="" TIME="" CPUS="" CONFIG="" RUN_DIR="" DRY_RUN=0 EXTRA=()
+GPU_GIB=0 FIT_CHECK=1
 
 usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit "${1:-0}"; }
 die() { echo "slurm_launch.sh: $*" >&2; exit 2; }
@@ -31,6 +36,8 @@ while [ $# -gt 0 ]; do
     --cpus-per-task) CPUS="${2:?--cpus-per-task needs a value}"; shift 2 ;;
     --config) CONFIG="${2:?--config needs a value}"; shift 2 ;;
     --run-dir) RUN_DIR="${2:?--run-dir needs a value}"; shift 2 ;;
+    --gpu-gib) GPU_GIB="${2:?--gpu-gib needs a value}"; shift 2 ;;
+    --no-fit-check) FIT_CHECK=0; shift ;;
     --dry-run) DRY_RUN=1; shift ;;
     -h|--help) usage 0 ;;
     --) shift; EXTRA=("$@"); break ;;
@@ -97,6 +104,14 @@ echo "$line"
 cd "$HERE/.."  # sbatch runs the job from the submit directory: the repository root
 if [ "$DRY_RUN" -eq 1 ]; then
   DRY_RUN=1 bash launch/slurm_gpu.sbatch "${job[@]}"
-else
-  exec "${cmd[@]}"
+  exit 0
 fi
+if [ "$FIT_CHECK" -eq 1 ]; then
+  # The job's own arguments on as many fake CPU devices as it will have GPUs (no weights, data or network).
+  devices=$((NODES * GPUS))
+  echo "slurm_launch.sh: checking that $CONFIG fits $devices GPUs before submitting (--no-fit-check skips)" >&2
+  env "XLA_FLAGS=--xla_force_host_platform_device_count=$devices" JAX_PLATFORMS=cpu "${PYTHON:-python}" -m apo_jax.main \
+    "--config=$CONFIG" "${job[@]:1}" --dry_run "--dry_run_device_gib=$GPU_GIB" >&2 \
+    || die "the dry run above says $CONFIG does not fit $NODES x $GPUS GPUs; nothing was submitted"
+fi
+exec "${cmd[@]}"

@@ -5,7 +5,7 @@
 #       [--config configs/hh.py] [--runtime VERSION] [--project ID] [--spot] [--service-account EMAIL]
 #       [--scopes SCOPE,...] [--internal-ips] [--python 3.11] [--env NAME[=VALUE]]... [--allow-dirty]
 #       [--sync-seconds 300] [--poll-seconds 60] [--grace-seconds 300] [--max-restarts N] [--delete]
-#       [--dry-run] [-- --config.field=value ...]
+#       [--no-fit-check] [--dry-run] [-- --config.field=value ...]
 #
 # ACTION (default: all)
 #   up      request the slice as a queued resource (or reuse an ACTIVE one) and wait until it is
@@ -42,12 +42,16 @@
 # The run directory is <bucket>/<name>, a gs:// URL given to apo_jax as --config.run_dir: Orbax
 # writes the checkpoints there itself and everything else goes through etils.epath, so all of it
 # outlives the slice: the same command again, on this slice or a new one, resumes.
+# Before it requests a slice, `up` (and `all`) runs the dry run of the config here (python -m
+# apo_jax.main --dry_run on as many fake CPU devices as the slice has chips, with their HBM) and
+# stops if it does not fit; LOCAL_PYTHON names the interpreter (default python3), --no-fit-check
+# skips it.
 # --dry-run prints each command (gcloud, git, tar, ssh-keygen, ssh-add) as `+ command`, runs none.
 set -euo pipefail
 
 ACTION=all NAME="" ZONE="" ACCEL="" RUNTIME="" BUCKET="" PROJECT="" CONFIG="configs/hh.py"
 SPOT=0 MAX_RESTARTS="" DELETE=0 DRY_RUN=0 SERVICE_ACCOUNT="" SCOPES="" INTERNAL=0 PY_VERSION=3.11
-ALLOW_DIRTY=0 SYNC_SECONDS=300 POLL_SECONDS=60 GRACE_SECONDS=300 ENVS=() EXTRA=() SOURCE=""
+ALLOW_DIRTY=0 FIT_CHECK=1 SYNC_SECONDS=300 POLL_SECONDS=60 GRACE_SECONDS=300 ENVS=() EXTRA=() SOURCE=""
 
 usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit "${1:-0}"; }
 die() { echo "tpu_pod.sh: $*" >&2; exit 2; }
@@ -76,6 +80,7 @@ while [ $# -gt 0 ]; do
     --spot) SPOT=1; shift ;;
     --delete) DELETE=1; shift ;;
     --dry-run) DRY_RUN=1; shift ;;
+    --no-fit-check) FIT_CHECK=0; shift ;;
     -h|--help) usage 0 ;;
     --) shift; EXTRA=("$@"); break ;;
     *) echo "tpu_pod.sh: unknown argument $1" >&2; usage 2 ;;
@@ -98,16 +103,17 @@ done
 # The slice's jax device count (what the post-install check expects) and runtime, per family.
 # v2/v3 type names count TensorCores and jax sees each core; v4/v5p count TensorCores too, but a
 # chip's two cores are one jax device (megacore); v5litepod/v6e count chips of one core each.
-DEVICES=""
+DEVICES="" DEVICE_GIB="" FIT_CHECKED=0
 if [ -n "$ACCEL" ]; then
   size="${ACCEL##*-}"
   case "$size" in ''|*[!0-9]*) die "--accelerator $ACCEL: expected TYPE-SIZE, e.g. v4-32 or v5litepod-16" ;; esac
   case "$ACCEL" in
-    v2-*|v3-*) family_runtime=tpu-ubuntu2204-base DEVICES="$size" ;;
-    v4-*) family_runtime=tpu-ubuntu2204-base DEVICES=$((size / 2)) ;;
-    v5p-*) family_runtime=v2-alpha-tpuv5 DEVICES=$((size / 2)) ;;
-    v5litepod-*) family_runtime=v2-alpha-tpuv5-lite DEVICES="$size" ;;
-    v6e-*) family_runtime=v2-alpha-tpuv6e DEVICES="$size" ;;
+    v2-*) family_runtime=tpu-ubuntu2204-base DEVICES="$size" DEVICE_GIB=8 ;;
+    v3-*) family_runtime=tpu-ubuntu2204-base DEVICES="$size" DEVICE_GIB=16 ;;
+    v4-*) family_runtime=tpu-ubuntu2204-base DEVICES=$((size / 2)) DEVICE_GIB=32 ;;
+    v5p-*) family_runtime=v2-alpha-tpuv5 DEVICES=$((size / 2)) DEVICE_GIB=95 ;;
+    v5litepod-*) family_runtime=v2-alpha-tpuv5-lite DEVICES="$size" DEVICE_GIB=16 ;;
+    v6e-*) family_runtime=v2-alpha-tpuv6e DEVICES="$size" DEVICE_GIB=32 ;;
     *) die "--accelerator $ACCEL: unknown TPU type (v2-N, v3-N, v4-N, v5litepod-N, v5p-N or v6e-N)" ;;
   esac
   RUNTIME="${RUNTIME:-$family_runtime}"
@@ -266,14 +272,33 @@ pack() {
     --exclude='*.egg-info' -C "$REPO" .
 }
 
+fit_check() {
+  # Before a slice is requested: does the config fit its chips? The dry run (no weights, data or
+  # network) on as many fake CPU devices, with the chip's memory (HBM per jax device).
+  if [ "$FIT_CHECK" -eq 0 ] || [ "$FIT_CHECKED" -eq 1 ]; then return 0; fi
+  FIT_CHECKED=1
+  local py="${LOCAL_PYTHON:-python3}"
+  if [ ! -d "$REPO/apo_jax" ] || ! (cd "$REPO" && "$py" -c "import apo_jax, jax" 2>/dev/null); then
+    say "no local apo_jax install for $py (LOCAL_PYTHON): skipping the fit check (--no-fit-check silences this)"
+    return 0
+  fi
+  local cmd=(env "XLA_FLAGS=--xla_force_host_platform_device_count=$DEVICES" JAX_PLATFORMS=cpu "$py" -m apo_jax.main
+             "--config=$CONFIG" "--config.run_dir=${TMPDIR:-/tmp}/apo_jax-fit-check" ${EXTRA[@]+"${EXTRA[@]}"}
+             --dry_run "--dry_run_device_gib=$DEVICE_GIB")
+  say "checking that $CONFIG fits $DEVICES chips of $DEVICE_GIB GiB ($ACCEL) before requesting them"
+  show "${cmd[@]}"
+  if [ "$DRY_RUN" -eq 1 ]; then return 0; fi
+  (cd "$REPO" && "${cmd[@]}") >&2 || die "the dry run above says $CONFIG does not fit $ACCEL; nothing was created"
+}
+
 up() {
   local state
   state="$(qr_state)"
   case "$state" in
     ACTIVE) say "reusing the ACTIVE slice $NAME" ;;
-    "") create_slice ;;
+    "") fit_check; create_slice ;;
     ACCEPTED|PROVISIONING|WAITING_FOR_RESOURCES|CREATING) say "queued resource $NAME is $state" ;;
-    FAILED|SUSPENDED|SUSPENDING) delete_slice; create_slice ;;
+    FAILED|SUSPENDED|SUSPENDING) fit_check; delete_slice; create_slice ;;
     *) say "queued resource $NAME is $state; wait for it, or delete it"; exit 1 ;;
   esac
   wait_active
@@ -313,18 +338,28 @@ start_game() {
 
 count() { grep -cE "^apo_jax-status [^ ]+ ($1)\$" <<< "$2" || true; }
 
+PREEMPTED_STATUS=75  # apo_jax.main.EXIT_PREEMPTED: stopped on a signal (a maintenance event), state saved
+
 watch_game() {
-  # 0: finished on every worker; 1: failed (stopped everywhere); 3: the workers are unreachable.
-  local out unreachable=0 running failed done_ok
+  # 0: finished on every worker; 1: failed (stopped everywhere); 3: the workers are unreachable;
+  # 4: stopped on a signal with its state saved (resumable: `all` starts it again).
+  local out unreachable=0 running failed done_ok saved
   while true; do
     if [ "$DRY_RUN" -eq 1 ]; then on_all_workers "$STATUS"; return 0; fi
     show "${SSH[@]}" --command="$STATUS"
     if out="$("${SSH[@]}" --command="$STATUS" 2>&1)"; then unreachable=0; else unreachable=$((unreachable + 1)); fi
     out="${out//$'\r'/}"
     running="$(count running "$out")" done_ok="$(count 'exit 0' "$out")"
-    failed="$(count 'exit [1-9][0-9]*|lost' "$out")"
-    say "$(date -u +%FT%TZ) workers: $running running, $done_ok finished, $failed failed" \
+    saved="$(count "exit $PREEMPTED_STATUS" "$out")"
+    failed=$(($(count 'exit [1-9][0-9]*|lost' "$out") - saved))
+    say "$(date -u +%FT%TZ) workers: $running running, $done_ok finished, $failed failed, $saved stopped and saved" \
       "(logs: $RUN_DIR/logs/)"
+    if [ "$saved" -gt 0 ] && [ "$failed" -eq 0 ]; then
+      say "the game stopped on a signal with its state saved; stopping it on all workers"
+      on_all_workers "$STOP" || true
+      on_all_workers "$COPY_LOG" || true
+      return 4
+    fi
     if [ "$failed" -gt 0 ]; then
       grep -E '^apo_jax-status [^ ]+ (exit [1-9]|lost)' <<< "$out" >&2 || true
       say "the game failed on a worker; stopping it on all workers"
@@ -355,8 +390,17 @@ case "$ACTION" in
       watch_game || status=$?
       if [ "$status" -eq 0 ]; then break; fi
       state="$(qr_state)"
+      if [ "$state" = ACTIVE ] && [ "$status" -eq 4 ] && [ "$restarts" -lt "$MAX_RESTARTS" ]; then
+        restarts=$((restarts + 1))
+        say "the game stopped with its state saved on the ACTIVE slice $NAME; starting it again, restart" \
+          "$restarts of $MAX_RESTARTS (it resumes from that checkpoint)"
+        continue
+      fi
       if [ "$state" = ACTIVE ]; then
-        if [ "$status" -eq 1 ]; then
+        if [ "$status" -eq 4 ]; then
+          say "the game stopped with its state saved; not restarting it after $restarts restarts" \
+            "(--max-restarts $MAX_RESTARTS); tpu_pod.sh run resumes it"
+        elif [ "$status" -eq 1 ]; then
           say "the game failed on an ACTIVE slice (see $RUN_DIR/logs/); not restarting"
         else
           say "the workers of the ACTIVE slice $NAME do not answer; the game may still run there" \

@@ -21,6 +21,18 @@ def install_kill_at(fault: str) -> None:
     fit.add_progress_hook(hook)
 
 
+def install_signal_at(fault: str, signum: int) -> None:
+    """Sends this process `signum` right after unit `fault` = "<phase>:<step>" (as Ctrl-C, a
+    preemption notice or srun's forwarded time-limit warning would, between two steps)."""
+    import signal
+
+    def hook(phase: str, step: int) -> None:
+        if f"{phase}:{step}" == fault:
+            os.kill(os.getpid(), signal.Signals(signum))
+
+    fit.add_progress_hook(hook)
+
+
 def bootstrap(fault: str | None) -> str:
     """Python to run in a child before `apo_jax.main` (tests/ must be on its PYTHONPATH)."""
     return f"import faults; faults.install_kill_at({fault!r})" if fault else ""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import glob
 import os
 import re
+import runpy
 import shlex
 import shutil
 import socket
@@ -383,6 +384,20 @@ def test_tpu_pod_all_recreates_a_preempted_slice_and_resumes(pod_repo, tmp_path)
     assert "restart 1 of 10" in proc.stderr and "workers: 0 running, 2 finished, 0 failed" in proc.stderr
 
 
+def test_tpu_pod_all_restarts_a_game_stopped_with_its_state_saved(pod_repo, tmp_path):
+    """A worker exits with apo_jax.main.EXIT_PREEMPTED (a maintenance event's SIGTERM: saved) on a
+    slice that stays ACTIVE: every worker is stopped and the game started again, which resumes."""
+    proc, calls = _pod_with_fake_gcloud(
+        pod_repo, tmp_path, ["", "ACTIVE", "ACTIVE"],
+        ["apo_jax-status w0 exit 75|apo_jax-status w1 running", "apo_jax-status w0 exit 0|apo_jax-status w1 exit 0"],
+        "all", "--accelerator", "v4-16", "--spot")
+    assert proc.returncode == 0, (proc.stderr, calls)
+    assert calls == ["qr describe", "qr create", "qr describe", "stage", "ssh setup", "ssh start", "ssh status",
+                     "ssh stop", "ssh logs", "qr describe",  # stopped and saved; the slice is still ACTIVE
+                     "ssh start", "ssh status"]  # started again: resumed and finished
+    assert "1 stopped and saved" in proc.stderr and "starting it again, restart 1 of 10" in proc.stderr
+
+
 def test_tpu_pod_stops_every_worker_when_one_fails_on_an_active_slice(pod_repo, tmp_path):
     proc, calls = _pod_with_fake_gcloud(pod_repo, tmp_path, ["ACTIVE"],
                                         ["apo_jax-status w0 running|apo_jax-status w1 exit 1"], "run", "--spot")
@@ -431,6 +446,17 @@ def test_slurm_launch_sizes_cpus_and_time_from_the_partition(tmp_path, args, siz
     assert "(sinfo) -> --cpus-per-task=" in proc.stderr
 
 
+def test_slurm_launch_submits_nothing_for_a_config_that_fails_its_dry_run(tmp_path):
+    _shim(tmp_path, "sbatch", f'echo "sbatch $*" >> {tmp_path}/calls.log\n')
+    env = {"PATH": f"{tmp_path}:{os.environ['PATH']}", "PYTHON": sys.executable, "PYTHONPATH": REPO,
+           "HF_HUB_OFFLINE": "1"}
+    proc = _bash("launch/slurm_launch.sh", "--nodes", "2", "--gpus-per-node", "8", "--cpus-per-task", "4",
+                 "--config", "configs/hh.py", "--", "--config.rm.base.batch_size=24", env=env)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "rm.base.batch_size: 24 must be a positive multiple of data*fsdp = 16" in proc.stderr
+    assert "nothing was submitted" in proc.stderr and not (tmp_path / "calls.log").exists()
+
+
 def test_slurm_launch_without_sinfo_needs_cpus_per_task():
     env = {"PATH": os.pathsep.join(sorted({os.path.dirname(shutil.which(c)) for c in ("bash", "awk", "dirname")}))}
     if shutil.which("sinfo", path=env["PATH"]):
@@ -461,43 +487,73 @@ def test_sbatch_script_dry_run_and_directives():
     assert _bash("launch/slurm_gpu.sbatch").returncode == 2  # no config: usage
 
 
-def _fake_slurm(tmp_path, srun_body: str) -> dict[str, str]:
-    """srun / scontrol stand-ins that log their calls; the environment of a running batch job."""
+def _fake_slurm(tmp_path, task_body: str) -> dict[str, str]:
+    """srun / scontrol stand-ins that log their calls; the environment of a running batch job.
+
+    The srun stand-in behaves as real srun does with the signals it gets: it runs the task (the
+    game stand-in `task_body`) as its step, forwards SIGUSR1 / SIGUSR2 to it, answers SIGTERM by
+    killing the step (SIGKILL: no chance to save), and exits with the task's status."""
     log = tmp_path / "calls.log"
-    _shim(tmp_path, "srun", f'echo "srun $* SRUN_CPUS_PER_TASK=${{SRUN_CPUS_PER_TASK:-unset}}" >> {log}\n' + srun_body)
+    (tmp_path / "task.sh").write_text(task_body)
+    _shim(tmp_path, "srun", f'echo "srun $* SRUN_CPUS_PER_TASK=${{SRUN_CPUS_PER_TASK:-unset}}" >> {log}\n'
+          f"trap 'echo \"srun: TERM: KILL of the step\" >> {log}; kill -KILL $child' TERM\n"
+          "trap 'kill -USR1 $child' USR1\ntrap 'kill -USR2 $child' USR2\n"
+          f'export BATCH_PID=$PPID\nbash {tmp_path / "task.sh"} &\nchild=$!\n'
+          'while true; do status=0; wait "$child" || status=$?\n'
+          '  if [ "$status" -gt 128 ] && kill -0 "$child" 2>/dev/null; then continue; fi; break; done\n'
+          'exit "$status"\n')
     _shim(tmp_path, "scontrol", f'echo "scontrol $*" >> {log}\n')
     return {"PATH": f"{tmp_path}:{os.environ['PATH']}", "SLURM_JOB_ID": "4242", "SLURM_CPUS_PER_TASK": "6",
             "SLURM_SUBMIT_DIR": REPO, "PYTHON": "python3"}
 
 
-# The game under srun: Slurm's B:USR1@300 reaches the batch script (our parent) while it runs;
-# the forwarded SIGTERM makes it save and exit non-zero, as apo_jax does when preempted.
-_GAME_HITS_TIME_LIMIT = ("trap 'echo TERM >> \"$(dirname \"$0\")/calls.log\"; exit 1' TERM\nkill -USR1 \"$PPID\"\n"
+# The game under srun: Slurm's B:USR1@300 reaches the batch script while the game runs; the
+# forwarded SIGUSR1 makes it save and exit with apo_jax.main.EXIT_PREEMPTED (75), as apo_jax does.
+_GAME_HITS_TIME_LIMIT = ("trap 'echo \"task: USR1: saved\" >> \"$(dirname \"$0\")/calls.log\"; exit 75' USR1\n"
+                         "sleep 0.3\nkill -USR1 \"$BATCH_PID\"\n"
                          "for _ in $(seq 400); do sleep 0.05; done\nexit 0\n")
 
 
 def test_sbatch_requeues_after_saving_at_the_time_limit(tmp_path):
     env = _fake_slurm(tmp_path, _GAME_HITS_TIME_LIMIT)
     proc = _bash("launch/slurm_gpu.sbatch", "configs/hh.py", "--config.run_dir=/shared/x", env=env)
-    assert proc.returncode == 1, proc.stderr
+    assert proc.returncode == 75, proc.stderr
     assert (tmp_path / "calls.log").read_text().splitlines() == [
         "srun --kill-on-bad-exit=1 --label python3 -m apo_jax.main --config=configs/hh.py --config.run_dir=/shared/x "
         "SRUN_CPUS_PER_TASK=6",
-        "TERM",
+        "task: USR1: saved",
         "scontrol requeue 4242",
     ]
     assert "requeueing job 4242 (requeue 1 of 20)" in proc.stderr
 
 
-def test_sbatch_does_not_requeue_a_finished_game_or_past_max_requeues(tmp_path):
+def test_srun_stand_in_kills_the_step_on_sigterm(tmp_path):
+    """What the old script did (TERM to srun) loses the save: the stand-in is real srun's semantics."""
+    env = _fake_slurm(tmp_path, "trap 'echo saved; exit 75' TERM USR1\nfor _ in $(seq 400); do sleep 0.05; done\n")
+    srun = subprocess.Popen([str(tmp_path / "srun")], env=dict(os.environ, **env), text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    _wait_for(lambda: (tmp_path / "calls.log").exists())
+    time.sleep(0.3)
+    srun.terminate()
+    out, _ = srun.communicate(timeout=10)
+    assert srun.returncode != 75 and "saved" not in out  # the step was killed: nothing saved
+    assert "srun: TERM: KILL of the step" in (tmp_path / "calls.log").read_text()
+
+
+def test_sbatch_requeues_only_a_saved_stop(tmp_path):
     env = _fake_slurm(tmp_path, "exit 0\n")
     assert _bash("launch/slurm_gpu.sbatch", "configs/hh.py", env=env).returncode == 0
+    assert "scontrol" not in (tmp_path / "calls.log").read_text()
+    (tmp_path / "calls.log").unlink()
+    env = _fake_slurm(tmp_path, "exit 1\n")  # a crash: not requeued
+    proc = _bash("launch/slurm_gpu.sbatch", "configs/hh.py", env=env)
+    assert proc.returncode == 1 and "not requeueing" in proc.stderr
     assert "scontrol" not in (tmp_path / "calls.log").read_text()
     (tmp_path / "calls.log").unlink()
     env = _fake_slurm(tmp_path, _GAME_HITS_TIME_LIMIT)
     proc = _bash("launch/slurm_gpu.sbatch", "configs/hh.py", env={**env, "SLURM_RESTART_COUNT": "3",
                                                                    "MAX_REQUEUES": "3"})
-    assert proc.returncode == 1 and "not requeueing: job 4242 was requeued 3 times" in proc.stderr
+    assert proc.returncode == 75 and "not requeueing: job 4242 was requeued 3 times" in proc.stderr
     assert "scontrol" not in (tmp_path / "calls.log").read_text()
 
 
@@ -641,7 +697,19 @@ def test_colab_notebook_run_reproduced_on_cpu_shows_tables_and_plots(tmp_path_fa
     assert multiproc.tiny_main_args(run_dir)[:1] == cpu  # the same command, plus the tiny overrides
 
     [show] = [c.source for c in nb.cells if c.cell_type == "code" and "display(" in c.source]
-    assert 'RUN_DIR = "runs/synthetic_gpu"' in show
+    # The cell runs unchanged in a checkout (configs/) whose synthetic_gpu run dir holds the tiny
+    # run's outputs: it finds them through the config's own run_dir, as on Colab after step 3.
+    work = tmp_path_factory.mktemp("colab_checkout")
+    shutil.copytree(os.path.join(REPO, "configs"), work / "configs")
+    gpu_run_dir = runpy.run_path(os.path.join(REPO, "configs", "synthetic_gpu.py"))["get_config"]().run_dir
+    assert gpu_run_dir == "runs/synthetic_gpu_s4"  # what step 3's command writes
+    os.makedirs(work / "runs")
+    os.symlink(run_dir, work / gpu_run_dir)
+    monkeypatch.chdir(work)
+    python_dir = tmp_path_factory.mktemp("python_bin")
+    _shim(python_dir, "python", f'exec {shlex.quote(sys.executable)} "$@"\n')  # the cell's `python`
+    monkeypatch.setenv("PATH", f"{python_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("PYTHONPATH", REPO)
     shown: list[tuple[str, object]] = []
     display_mod = types.ModuleType("IPython.display")
     display_mod.Markdown = lambda text: ("markdown", text)
@@ -651,7 +719,7 @@ def test_colab_notebook_run_reproduced_on_cpu_shows_tables_and_plots(tmp_path_fa
     ipython.display = display_mod
     monkeypatch.setitem(sys.modules, "IPython", ipython)
     monkeypatch.setitem(sys.modules, "IPython.display", display_mod)
-    exec(show.replace('RUN_DIR = "runs/synthetic_gpu"', f"RUN_DIR = {run_dir!r}"), {})
+    exec(show, {})
 
     kinds = [kind for kind, _ in shown]
     assert kinds == ["markdown", "image", "image"]
@@ -659,3 +727,79 @@ def test_colab_notebook_run_reproduced_on_cpu_shows_tables_and_plots(tmp_path_fa
     assert "Table 2" in tables and "Table 3" in tables and "RM_APO-v2-seq" in tables
     for _, png in shown[1:]:
         assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 1000
+
+
+# ------------------------------------------------------------------------------------------
+# Stopping on a signal: one exit status the launchers act on.
+
+
+def test_the_launchers_use_apo_jax_main_exit_status_for_a_saved_stop():
+    from apo_jax import main
+
+    for script in ("launch/slurm_gpu.sbatch", "launch/tpu_pod.sh"):
+        text = open(os.path.join(REPO, script)).read()
+        assert f"PREEMPTED_STATUS={main.EXIT_PREEMPTED}" in text, script
+
+
+def test_ctrl_c_saves_and_exits_with_the_preempted_status(tmp_path):
+    """SIGINT between two training steps (as Ctrl-C): a checkpoint, one line, EXIT_PREEMPTED; the
+    same command then resumes at the saved step."""
+    import signal
+
+    from apo_jax import main
+    from loop_fixtures import TINY
+
+    env = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    env["PYTHONPATH"] = os.pathsep.join([REPO, os.path.join(REPO, "tests"), env.get("PYTHONPATH", "")])
+    run_dir = str(tmp_path / "run")
+    args = ["--config=configs/synthetic.py", f"--config.run_dir={run_dir}", *TINY]
+    boot = f"import faults; faults.install_signal_at('policy_pretrain:1', {int(signal.SIGINT)})"
+    run = "import runpy; runpy.run_module('apo_jax.main', run_name='__main__', alter_sys=True)"
+    proc = subprocess.run([sys.executable, "-c", f"{boot}\n{run}", *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == main.EXIT_PREEMPTED, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and "KeyboardInterrupt" not in proc.stderr
+    line = [ln.strip() for ln in re.split(r"[\r\n]", proc.stderr) if ln.startswith("apo_jax: ")]  # \r: the bar
+    assert len(line) == 1 and line[0].startswith("apo_jax: stopped on a signal; state saved (policy_pretrain step ")
+    assert os.listdir(os.path.join(run_dir, "ckpt", "policy_pretrain")), "no checkpoint saved"
+
+
+def test_every_stop_signal_is_caught():
+    import signal
+
+    from apo_jax.io import checkpointing
+
+    saved = {s: signal.getsignal(getattr(signal, s)) for s in checkpointing.STOP_SIGNALS}
+    try:
+        checkpointing.install_preemption_handler()
+        for name in ("SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2"):
+            assert callable(signal.getsignal(getattr(signal, name))), name
+            assert signal.getsignal(getattr(signal, name)) not in (signal.SIG_DFL, signal.default_int_handler)
+    finally:
+        for s, h in saved.items():
+            signal.signal(getattr(signal, s), h)
+        checkpointing._SIGNALLED.clear()
+        checkpointing._PREEMPTED.clear()
+
+
+def test_tpu_pod_checks_the_config_fits_before_requesting_a_slice(tmp_path):
+    """`up` runs the dry run on as many fake devices as the slice has chips, with their HBM, and a
+    config that fails it creates nothing (here: a batch that does not divide 64 chips)."""
+    fake = tmp_path / "fake"
+    fake.mkdir()
+    _shim(fake, "gcloud", f'echo "gcloud $*" >> {fake}/calls.log\n')
+    (tmp_path / "home" / ".ssh").mkdir(parents=True)
+    (tmp_path / "home" / ".ssh" / "google_compute_engine").write_text("key")
+    env = {"HOME": str(tmp_path / "home"), "TMPDIR": str(tmp_path), "LOCAL_PYTHON": sys.executable,
+           "PATH": f"{fake}:{os.environ['PATH']}", "HF_HUB_OFFLINE": "1", "PYTHONPATH": REPO}
+    args = ["launch/tpu_pod.sh", "up", "--name", "apo", "--zone", "z", "--accelerator", "v5litepod-64", "--bucket",
+            "gs://b", "--allow-dirty"]
+    dry = _bash(*args, "--dry-run", env=env)
+    assert ["env", "XLA_FLAGS=--xla_force_host_platform_device_count=64", "JAX_PLATFORMS=cpu", sys.executable, "-m",
+            "apo_jax.main", "--config=configs/hh.py", f"--config.run_dir={tmp_path}/apo_jax-fit-check", "--dry_run",
+            "--dry_run_device_gib=16"] in _commands(dry.stdout)
+    proc = _bash(*args, "--", "--config.sft.batch_size=96", env=env)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "sft.batch_size: 96 must be a positive multiple of data*fsdp = 64" in proc.stderr
+    assert "does not fit v5litepod-64; nothing was created" in proc.stderr
+    assert "create" not in (fake / "calls.log").read_text()

@@ -2,14 +2,15 @@
 
 `MetricsWriter` fans each record out to its trackers: a JSONL journal (`metrics.jsonl`, every
 record, the input of tables and studies) and TensorBoard event files (numeric fields, through
-`tensorboardX`, which needs no TensorFlow). Another backend (W&B, ...) is one more `Tracker`.
+`tensorboardX`, which needs no TensorFlow), and Weights & Biases when the run config names a
+project (`WandbTracker`, the `wandb` extra). Another backend is one more `Tracker`.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from typing import Any, Mapping, Protocol, Sequence
+from typing import Any, Callable, Mapping, Protocol, Sequence
 
 import jax
 import numpy as np
@@ -78,11 +79,71 @@ class TensorBoardTracker:
         self._writer.close()
 
 
+class WandbTracker:
+    """Weights & Biases (the `wandb` extra): training curves as `prefix/field` against their own
+    step axis `prefix/step` (every phase counts from 1), evaluation records as `eval/<name>/field`.
+    The W&B run id derives from the run dir, so a resumed run continues the same W&B run."""
+
+    def __init__(self, run_dir: str, *, project: str, entity: str = "", name: str = "", mode: str = "",
+                 config: Mapping[str, Any] | None = None):
+        import hashlib
+
+        import wandb
+
+        run_id = hashlib.sha1(str(run_dir).rstrip("/").encode()).hexdigest()[:16]
+        self._wandb = wandb
+        self._run = wandb.init(project=project, entity=entity or None, name=name or str(run_dir).rstrip("/").rsplit("/", 1)[-1],
+                               id=run_id, resume="allow", mode=mode or None, config=dict(config or {}),
+                               dir=None if fileio.is_remote(run_dir) else _local_dir(run_dir))
+        self._axes: set[str] = set()
+
+    def log(self, record: Mapping[str, Any], *, step: int | None = None, prefix: str | None = None) -> None:
+        numeric = {k: v for k, v in record.items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+        if prefix is not None:
+            if prefix not in self._axes:
+                self._run.define_metric(f"{prefix}/step")
+                self._run.define_metric(f"{prefix}/*", step_metric=f"{prefix}/step")
+                self._axes.add(prefix)
+            numeric.pop("step", None)
+            self._run.log({f"{prefix}/step": int(step or 0), **{f"{prefix}/{k}": v for k, v in numeric.items()}})
+        elif numeric:
+            tag = record.get("name") or record.get("kind") or record.get("phase") or "event"
+            self._run.log({f"eval/{tag}/{k}": v for k, v in numeric.items()})
+
+    def flush(self) -> None:
+        pass  # wandb streams in the background; finish() at close waits for it
+
+    def close(self) -> None:
+        if self._run is not None:
+            self._run.finish()
+        self._run = None
+
+
+def _local_dir(run_dir: str) -> str:
+    import os
+
+    os.makedirs(run_dir, exist_ok=True)
+    return run_dir
+
+
+def trackers_from_config(cfg: Any, run_dir: str) -> list[Tracker]:
+    """The trackers besides the JSONL journal a run config asks for: TensorBoard always, W&B when
+    `wandb.project` is set."""
+    out: list[Tracker] = [TensorBoardTracker(fileio.join(run_dir, "tensorboard"))]
+    if cfg.wandb.project:
+        out.append(WandbTracker(run_dir, project=cfg.wandb.project, entity=cfg.wandb.entity, name=cfg.wandb.name,
+                                mode=cfg.wandb.mode, config=cfg.to_dict()))
+    return out
+
+
 class MetricsWriter:
     """Writes `{"phase", "step", **scalars}` training records and evaluation records to every
     tracker (JSONL + TensorBoard by default). A no-op on processes other than 0."""
 
-    def __init__(self, run_dir: str, trackers: Sequence[Tracker] | None = None):
+    def __init__(self, run_dir: str, trackers: Sequence[Tracker] | Callable[[], Sequence[Tracker]] | None = None):
+        """`trackers`: besides the JSONL journal (default: TensorBoard); a callable is called on
+        process 0 only (so other processes open no W&B run)."""
         self.enabled = jax.process_index() == 0
         self.jsonl_path = fileio.join(run_dir, "metrics.jsonl")
         self.tb_dir = fileio.join(run_dir, "tensorboard")
@@ -90,6 +151,8 @@ class MetricsWriter:
         self._trackers: list[Tracker] = []
         if self.enabled:
             self._jsonl = JsonlTracker(self.jsonl_path)
+            if callable(trackers):
+                trackers = trackers()
             extra = list(trackers) if trackers is not None else [TensorBoardTracker(self.tb_dir)]
             self._trackers = [self._jsonl, *extra]
 

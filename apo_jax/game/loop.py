@@ -20,7 +20,7 @@ import ml_collections
 
 from apo_jax import config as config_lib
 from apo_jax import models, sharding
-from apo_jax.evaluation import reporting
+from apo_jax.evaluation import metrics, reporting
 from apo_jax.game import phases, schedules
 from apo_jax.inference import sampler
 from apo_jax.io import fileio, hf
@@ -99,7 +99,7 @@ class Game:
         self.cfg = cfg
         run_dir = os.fspath(fileio.path(cfg.run_dir))  # local: absolute; gs://...: as given
         mesh = sharding.make_mesh(sharding.MeshConfig(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor))
-        self.store = store = RunStore(run_dir, mesh)
+        self.store = store = RunStore(run_dir, mesh, trackers=lambda: metrics.trackers_from_config(cfg, run_dir))
         if store.is_main:
             fileio.write_json(store.path("config.json"), cfg.to_dict(), indent=1, sort_keys=True, default=str)
         store.status("preparing data")

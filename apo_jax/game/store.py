@@ -101,14 +101,14 @@ def phase_seed(seed: int, name: str) -> int:
 class RunStore:
     """A run directory (local or gs://) on a mesh."""
 
-    def __init__(self, run_dir: str, mesh: jax.sharding.Mesh):
+    def __init__(self, run_dir: str, mesh: jax.sharding.Mesh, trackers: Any = None):
         self.run_dir = run_dir
         fileio.makedirs(run_dir)
         self.mesh = mesh
         self.is_main = jax.process_index() == 0
         self._state = checkpointing.LoopState(fileio.join(run_dir, "loop_state.json"))
         self._orbax = checkpointing.ModelStore(fileio.join(run_dir, "models"))
-        self.metrics = MetricsWriter(run_dir)
+        self.metrics = MetricsWriter(run_dir, trackers)  # trackers: see MetricsWriter (default TensorBoard)
         self._models: dict[str, ModelSlot] = {}
         self._steps: dict[tuple, train.TrainStep] = {}
 

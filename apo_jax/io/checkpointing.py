@@ -173,10 +173,18 @@ def agree_on_preemption() -> bool:
     return preemption_requested()
 
 
+STOP_SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2")
+"""Signals that stop a run with a save: SIGTERM (preemption notices), SIGINT (Ctrl-C; a second one
+aborts at once), SIGUSR1 / SIGUSR2 (what srun forwards to the tasks, e.g. Slurm's time-limit warning)."""
+
+
 def install_preemption_handler() -> None:
     def handler(signum, frame):  # noqa: ARG001
-        logging.warning("signal %d: saving a checkpoint at the next step, then stopping", signum)
+        logging.warning("%s: saving a checkpoint at the next step, then stopping", signal.Signals(signum).name)
         _SIGNALLED.set()
+        if signum == signal.SIGINT:  # a second Ctrl-C stops without the save
+            signal.signal(signal.SIGINT, signal.default_int_handler)
 
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, handler)
+        for name in STOP_SIGNALS:
+            signal.signal(getattr(signal, name), handler)

@@ -156,11 +156,17 @@ def fit(
     run = FitRun(phase, total_steps, start, state, data)
     for h in hooks:
         h.begin(run)
-    for step in range(start + 1, total_steps + 1):
-        local = examples.batch(data.next_indices())  # this process's rows only
-        run.state, step_metrics = step_fn(run.state, sharding.shard_batch(local, mesh))
+    try:
+        for step in range(start + 1, total_steps + 1):
+            local = examples.batch(data.next_indices())  # this process's rows only
+            run.state, step_metrics = step_fn(run.state, sharding.shard_batch(local, mesh))
+            for h in hooks:
+                h.after_step(run, step, step_metrics)
+    except BaseException:  # a stop (checkpointing.Preempted) or a failure: the bar's line is cleared
         for h in hooks:
-            h.after_step(run, step, step_metrics)
+            if isinstance(h, ProgressBar):
+                h.end(run)
+        raise
     for h in hooks:
         h.end(run)
     return run.state

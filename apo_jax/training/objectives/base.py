@@ -39,6 +39,11 @@ class Objective(abc.ABC):
     def metrics(self, stats: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
         """Loss and metrics from (summed) stats; must contain "loss"."""
 
+    def batch_layout(self, rows: int, length: int) -> dict[str, tuple[tuple[int, ...], Any]]:
+        """`examples(...).batch(...)`'s arrays for `rows` rows padded to `length` tokens, as
+        {name: (shape, dtype)} (after `prepare`): what `apo_jax.dryrun` compiles the step on."""
+        raise NotImplementedError(f"objective {self.name!r} declares no batch layout")
+
     def prepare(self, examples: Any, config: Any, params: Any, mesh: Any, batch_size: int) -> Any:
         """Per-phase preparation with the phase's *starting* params, before any step (e.g. DPO's
         reference log-probs). Default: nothing to do."""

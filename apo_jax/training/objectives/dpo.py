@@ -73,6 +73,12 @@ class DPO(Objective):
             examples.extras[f"ref_{side}"] = values.astype(np.float32)
         return examples
 
+    def batch_layout(self, rows: int, length: int) -> dict[str, tuple[tuple[int, ...], Any]]:
+        i32, f32 = np.dtype(np.int32), np.dtype(np.float32)
+        out = {f"{side}_{part}": ((rows, length), i32) for side in ("chosen", "rejected")
+               for part in ("ids", "mask", "response_mask")}
+        return {**out, "weight": ((rows,), f32), "ref_chosen": ((rows,), f32), "ref_rejected": ((rows,), f32)}
+
     def stats(self, config: models.ModelConfig, params: Any, batch: Mapping[str, jax.Array]) -> Stats:
         # Chosen and rejected run through the model as one [2B, T] forward.
         ids = jnp.concatenate([batch["chosen_ids"], batch["rejected_ids"]], axis=0)

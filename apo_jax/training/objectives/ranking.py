@@ -7,6 +7,7 @@ from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from apo_jax import models
 from apo_jax.training import losses
@@ -51,6 +52,12 @@ class Ranking(Objective):
         from apo_jax.data import pipeline
 
         return pipeline.rm_set(tokenizer, records, data_cfg)
+
+    def batch_layout(self, rows: int, length: int) -> dict[str, tuple[tuple[int, ...], Any]]:
+        i32, f32 = np.dtype(np.int32), np.dtype(np.float32)
+        return {"chosen_ids": ((rows, length), i32), "chosen_mask": ((rows, length), i32),
+                "rejected_ids": ((rows, length), i32), "rejected_mask": ((rows, length), i32),
+                "weight": ((rows,), f32), "is_apo": ((rows,), i32)}
 
     def stats(self, config: models.ModelConfig, params: Any, batch: Mapping[str, jax.Array]) -> Stats:
         # Chosen and rejected run through the model as one [2B, T] forward.

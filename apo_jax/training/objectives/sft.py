@@ -6,6 +6,7 @@ import dataclasses
 from typing import Any, Mapping, Sequence
 
 import jax
+import numpy as np
 
 from apo_jax import models
 from apo_jax.training import losses
@@ -37,6 +38,11 @@ class SFT(Objective):
         from apo_jax.data import pipeline
 
         return pipeline.sft_set(tokenizer, records, data_cfg)
+
+    def batch_layout(self, rows: int, length: int) -> dict[str, tuple[tuple[int, ...], Any]]:
+        i32 = np.dtype(np.int32)
+        return {"input_ids": ((rows, length), i32), "attention_mask": ((rows, length), i32),
+                "loss_mask": ((rows, length), i32), "weight": ((rows,), np.dtype(np.float32))}
 
     def stats(self, config: models.ModelConfig, params: Any, batch: Mapping[str, jax.Array]) -> Stats:
         # Chunked over the sequence: no [B, T, V] float32 logits in the forward or the backward.
