@@ -36,6 +36,7 @@ import jax.numpy as jnp
 
 from apo_jax import sharding
 from apo_jax.models.attention import FULL_WINDOW, Attention, Cache, Window, log_attention_plan
+from apo_jax.models import lora
 from apo_jax.models.config import ModelConfig
 from apo_jax.models.layers import MLP, Embed, RMSNorm
 from apo_jax.models.rope import rope_tables
@@ -263,7 +264,9 @@ def params_for_generation(config: ModelConfig, params: Params) -> Params:
     training weights while the phase runs. Shardings of the weights' own axes are kept; params
     already split are only cast.
     """
-    lm = {k: v for k, v in params.items() if k != "score"}
+    # LoRA adapters are folded into the kernels here, once per phase: this is already a copy of
+    # the block weights, so decode steps run the plain projections at no extra memory.
+    lm = lora.merge_adapters(config, {k: v for k, v in params.items() if k != "score"})
     model = dict(lm["model"])
     layers = model.pop("layers", None)
     if layers is not None:
