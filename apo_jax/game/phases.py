@@ -70,7 +70,7 @@ def train_params(ctx: Context, phase: str, config: models.ModelConfig, params: A
     state = fit.fit(phase, state, step_fn, examples, batch_size=opt_cfg.batch_size, total_steps=opt.total_steps,
                     seed=phase_seed(cfg.seed, phase), mesh=store.mesh, checkpointer=ckpt, metrics=store.metrics,
                     log_every=cfg.log_every_steps, show_progress=store.is_main, status=store.status)
-    return state.params
+    return train.model_params(state)  # with LoRA: the trained adapters and head on the frozen base
 
 
 def sample(ctx: Context, policy: str, split: str, prompts: Sequence[dict], settings: Any, num_samples: int) -> str:

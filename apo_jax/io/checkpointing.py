@@ -37,6 +37,10 @@ def _abstract(tree: Any) -> Any:
     return jax.tree_util.tree_map(leaf, tree)
 
 
+def _without_frozen(state: Any) -> Any:
+    return state.replace(frozen=None) if getattr(state, "frozen", None) is not None else state
+
+
 class TrainCheckpointer:
     """Periodic, asynchronous saves of one training phase's state and data position."""
 
@@ -66,21 +70,28 @@ class TrainCheckpointer:
         )
 
     def save(self, step: int, state: Any, data_state: dict[str, Any], *, force: bool = False) -> None:
+        """Saves `state` without its frozen params (a LoRA state's base: `train.TrainState.frozen`),
+        which never change during the phase and are restored from the phase's starting point."""
         self._manager.save(
             step,
-            args=ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)),
+            args=ocp.args.Composite(state=ocp.args.StandardSave(_without_frozen(state)),
+                                    data=ocp.args.JsonSave(data_state)),
             force=force,
         )
 
     def restore(self, step: int, like_state: Any) -> tuple[Any, dict[str, Any]]:
-        """The state saved at `step`, laid out (shapes, dtypes, shardings) like `like_state`."""
+        """The state saved at `step`, laid out (shapes, dtypes, shardings) like `like_state`, with
+        `like_state`'s frozen params."""
         restored = self._manager.restore(
             step,
             args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(_abstract(like_state)), data=ocp.args.JsonRestore()
+                state=ocp.args.StandardRestore(_abstract(_without_frozen(like_state))), data=ocp.args.JsonRestore()
             ),
         )
-        return restored["state"], dict(restored["data"])
+        state = restored["state"]
+        if getattr(like_state, "frozen", None) is not None:
+            state = state.replace(frozen=like_state.frozen)
+        return state, dict(restored["data"])
 
     def wait(self) -> None:
         self._manager.wait_until_finished()

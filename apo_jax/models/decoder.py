@@ -247,7 +247,8 @@ def init_params(
 def new_reward_head(config: ModelConfig, rng: jax.Array, std: float = 0.0) -> jax.Array:
     """A fresh [D, 1] score kernel: zeros (std=0) or normal(std)."""
     kernel = std * jax.random.normal(rng, (config.hidden_size, 1), jnp.float32)
-    return kernel.astype(config.weight_dtype)
+    # Under LoRA the head trains beside float32 adapters over a frozen (maybe bfloat16) base.
+    return kernel if config.lora_rank else kernel.astype(config.weight_dtype)
 
 
 def params_for_generation(config: ModelConfig, params: Params) -> Params:

@@ -43,13 +43,15 @@ def module_path(name: str) -> str:
 
 
 def resolve_targets(targets: str | Sequence[str]) -> tuple[str, ...]:
-    """Module names from `lora.targets`: a sequence of names ("q_proj", "v_proj"), "all-linear"
+    """Module names from `lora.targets`: names ("q_proj", "v_proj" or "q_proj,v_proj"), "all-linear"
     (PEFT's spelling: every projection), or one regex searched in each projection kernel's path
     (`module_path`, e.g. "attn/(q|v)_proj"). A regex that matches nothing, or a name the decoder
     has no projection of, raises ValueError naming it."""
     if isinstance(targets, str):
         if targets == "all-linear":
             return tuple(LORA_MODULES)
+        if re.fullmatch(r"\w+(\s*,\s*\w+)*", targets):  # "q_proj,v_proj": names
+            return resolve_targets([t.strip() for t in targets.split(",")])
         try:
             pattern = re.compile(targets)
         except re.error as e:
