@@ -140,7 +140,8 @@ class Game:
             params = phases.train_params(self.ctx, phase, config, params, objective, records, opt_cfg, lr)
         else:  # e.g. every prompt's samples tied: nothing to learn from this round
             self.store.status(f"{name}: no training examples; the model is its starting point unchanged")
-        self.store.save_model(name, config, params)
+        base = self.names[recipe.init] if isinstance(recipe.init, Recipe) else None  # LoRA: shared frozen base
+        self.store.save_model(name, config, params, base=base)
         self.store.drop_checkpoints(phase)
         return name
 

@@ -330,5 +330,7 @@ def export(ctx: Context, names: Sequence[str]) -> dict[str, str]:
             hf.save_pretrained(path, slot.config, slot.params, tokenizer=ctx.tokenizer,
                                reward_position=ctx.cfg.data.reward_position,
                                prompt_format=ctx.cfg.data.get("prompt_format", "hh"))
+            if models.lora.has_adapters(slot.params):  # and the LoRA adapter (+ head) in PEFT's format
+                hf.save_adapter(fileio.join(ctx.store.run_dir, "export", f"{name}_adapter"), slot.config, slot.params)
         out[name] = path
     return out
