@@ -281,6 +281,9 @@ def logical_axes_for(path: str, ndim: int) -> tuple[str | None, ...]:
     """
     if ndim == 0:
         return ()
+    # A quantized kernel's parts (`models.quant`: qvalue of its shape, a broadcastable scale) take
+    # the kernel's row; a mesh axis that does not divide a scale's dimension is dropped there.
+    path = re.sub(r"/kernel/(qvalue|scale|zero_point)$", "/kernel", path)
     # One layer of the stack (`models.params_for_generation`'s "layer_<i>" trees): no layer axis.
     per_layer = re.search(r"(^|/)layer_\d+/", path) is not None
     for pattern, axes in param_axes():

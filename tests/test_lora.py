@@ -264,6 +264,7 @@ def test_lora_step_checkpoints_hold_no_base_and_resume_bit_exactly(tmp_path):
     ckpt.close()
 
 
+@pytest.mark.e2e
 def test_game_with_lora_on_both_sides(tmp_path):
     """One round of the APO arm on the tiny synthetic world with LoRA on the policy and every RM:
     it runs, later phases keep their starting model's base bit-identical and are stored as

@@ -267,7 +267,8 @@ def params_for_generation(config: ModelConfig, params: Params) -> Params:
     """
     # LoRA adapters are folded into the kernels here, once per phase: this is already a copy of
     # the block weights, so decode steps run the plain projections at no extra memory.
-    lm = lora.merge_adapters(config, {k: v for k, v in params.items() if k != "score"})
+    # A quantized (QLoRA) base stays quantized, its adapters applied unmerged.
+    lm = lora.merge_adapters(config, {k: v for k, v in params.items() if k != "score"}, keep_quantized=True)
     model = dict(lm["model"])
     layers = model.pop("layers", None)
     if layers is not None:

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from apo_jax import sharding
+from apo_jax.models import quant
 from apo_jax.models.config import ModelConfig
 
 
@@ -52,7 +53,8 @@ class Linear(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         cfg = self.config
         w = self.param("kernel", nn.initializers.normal(stddev=0.02), self.shape, cfg.weight_dtype)
-        y = project(x, w.astype(cfg.compute_dtype), self.n_in)
+        # A QLoRA base kernel (`models.quant`) is dequantized here, this layer's only.
+        y = project(x, quant.dequantize(w, cfg.compute_dtype), self.n_in)
         if self.bias:
             b = self.param("bias", nn.initializers.zeros, self.shape[self.n_in:], cfg.weight_dtype)
             y = y + b.astype(cfg.compute_dtype)

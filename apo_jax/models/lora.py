@@ -23,6 +23,7 @@ from typing import Any, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 
+from apo_jax.models import quant
 from apo_jax.models.config import ModelConfig
 
 Params = Mapping[str, Any]
@@ -168,15 +169,18 @@ def delta(config: ModelConfig, module: Params, n_in: int) -> jax.Array:
     return scale * one(a, b)
 
 
-def merge_adapters(config: ModelConfig, params: Params) -> dict[str, Any]:
+def merge_adapters(config: ModelConfig, params: Params, *, keep_quantized: bool = False) -> dict[str, Any]:
     """`params` with every adapter folded into its kernel (W + (alpha / r) A B, in the kernel's
-    dtype) and the adapter leaves removed: what exports and the sampler read."""
+    dtype) and the adapter leaves removed: what exports and the sampler read. A quantized kernel
+    (`models.quant`) becomes dense, or with `keep_quantized` keeps its adapter unmerged."""
     out = {k: v for k, v in params.items()}
     model = dict(out.get("model", {}))
     for key, group, name, n_in, mod in list(_modules(params)):
+        if keep_quantized and quant.is_quantized(mod["kernel"]):
+            continue
         block = dict(model[key])
         grp = dict(block[group])
-        kernel = mod["kernel"]
+        kernel = quant.dequantize(mod["kernel"])
         merged = (kernel.astype(jnp.float32) + delta(config, mod, n_in)).astype(kernel.dtype)
         grp[name] = {k: v for k, v in mod.items() if k not in ADAPTER_LEAVES} | {"kernel": merged}
         block[group] = grp
