@@ -156,7 +156,7 @@ def _looks_like_hub_id(path: str) -> bool:
 
 
 def _lora() -> ml_collections.ConfigDict:
-    return ml_collections.ConfigDict(dict(rank=0, alpha=16.0, dropout=0.0, targets="all-linear"))
+    return ml_collections.ConfigDict(dict(rank=0, alpha=16.0, dropout=0.0, targets="all-linear", quantization=""))
 
 
 def validate(c: ml_collections.ConfigDict, num_devices: int,
@@ -252,6 +252,10 @@ def validate(c: ml_collections.ConfigDict, num_devices: int,
             err(f"{name}.lora.alpha", f"{lora.alpha} must be positive")
         if lora.dropout != 0.0:
             err(f"{name}.lora.dropout", f"{lora.dropout}: adapter dropout is not implemented; use 0.0")
+        if lora.quantization not in ("", "int8", "int4", "nf4"):
+            err(f"{name}.lora.quantization", f"{lora.quantization!r}; expected '', 'int8', 'int4' or 'nf4'")
+        elif lora.quantization and lora.rank <= 0:
+            err(f"{name}.lora.quantization", f"{lora.quantization!r} needs {name}.lora.rank > 0 (QLoRA)")
         if lora.rank > 0:
             from apo_jax.models import lora as lora_lib  # the projections' paths live with the model
 
@@ -401,6 +405,7 @@ NOTES: dict[str, str] = {
     "policy.lora.alpha": "LoRA scale numerator: adapters add (alpha / rank) x A B",
     "policy.lora.dropout": "adapter dropout (only 0.0: not implemented)",
     "policy.lora.targets": "projections with adapters: all-linear, names (q_proj,v_proj) or a regex over kernel paths",
+    "policy.lora.quantization": "QLoRA: the frozen projections stored as int8 | int4 | nf4 (qwix); \"\": dense",
     "rm.init_checkpoint": "RM initialisation: HF LM or RM dir / hub id; \"\": the initial policy's weights",
     "rm.base_checkpoint": "a trained RM_Base to use instead of training one",
     "rm.test_checkpoint": "a trained RM_Test (the evaluation RM) to use instead of training one",
@@ -417,6 +422,7 @@ NOTES: dict[str, str] = {
     "rm.lora.alpha": "as policy.lora.alpha, for reward models",
     "rm.lora.dropout": "as policy.lora.dropout, for reward models",
     "rm.lora.targets": "as policy.lora.targets, for reward models",
+    "rm.lora.quantization": "as policy.lora.quantization, for reward models",
     "sft.lrs": "the policy's learning rate in each round (one per round)",
     "sft.normalize": "token (every response token counts equally) | sequence (every response)",
     "dpo.lrs": "DPO learning rate in each round (the `<arm>-dpo` schedules)",

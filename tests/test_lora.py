@@ -286,3 +286,72 @@ def test_game_with_lora_on_both_sides(tmp_path):
                           for f in fs)
     assert du("rm_apo_r1") < 0.5 * du("rm_base")
     assert os.path.exists(f"{run_dir}/export/rm_apo_r1_adapter/adapter_config.json")
+
+
+# Quantization error of the logits relative to their largest magnitude, at this tiny shape (D = 32:
+# every 64-row block is a whole input axis): int8 absmax ~0.4% of a kernel's range, 4-bit ~7-10%.
+QUANT_TOLERANCE = {"int8": 0.02, "int4": 0.25, "nf4": 0.25}
+
+
+@pytest.mark.parametrize("qtype", ["int8", "nf4", "int4"])
+def test_qlora_base_logits_are_the_dense_ones_within_the_quantization_tolerance(qtype, tmp_path):
+    """A PEFT adapter on a quantized base: logits close to peft's on the dense base (the tolerance
+    above), the adapter's contribution exact (quantized base + adapter - quantized base equals
+    peft's adapted - dense base), and the projections held in the quantized width."""
+    ids, mask = padded_batch(3, 9, 97, "right", seed=5)
+    base_dir, ad_dir = tmp_path / "base", tmp_path / "ad"
+    _save_base("llama", False, base_dir)
+    _, pm = _peft_model("llama", False)
+    pm.save_pretrained(ad_dir)
+    config, params = hf.load_pretrained(str(base_dir), adapter=str(ad_dir), quantization=qtype)
+    assert config.quantization == qtype
+    kernel = params["model"]["layers"]["mlp"]["up_proj"]["kernel"]
+    assert models.quant.is_quantized(kernel) and kernel.qvalue.dtype != jnp.float32
+    got = np.asarray(models.lm_logits(config, params, ids, mask))
+    want = torch_logits(pm, ids, mask)
+    real = mask.astype(bool)
+    err = np.abs(got - want)[real].max() / np.abs(want[real]).max()
+    assert err < QUANT_TOLERANCE[qtype], err
+    no_adapter = models.lora.combine({}, models.lora.split(config, params)[1])
+    no_adapter["lm_head"] = params["lm_head"]
+    plain = np.asarray(models.lm_logits(config.replace(lora_rank=0, quantization="", lora_targets=()),
+                                        no_adapter, ids, mask))
+    base_logits = torch_logits(random_model("llama"), ids, mask)
+    np.testing.assert_allclose((got - plain)[real], (want - base_logits)[real],
+                               atol=0.1 * np.abs(want - base_logits)[real].max())
+    dense = hf.load_pretrained(str(base_dir))[1]
+    ratio = models.quant.nbytes(kernel) / models.quant.nbytes(dense["model"]["layers"]["mlp"]["up_proj"]["kernel"])
+    assert ratio < (0.3 if qtype == "int8" else 0.2), ratio
+
+
+def test_qlora_train_step_trains_adapters_over_a_frozen_quantized_base_and_the_store_restores_it(tmp_path):
+    from apo_jax.io import checkpointing
+
+    cfg = _tiny(lora_rank=2, lora_targets=("q_proj", "v_proj"), quantization="nf4")
+    params = models.init_params(cfg, jax.random.PRNGKey(0), lm_head=False, reward_head=True, reward_head_std=0.1)
+    assert models.quant.is_quantized(params["model"]["layers"]["attn"]["q_proj"]["kernel"])
+    ids, mask = padded_batch(4, 7, 64, "right", seed=3)
+    ids2, mask2 = padded_batch(4, 7, 64, "right", seed=4)
+    batch = {"chosen_ids": ids, "chosen_mask": mask, "rejected_ids": ids2, "rejected_mask": mask2,
+             "weight": np.ones(4, np.float32), "is_apo": np.zeros(4, np.int32)}
+    opt = train.OptimizerConfig(lr=1e-2, total_steps=4)
+    mesh = _mesh()
+    step = train.make_train_step(cfg, objectives.get("ranking"), opt, mesh)
+    state = train.init_state(cfg, params, opt, mesh)
+    b0 = np.asarray(state.params["model"]["layers"]["attn"]["q_proj"]["lora_b"])
+    for _ in range(2):
+        state, m = step(state, batch)
+    assert float(m["finite"]) == 1.0
+    assert np.abs(np.asarray(state.params["model"]["layers"]["attn"]["q_proj"]["lora_b"]) - b0).max() > 0
+    q_before = params["model"]["layers"]["attn"]["q_proj"]["kernel"]
+    q_after = state.frozen["model"]["layers"]["attn"]["q_proj"]["kernel"]
+    assert np.array_equal(np.asarray(q_before.qvalue), np.asarray(q_after.qvalue))
+    # The finished model through Orbax (what the run store does), restored into init_params' layout.
+    full = train.model_params(state)
+    store = checkpointing.ModelStore(str(tmp_path / "models"))
+    store.save("m", full)
+    like = jax.eval_shape(lambda: models.init_params(cfg, jax.random.PRNGKey(0), lm_head=False, reward_head=True))
+    back = store.load("m", like)
+    for a, b in zip(jax.tree_util.tree_leaves(full), jax.tree_util.tree_leaves(back)):
+        assert a.dtype == b.dtype and np.array_equal(np.asarray(a), np.asarray(b))
+    store.close()

@@ -328,7 +328,8 @@ def _runtime(m: ml_collections.ConfigDict) -> dict[str, Any]:
     return dict(param_dtype=m.param_dtype, dtype=m.dtype, remat_policy=m.remat_policy,
                 attention_impl=m.attention_impl, lora_rank=rank,
                 lora_alpha=float(lora.alpha) if lora is not None else 16.0,
-                lora_targets=models.lora.resolve_targets(lora.targets) if rank else ())
+                lora_targets=models.lora.resolve_targets(lora.targets) if rank else (),
+                quantization=lora.get("quantization", "") if rank else "")
 
 
 def run(cfg: ml_collections.ConfigDict) -> str:

@@ -41,6 +41,16 @@ def _without_frozen(state: Any) -> Any:
     return state.replace(frozen=None) if getattr(state, "frozen", None) is not None else state
 
 
+# Dtypes tensorstore cannot write (a QLoRA base's 4-bit values: `models.quant`) are stored widened.
+_STORED = {jax.numpy.dtype(jax.numpy.int4): jax.numpy.dtype(jax.numpy.int8),
+           jax.numpy.dtype(jax.numpy.uint4): jax.numpy.dtype(jax.numpy.uint8)}
+
+
+def _storable(x: Any) -> Any:
+    wide = _STORED.get(getattr(x, "dtype", None))
+    return x if wide is None else x.astype(wide)
+
+
 class TrainCheckpointer:
     """Periodic, asynchronous saves of one training phase's state and data position."""
 
@@ -112,11 +122,15 @@ class ModelStore:
         return self.directory / name
 
     def save(self, name: str, params: Any) -> None:
-        self._checkpointer.save(self.path(name), params, force=True)
+        self._checkpointer.save(self.path(name), jax.tree_util.tree_map(_storable, params), force=True)
         self._checkpointer.wait_until_finished()
 
     def load(self, name: str, like: Any) -> Any:
-        return self._checkpointer.restore(self.path(name), _abstract(like))
+        stored = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, _STORED.get(x.dtype, x.dtype),
+                                                                       sharding=getattr(x, "sharding", None)), like)
+        restored = self._checkpointer.restore(self.path(name), _abstract(stored))
+        return jax.tree_util.tree_map(lambda x, want: x if x.dtype == want.dtype else x.astype(want.dtype),
+                                      restored, like)
 
     def close(self) -> None:
         self._checkpointer.close()

@@ -238,15 +238,25 @@ def load_pretrained(
     the config's `lora_*` fields, and a reward head saved in `modules_to_save` form
     (`score.weight`) replaces the base's. Without one, `lora_rank > 0` in `runtime` adds fresh
     adapters (A kaiming-uniform from `lora_seed`, B zero: the base's outputs, unchanged).
+    `quantization` ("int8", "int4", "nf4"; with adapters) stores the frozen projections quantized
+    (QLoRA, `models.quant`).
     """
+    quantization = runtime.pop("quantization", "")
     config, params = _load_base(path_or_hub_id, mesh=mesh, **runtime)
     if adapter is not None:
         config, params = load_adapter(adapter, config, params)
-    elif config.lora_rank:
+    if quantization:
         try:
+            config = config.replace(quantization=quantization)
+        except ValueError as e:
+            raise CheckpointError(f"{path_or_hub_id}: {e}") from None
+    if adapter is None and config.lora_rank:
+        try:  # fresh adapters (and, with `quantization`, the base quantized: QLoRA)
             params = models.lora.add_adapters(config, params, jax.random.PRNGKey(lora_seed))
         except ValueError as e:
             raise CheckpointError(f"{path_or_hub_id}: {e}") from None
+    elif quantization:
+        params = models.quant.quantize_base(config, params, quantization)
     if mesh is not None and (adapter is not None or config.lora_rank):
         params = sharding.shard_tree(params, mesh)
     return config, params
@@ -509,7 +519,8 @@ def save_pretrained(
     """
     if reward_position not in REWARD_POSITIONS:
         raise ValueError(f"reward_position: {reward_position!r}; expected one of {REWARD_POSITIONS}")
-    params = models.lora.merge_adapters(config, params)  # LoRA adapters folded into their kernels
+    # LoRA adapters folded into their kernels, a quantized (QLoRA) base dequantized.
+    params = models.quant.dequantize_tree(models.lora.merge_adapters(config, params))
     is_rm = _get_path(params, ("score", "kernel")) is not None
     family = models.family_for(config.model_type)
     try:

@@ -105,6 +105,9 @@ class ModelConfig:
     """LoRA scale numerator: an adapter adds (alpha / r) * x A B (PEFT's convention)."""
     lora_targets: tuple[str, ...] = ()
     """The projections that carry adapters, by module name (`models.lora.LORA_MODULES`), in every layer."""
+    quantization: str = ""
+    """QLoRA: the frozen projection kernels stored quantized ("int8", "int4", "nf4"; `models.quant`);
+    "" keeps them dense. Needs lora_rank > 0 (a quantized kernel never trains)."""
 
     def __post_init__(self) -> None:
         if self.head_dim == 0:
@@ -156,6 +159,10 @@ class ModelConfig:
                 problems.append(f"{name}={value} must be positive (or None)")
         if self.lora_rank < 0:
             problems.append(f"lora_rank={self.lora_rank} must be >= 0")
+        if self.quantization not in ("", "int8", "int4", "nf4"):
+            problems.append(f"quantization={self.quantization!r}; expected '', 'int8', 'int4' or 'nf4'")
+        if self.quantization and not self.lora_rank:
+            problems.append(f"quantization={self.quantization!r} needs lora_rank > 0 (a quantized base is frozen)")
         if self.lora_rank and not self.lora_targets:
             problems.append(f"lora_rank={self.lora_rank} with no lora_targets")
         return problems

@@ -36,7 +36,7 @@ import jax.numpy as jnp
 
 from apo_jax import sharding
 from apo_jax.models.attention import FULL_WINDOW, Attention, Cache, Window, log_attention_plan
-from apo_jax.models import lora
+from apo_jax.models import lora, quant
 from apo_jax.models.config import ModelConfig
 from apo_jax.models.layers import MLP, Embed, RMSNorm
 from apo_jax.models.rope import rope_tables
@@ -241,6 +241,8 @@ def init_params(
         params["lm_head"] = {"kernel": kernel.astype(config.weight_dtype)}
     if reward_head:
         params["score"] = {"kernel": new_reward_head(config, score_rng, reward_head_std)}
+    if config.quantization:
+        params = quant.quantize_base(config, params, config.quantization)
     return params
 
 

@@ -223,6 +223,8 @@ def add_adapters(config: ModelConfig, params: Params, rng: jax.Array) -> dict[st
     params["model"] = model
     if "score" in params:
         params["score"] = {"kernel": params["score"]["kernel"].astype(jnp.float32)}
+    if config.quantization:  # QLoRA: the frozen kernels quantized (those already are stay as they are)
+        params = quant.quantize_base(config, params, config.quantization)
     return params
 
 
