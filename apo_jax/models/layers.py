@@ -77,8 +77,10 @@ def lora_delta(linear: "Linear", x: jax.Array) -> jax.Array:
     a = linear.param("lora_a", a_init, linear.shape[:linear.n_in] + (rank,), jnp.float32)
     b = linear.param("lora_b", nn.initializers.zeros, (a.shape[-1],) + linear.shape[linear.n_in:], jnp.float32)
     scale = cfg.lora_alpha / a.shape[-1]
+    # x A [.., r] is named "proj" (kept by the remat policies: r values a token); (x A) B, as wide
+    # as the projection's own output, is not: keeping it would double what a layer saves.
     xa = project(x, a.astype(cfg.compute_dtype), linear.n_in)
-    return (scale * project(xa, b.astype(cfg.compute_dtype), 1)).astype(x.dtype)
+    return (scale * _project(xa, b.astype(cfg.compute_dtype), 1, None)).astype(x.dtype)
 
 
 def project(x: jax.Array, w: jax.Array, n_in: int = 1, preferred_element_type: Any = None) -> jax.Array:
