@@ -252,15 +252,13 @@ def validate(c: ml_collections.ConfigDict, num_devices: int,
             err(f"{name}.lora.alpha", f"{lora.alpha} must be positive")
         if lora.dropout != 0.0:
             err(f"{name}.lora.dropout", f"{lora.dropout}: adapter dropout is not implemented; use 0.0")
-        if lora.quantization not in ("", "int8", "int4", "nf4"):
-            err(f"{name}.lora.quantization", f"{lora.quantization!r}; expected '', 'int8', 'int4' or 'nf4'")
+        if lora.quantization and lora.quantization not in settings.QUANT_TYPES:
+            err(f"{name}.lora.quantization", f"{lora.quantization!r}; expected '' or one of {settings.QUANT_TYPES}")
         elif lora.quantization and lora.rank <= 0:
             err(f"{name}.lora.quantization", f"{lora.quantization!r} needs {name}.lora.rank > 0 (QLoRA)")
         if lora.rank > 0:
-            from apo_jax.models import lora as lora_lib  # the projections' paths live with the model
-
             try:
-                lora_lib.resolve_targets(lora.targets)
+                settings.resolve_lora_targets(lora.targets)
             except ValueError as e:
                 err(f"{name}.lora.targets", str(e).removeprefix(f"lora.targets={lora.targets!r} ").removeprefix(
                     "lora.targets: "))

@@ -355,3 +355,20 @@ def test_qlora_train_step_trains_adapters_over_a_frozen_quantized_base_and_the_s
     for a, b in zip(jax.tree_util.tree_leaves(full), jax.tree_util.tree_leaves(back)):
         assert a.dtype == b.dtype and np.array_equal(np.asarray(a), np.asarray(b))
     store.close()
+
+
+def test_a_run_config_with_bad_lora_fields_fails_at_start_up_naming_each():
+    import runpy
+
+    from apo_jax import config as config_lib
+
+    c = runpy.run_path("configs/hh_qlora_t4.py")["get_config"]()
+    config_lib.validate(c, 1)  # the shipped LoRA configs are valid
+    config_lib.validate(runpy.run_path("configs/hh_lora.py")["get_config"](), 1)
+    c.policy.lora.targets = "mlp/nothing"
+    c.rm.lora.rank = 0  # quantization without adapters
+    c.policy.lora.dropout = 0.1
+    with pytest.raises(config_lib.ConfigError) as e:
+        config_lib.validate(c, 1)
+    fields = [line.strip().split(":")[0] for line in str(e.value).splitlines()[1:]]
+    assert fields == ["policy.lora.dropout", "policy.lora.targets", "rm.lora.quantization"], fields

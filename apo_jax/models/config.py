@@ -12,7 +12,7 @@ from typing import Any, Mapping
 
 import jax.numpy as jnp
 
-from apo_jax.settings import ATTENTION_IMPLS, REMAT_POLICIES
+from apo_jax.settings import ATTENTION_IMPLS, QUANT_TYPES, REMAT_POLICIES
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
 ACTIVATIONS = ("silu", "gelu_pytorch_tanh", "gelu")
 LAYER_TYPES = ("full_attention", "sliding_attention")
@@ -159,8 +159,8 @@ class ModelConfig:
                 problems.append(f"{name}={value} must be positive (or None)")
         if self.lora_rank < 0:
             problems.append(f"lora_rank={self.lora_rank} must be >= 0")
-        if self.quantization not in ("", "int8", "int4", "nf4"):
-            problems.append(f"quantization={self.quantization!r}; expected '', 'int8', 'int4' or 'nf4'")
+        if self.quantization and self.quantization not in QUANT_TYPES:
+            problems.append(f"quantization={self.quantization!r}; expected '' or one of {QUANT_TYPES}")
         if self.quantization and not self.lora_rank:
             problems.append(f"quantization={self.quantization!r} needs lora_rank > 0 (a quantized base is frozen)")
         if self.lora_rank and not self.lora_targets:

@@ -18,8 +18,8 @@ import jax.numpy as jnp
 import qwix
 
 from apo_jax.models.config import ModelConfig
+from apo_jax.settings import QUANT_TYPES
 
-QUANT_TYPES = ("int8", "int4", "nf4")
 QArray = qwix.QArray
 
 
