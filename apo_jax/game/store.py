@@ -168,7 +168,8 @@ class RunStore:
                 meta_base = base
         self._orbax.save(name, trained if meta_base else params)
         heads = sorted(k for k in ("lm_head", "score") if k in params)
-        self.once(ModelKey(name), lambda: {"config": config.to_json(), "heads": heads, "base": meta_base})
+        meta = {"config": config.to_json(), "heads": heads} | ({"base": meta_base} if meta_base else {})
+        self.once(ModelKey(name), lambda: meta)
         self._models[name] = ModelSlot(config, params)
 
     def model(self, name: str) -> ModelSlot:
