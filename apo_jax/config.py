@@ -104,6 +104,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.policy.remat_policy = "auto"  # none for small activations, else minimal (models.remat_for)
     c.policy.attention_impl = "xla"
     c.policy.scan_layers = True
+    c.policy.lora = _lora()  # LoRA adapters (docs/lora.md); rank 0 = full fine-tuning
 
     c.rm = ml_collections.ConfigDict()
     c.rm.init_checkpoint = ""  # HF LM or RM dir / hub id; "" = the initial policy's weights
@@ -129,6 +130,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.rm.dtype = "float32"
     c.rm.remat_policy = "auto"
     c.rm.attention_impl = "xla"
+    c.rm.lora = _lora()  # every reward model's adapters; the reward head always trains fully
 
     c.sft = _optimizer(5e-6, 128)
     c.sft.lrs = (5e-6, 2e-6, 9e-7)  # one per round
@@ -174,6 +176,10 @@ def _source_path(spec: str) -> str:
 
 def _looks_like_hub_id(path: str) -> bool:
     return bool(path) and not path.startswith((".", "/", "~")) and path.count("/") == 1 and not os.path.exists(path)
+
+
+def _lora() -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(dict(rank=0, alpha=16.0, dropout=0.0, targets="all-linear", quantization=""))
 
 
 def validate(c: ml_collections.ConfigDict, num_devices: int,
@@ -278,6 +284,23 @@ def validate(c: ml_collections.ConfigDict, num_devices: int,
                                ("attention_impl", (*settings.ATTENTION_IMPLS, "auto"))):
             if m[field] not in allowed:
                 err(f"{name}.{field}", f"{m[field]!r}; expected one of {allowed}")
+        lora = m.lora
+        if lora.rank < 0:
+            err(f"{name}.lora.rank", f"{lora.rank} must be >= 0 (0 = no adapters)")
+        if lora.alpha <= 0:
+            err(f"{name}.lora.alpha", f"{lora.alpha} must be positive")
+        if lora.dropout != 0.0:
+            err(f"{name}.lora.dropout", f"{lora.dropout}: adapter dropout is not implemented; use 0.0")
+        if lora.quantization and lora.quantization not in settings.QUANT_TYPES:
+            err(f"{name}.lora.quantization", f"{lora.quantization!r}; expected '' or one of {settings.QUANT_TYPES}")
+        elif lora.quantization and lora.rank <= 0:
+            err(f"{name}.lora.quantization", f"{lora.quantization!r} needs {name}.lora.rank > 0 (QLoRA)")
+        if lora.rank > 0:
+            try:
+                settings.resolve_lora_targets(lora.targets)
+            except ValueError as e:
+                err(f"{name}.lora.targets", str(e).removeprefix(f"lora.targets={lora.targets!r} ").removeprefix(
+                    "lora.targets: "))
     # Checkpoint paths and contents are checked by apo_jax.preflight (resolved, headers read).
     if c.rm.center_rewards_coefficient < 0:
         err("rm.center_rewards_coefficient", f"{c.rm.center_rewards_coefficient} must be >= 0 (0 = off)")
@@ -469,6 +492,11 @@ NOTES: dict[str, str] = {
     "policy.remat_policy": "activation rematerialisation: auto | none | minimal | full | dots | dots_no_batch",
     "policy.attention_impl": "xla | cudnn | auto (cuDNN flash attention on sm80+ GPUs)",
     "policy.scan_layers": "run the layer stack as a rolled scan (fast compiles); False unrolls it",
+    "policy.lora.rank": "LoRA rank of the policy's adapters; 0: full fine-tuning (docs/lora.md)",
+    "policy.lora.alpha": "LoRA scale numerator: adapters add (alpha / rank) x A B",
+    "policy.lora.dropout": "adapter dropout (only 0.0: not implemented)",
+    "policy.lora.targets": "projections with adapters: all-linear, names (q_proj,v_proj) or a regex over kernel paths",
+    "policy.lora.quantization": "QLoRA: the frozen projections stored as int8 | int4 | nf4 (qwix); \"\": dense",
     "rm.init_checkpoint": "RM initialisation: HF LM or RM dir / hub id; \"\": the initial policy's weights",
     "rm.base_checkpoint": "a trained RM_Base to use instead of training one",
     "rm.test_checkpoint": "a trained RM_Test (the evaluation RM) to use instead of training one",
@@ -485,6 +513,11 @@ NOTES: dict[str, str] = {
     "rm.dtype": "as policy.dtype, for reward models",
     "rm.remat_policy": "as policy.remat_policy, for reward models",
     "rm.attention_impl": "as policy.attention_impl, for reward models",
+    "rm.lora.rank": "as policy.lora.rank, for every reward model (the reward head trains fully)",
+    "rm.lora.alpha": "as policy.lora.alpha, for reward models",
+    "rm.lora.dropout": "as policy.lora.dropout, for reward models",
+    "rm.lora.targets": "as policy.lora.targets, for reward models",
+    "rm.lora.quantization": "as policy.lora.quantization, for reward models",
     "sft.lrs": "the policy's learning rate in each round (one per round)",
     "sft.normalize": "token (every response token counts equally) | sequence (every response)",
     "dpo.lrs": "DPO learning rate in each round (the `<arm>-dpo` schedules)",

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
+from typing import Sequence
 
 MESH_AXES = ("data", "fsdp", "tensor")
 """The device mesh's axes (`sharding.make_mesh`)."""
@@ -16,6 +18,46 @@ ATTENTION_IMPLS = ("xla", "cudnn")
 """Attention kernels (`models.attention`); configs may also say "auto" (`apo_jax.devices`)."""
 LR_SCHEDULES = ("constant", "linear", "cosine")
 """Learning-rate schedules after warmup (`train.lr_at`)."""
+QUANT_TYPES = ("int8", "int4", "nf4")
+"""QLoRA base quantizations (`models.quant`, through qwix)."""
+
+# LoRA targets (`models.lora`): the decoder's projections.
+# Module name -> (group under "layers", number of input axes of its kernel).
+LORA_MODULES: dict[str, tuple[str, int]] = {
+    "q_proj": ("attn", 1), "k_proj": ("attn", 1), "v_proj": ("attn", 1), "o_proj": ("attn", 2),
+    "gate_proj": ("mlp", 1), "up_proj": ("mlp", 1), "down_proj": ("mlp", 1),
+}
+
+
+def lora_module_path(name: str) -> str:
+    """The '/'-joined path of a target's kernel ("model/layers/attn/q_proj/kernel")."""
+    return f"model/layers/{LORA_MODULES[name][0]}/{name}/kernel"
+
+
+def resolve_lora_targets(targets: str | Sequence[str]) -> tuple[str, ...]:
+    """Module names from `lora.targets`: names ("q_proj", "v_proj" or "q_proj,v_proj"), "all-linear"
+    (PEFT's spelling: every projection), or one regex searched in each projection kernel's path
+    (`lora_module_path`, e.g. "attn/(q|v)_proj"). A regex that matches nothing, or a name the decoder
+    has no projection of, raises ValueError naming it."""
+    if isinstance(targets, str):
+        if targets == "all-linear":
+            return tuple(LORA_MODULES)
+        if re.fullmatch(r"\w+(\s*,\s*\w+)*", targets):  # "q_proj,v_proj": names
+            return resolve_lora_targets([t.strip() for t in targets.split(",")])
+        try:
+            pattern = re.compile(targets)
+        except re.error as e:
+            raise ValueError(f"lora.targets={targets!r}: not a regex ({e})") from None
+        names = tuple(n for n in LORA_MODULES if pattern.search(lora_module_path(n)))
+        if not names:
+            raise ValueError(f"lora.targets={targets!r} matches no projection; the paths are "
+                             + ", ".join(lora_module_path(n) for n in LORA_MODULES))
+        return names
+    unknown = [t for t in targets if t not in LORA_MODULES]
+    if unknown:
+        raise ValueError(f"lora.targets: {unknown} are not projections of the decoder; expected names from "
+                         f"{tuple(LORA_MODULES)}, 'all-linear' or a regex over their paths")
+    return tuple(dict.fromkeys(targets))
 
 
 @dataclasses.dataclass(frozen=True)

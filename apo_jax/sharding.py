@@ -42,6 +42,7 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
     ("layers", None),
     ("norm", None),
     ("score", None),
+    ("lora_rank", None),
     # activations
     ("act_batch", ("data", "fsdp")),
     ("act_length", None),
@@ -68,6 +69,18 @@ PARAM_AXES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
     (r"final_norm/scale$", ("norm",)),
     (r"lm_head/kernel$", ("embed", "vocab")),
     (r"score/kernel$", ("embed", "score")),
+    # LoRA adapters (`models.lora`): A [in..., r] and B [r, out...] sharded like their kernel's
+    # input and output axes; the rank is replicated.
+    (r"attn/q_proj/lora_a$", ("layers", "embed", "lora_rank")),
+    (r"attn/q_proj/lora_b$", ("layers", "lora_rank", "heads", "head_dim")),
+    (r"attn/(k|v)_proj/lora_a$", ("layers", "embed", "lora_rank")),
+    (r"attn/(k|v)_proj/lora_b$", ("layers", "lora_rank", "kv_heads", "head_dim")),
+    (r"attn/o_proj/lora_a$", ("layers", "heads", "head_dim", "lora_rank")),
+    (r"attn/o_proj/lora_b$", ("layers", "lora_rank", "embed")),
+    (r"mlp/(gate|up)_proj/lora_a$", ("layers", "embed", "lora_rank")),
+    (r"mlp/(gate|up)_proj/lora_b$", ("layers", "lora_rank", "mlp")),
+    (r"mlp/down_proj/lora_a$", ("layers", "mlp", "lora_rank")),
+    (r"mlp/down_proj/lora_b$", ("layers", "lora_rank", "embed")),
 )
 
 # Param path regexes deliberately replicated on every device (small, rank >= 1).
@@ -268,6 +281,9 @@ def logical_axes_for(path: str, ndim: int) -> tuple[str | None, ...]:
     """
     if ndim == 0:
         return ()
+    # A quantized kernel's parts (`models.quant`: qvalue of its shape, a broadcastable scale) take
+    # the kernel's row; a mesh axis that does not divide a scale's dimension is dropped there.
+    path = re.sub(r"/kernel/(qvalue|scale|zero_point)$", "/kernel", path)
     # One layer of the stack (`models.params_for_generation`'s "layer_<i>" trees): no layer axis.
     per_layer = re.search(r"(^|/)layer_\d+/", path) is not None
     for pattern, axes in param_axes():

@@ -140,7 +140,8 @@ class Game:
             params = phases.train_params(self.ctx, phase, config, params, objective, records, opt)
         else:  # e.g. every prompt's samples tied: nothing to learn from this round
             self.store.status(f"{name}: no training examples; the model is its starting point unchanged")
-        self.store.save_model(name, config, params)
+        base = self.names[recipe.init] if isinstance(recipe.init, Recipe) else None  # LoRA: shared frozen base
+        self.store.save_model(name, config, params, base=base)
         self.store.drop_checkpoints(phase)
         return name
 
@@ -165,8 +166,11 @@ class Game:
                 config, params = hf.load_pretrained(cfg.rm.init_checkpoint, mesh=store.mesh, **_runtime(cfg.rm))
             else:
                 slot = store.model(self.realize(self.policy_0))
-                config, params = slot.config.replace(**_runtime(cfg.rm)), slot.params
-            return config, train.rm_params_from(config, params, phase_key(cfg.seed, "rm_head"), cfg.rm.reward_head_std)
+                # The policy's adapters (if any) are folded into its weights: the RM's start.
+                config = slot.config.replace(**_runtime(cfg.rm))
+                params = models.lora.merge_adapters(slot.config, slot.params)
+            params = train.rm_params_from(config, params, phase_key(cfg.seed, "rm_head"), cfg.rm.reward_head_std)
+            return config, models.lora.add_adapters(config, params, phase_key(cfg.seed, "rm_lora"))
         raise ValueError(f"unknown model source {recipe.init!r}")
 
     def _import(self, name: str, recipe: Recipe) -> None:
@@ -324,8 +328,13 @@ class Game:
 
 
 def _runtime(m: ml_collections.ConfigDict) -> dict[str, Any]:
+    lora = m.get("lora")
+    rank = lora.rank if lora is not None else 0
     return dict(param_dtype=m.param_dtype, dtype=m.dtype, remat_policy=m.remat_policy,
-                attention_impl=m.attention_impl)
+                attention_impl=m.attention_impl, lora_rank=rank,
+                lora_alpha=float(lora.alpha) if lora is not None else 16.0,
+                lora_targets=models.lora.resolve_targets(lora.targets) if rank else (),
+                quantization=lora.get("quantization", "") if rank else "")
 
 
 def run(cfg: ml_collections.ConfigDict) -> str:

@@ -153,7 +153,7 @@ def train_params(ctx: Context, phase: str, config: models.ModelConfig, params: A
     state = fit.fit(phase, state, step_fn, examples, batch_size=opt_settings.batch_size, total_steps=opt.total_steps,
                     seed=phase_seed(st.seed, phase), mesh=store.mesh, checkpointer=ckpt, metrics=store.metrics,
                     log_every=st.log_every_steps, show_progress=store.is_main, status=store.status)
-    return state.params
+    return train.model_params(state)  # with LoRA: the trained adapters and head on the frozen base
 
 
 def sample(ctx: Context, policy: str, split: str, prompts: Sequence[dict], settings: Sampling, num_samples: int) -> str:
@@ -458,5 +458,7 @@ def export(ctx: Context, names: Sequence[str]) -> dict[str, str]:
             hf.save_pretrained(path, slot.config, slot.params, tokenizer=ctx.rm_tokenizer if is_rm else ctx.tokenizer,
                                reward_position=ctx.data_cfg.reward_position,
                                prompt_format=ctx.data_cfg.get("prompt_format", "hh"), reward_stats=stats)
+            if models.lora.has_adapters(slot.params):  # and the LoRA adapter (+ head) in PEFT's format
+                hf.save_adapter(fileio.join(ctx.store.run_dir, "export", f"{name}_adapter"), slot.config, slot.params)
         out[name] = path
     return out

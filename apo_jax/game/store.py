@@ -153,11 +153,23 @@ class RunStore:
     def has_model(self, name: str) -> bool:
         return self.done(ModelKey(name))
 
-    def save_model(self, name: str, config: models.ModelConfig, params: Any) -> None:
-        """Writes a finished model and records it; its step checkpoints are no longer needed."""
-        self._orbax.save(name, params)
+    def save_model(self, name: str, config: models.ModelConfig, params: Any, base: str | None = None) -> None:
+        """Writes a finished model and records it; its step checkpoints are no longer needed.
+
+        A LoRA model whose frozen params are those of the finished model `base` (a phase that
+        trained `base`'s adapters further) is written as its adapters and head only, and read
+        back on top of `base`'s frozen params."""
+        meta_base = None
+        trained, frozen = models.lora.split(config, params)
+        if base is not None and frozen is not None and self.has_model(base):
+            base_slot = self.model(base)
+            _, base_frozen = models.lora.split(config, base_slot.params)
+            if base_frozen is not None and _same_arrays(frozen, base_frozen):
+                meta_base = base
+        self._orbax.save(name, trained if meta_base else params)
         heads = sorted(k for k in ("lm_head", "score") if k in params)
-        self.once(ModelKey(name), lambda: {"config": config.to_json(), "heads": heads})
+        meta = {"config": config.to_json(), "heads": heads} | ({"base": meta_base} if meta_base else {})
+        self.once(ModelKey(name), lambda: meta)
         self._models[name] = ModelSlot(config, params)
 
     def model(self, name: str) -> ModelSlot:
@@ -168,9 +180,13 @@ class RunStore:
             heads = meta["heads"]
             like = jax.eval_shape(lambda: models.init_params(config, jax.random.PRNGKey(0), lm_head="lm_head" in heads,
                                                              reward_head="score" in heads))
+            frozen = None
+            if meta.get("base"):  # adapters and head only, on the base's frozen params
+                like, _ = models.lora.split(config, like)
+                _, frozen = models.lora.split(config, self.model(meta["base"]).params)
             like = jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                                           like, sharding.tree_shardings(like, self.mesh))
-            self._models[name] = ModelSlot(config, self._orbax.load(name, like))
+            self._models[name] = ModelSlot(config, models.lora.combine(self._orbax.load(name, like), frozen))
         return self._models[name]
 
     def checkpoint_dir(self, phase: str) -> str:
@@ -200,3 +216,12 @@ class RunStore:
 
     def close(self) -> None:
         self.metrics.close()
+
+
+def _same_arrays(a: Any, b: Any) -> bool:
+    """Whether two trees hold the same arrays (the same objects, or equal values on device)."""
+    la, lb = jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)
+    if jax.tree_util.tree_structure(a) != jax.tree_util.tree_structure(b):
+        return False
+    return all(x is y or (x.shape == y.shape and x.dtype == y.dtype and bool(jax.numpy.array_equal(x, y)))
+               for x, y in zip(la, lb))

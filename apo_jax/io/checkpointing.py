@@ -37,6 +37,20 @@ def _abstract(tree: Any) -> Any:
     return jax.tree_util.tree_map(leaf, tree)
 
 
+def _without_frozen(state: Any) -> Any:
+    return state.replace(frozen=None) if getattr(state, "frozen", None) is not None else state
+
+
+# Dtypes tensorstore cannot write (a QLoRA base's 4-bit values: `models.quant`) are stored widened.
+_STORED = {jax.numpy.dtype(jax.numpy.int4): jax.numpy.dtype(jax.numpy.int8),
+           jax.numpy.dtype(jax.numpy.uint4): jax.numpy.dtype(jax.numpy.uint8)}
+
+
+def _storable(x: Any) -> Any:
+    wide = _STORED.get(getattr(x, "dtype", None))
+    return x if wide is None else x.astype(wide)
+
+
 class TrainCheckpointer:
     """Periodic, asynchronous saves of one training phase's state and data position."""
 
@@ -66,21 +80,28 @@ class TrainCheckpointer:
         )
 
     def save(self, step: int, state: Any, data_state: dict[str, Any], *, force: bool = False) -> None:
+        """Saves `state` without its frozen params (a LoRA state's base: `train.TrainState.frozen`),
+        which never change during the phase and are restored from the phase's starting point."""
         self._manager.save(
             step,
-            args=ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)),
+            args=ocp.args.Composite(state=ocp.args.StandardSave(_without_frozen(state)),
+                                    data=ocp.args.JsonSave(data_state)),
             force=force,
         )
 
     def restore(self, step: int, like_state: Any) -> tuple[Any, dict[str, Any]]:
-        """The state saved at `step`, laid out (shapes, dtypes, shardings) like `like_state`."""
+        """The state saved at `step`, laid out (shapes, dtypes, shardings) like `like_state`, with
+        `like_state`'s frozen params."""
         restored = self._manager.restore(
             step,
             args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(_abstract(like_state)), data=ocp.args.JsonRestore()
+                state=ocp.args.StandardRestore(_abstract(_without_frozen(like_state))), data=ocp.args.JsonRestore()
             ),
         )
-        return restored["state"], dict(restored["data"])
+        state = restored["state"]
+        if getattr(like_state, "frozen", None) is not None:
+            state = state.replace(frozen=like_state.frozen)
+        return state, dict(restored["data"])
 
     def wait(self) -> None:
         self._manager.wait_until_finished()
@@ -101,11 +122,15 @@ class ModelStore:
         return self.directory / name
 
     def save(self, name: str, params: Any) -> None:
-        self._checkpointer.save(self.path(name), params, force=True)
+        self._checkpointer.save(self.path(name), jax.tree_util.tree_map(_storable, params), force=True)
         self._checkpointer.wait_until_finished()
 
     def load(self, name: str, like: Any) -> Any:
-        return self._checkpointer.restore(self.path(name), _abstract(like))
+        stored = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, _STORED.get(x.dtype, x.dtype),
+                                                                       sharding=getattr(x, "sharding", None)), like)
+        restored = self._checkpointer.restore(self.path(name), _abstract(stored))
+        return jax.tree_util.tree_map(lambda x, want: x if x.dtype == want.dtype else x.astype(want.dtype),
+                                      restored, like)
 
     def close(self) -> None:
         self._checkpointer.close()

@@ -222,15 +222,53 @@ def load_pretrained(
     path_or_hub_id: str,
     *,
     mesh: jax.sharding.Mesh | None = None,
+    adapter: str | None = None,
+    lora_seed: int = 0,
     **runtime: Any,
 ) -> tuple[ModelConfig, dict[str, Any]]:
     """Reads a HF checkpoint of a supported family (`models.FAMILIES`) into (config, params).
 
-    `runtime` sets ModelConfig's run fields (param_dtype, dtype, remat_policy, ...); weights are
-    cast to `param_dtype`. With a `mesh`, each parameter is placed on it by the rules table as
+    `runtime` sets ModelConfig's run fields (param_dtype, dtype, remat_policy, lora_*, ...); weights
+    are cast to `param_dtype`. With a `mesh`, each parameter is placed on it by the rules table as
     soon as it is read, so the host holds at most one (layer-stacked) tensor at a time.
     The params hold `score` (the reward head) when the checkpoint has `score.weight`.
+
+    `adapter`: a PEFT LoRA adapter directory (`adapter_config.json` + `adapter_model.safetensors`,
+    as `peft`'s `save_pretrained` writes) put on top of the base: its rank, alpha and targets set
+    the config's `lora_*` fields, and a reward head saved in `modules_to_save` form
+    (`score.weight`) replaces the base's. Without one, `lora_rank > 0` in `runtime` adds fresh
+    adapters (A kaiming-uniform from `lora_seed`, B zero: the base's outputs, unchanged).
+    `quantization` ("int8", "int4", "nf4"; with adapters) stores the frozen projections quantized
+    (QLoRA, `models.quant`).
     """
+    quantization = runtime.pop("quantization", "")
+    config, params = _load_base(path_or_hub_id, mesh=mesh, **runtime)
+    if adapter is not None:
+        config, params = load_adapter(adapter, config, params)
+    if quantization:
+        try:
+            config = config.replace(quantization=quantization)
+        except ValueError as e:
+            raise CheckpointError(f"{path_or_hub_id}: {e}") from None
+    if adapter is None and config.lora_rank:
+        try:  # fresh adapters (and, with `quantization`, the base quantized: QLoRA)
+            params = models.lora.add_adapters(config, params, jax.random.PRNGKey(lora_seed))
+        except ValueError as e:
+            raise CheckpointError(f"{path_or_hub_id}: {e}") from None
+    elif quantization:
+        params = models.quant.quantize_base(config, params, quantization)
+    if mesh is not None and (adapter is not None or config.lora_rank):
+        params = sharding.shard_tree(params, mesh)
+    return config, params
+
+
+def _load_base(
+    path_or_hub_id: str,
+    *,
+    mesh: jax.sharding.Mesh | None = None,
+    **runtime: Any,
+) -> tuple[ModelConfig, dict[str, Any]]:
+    """`load_pretrained` without an adapter: the checkpoint's own parameters."""
     ckpt_dir = resolve_checkpoint_dir(path_or_hub_id)
     hf_config = read_config(ckpt_dir)
     try:
@@ -293,6 +331,147 @@ def load_pretrained(
     return config, params
 
 
+# --------------------------------------------------------------------------------------------
+# PEFT LoRA adapters.
+
+ADAPTER_CONFIG_NAME = "adapter_config.json"
+ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
+_PEFT_PREFIX = "base_model.model."
+
+
+def _adapter_keys(config: ModelConfig) -> dict[str, tuple[str, int]]:
+    """Target module name -> (its HF weight key pattern with {i}, n_in), from the family's table."""
+    out = {}
+    for hf_key, path, _ in models.family_for(config.model_type).keys:
+        if len(path) == 5 and path[-1] == "kernel" and path[3] in models.lora.LORA_MODULES:
+            out[path[3]] = (hf_key, models.lora.LORA_MODULES[path[3]][1])
+    return out
+
+
+def load_adapter(adapter_dir: str, config: ModelConfig, params: Mapping[str, Any]
+                 ) -> tuple[ModelConfig, dict[str, Any]]:
+    """(config, params) of a base with the PEFT LoRA adapter in `adapter_dir` on top (see
+    `load_pretrained`). Options apo_jax's adapters cannot express (DoRA, rsLoRA, per-module ranks
+    or alphas, a subset of layers, biases, fan_in_fan_out) are refused naming the field."""
+    cfg_path = os.path.join(adapter_dir, ADAPTER_CONFIG_NAME)
+    weights_path = os.path.join(adapter_dir, ADAPTER_WEIGHTS_NAME)
+    for path in (cfg_path, weights_path):
+        if not os.path.exists(path):
+            raise CheckpointError(f"{adapter_dir}: no {os.path.basename(path)} (not a PEFT adapter directory)")
+    with open(cfg_path) as f:
+        peft_cfg = json.load(f)
+    if peft_cfg.get("peft_type", "LORA") != "LORA":
+        raise CheckpointError(f"{cfg_path}: peft_type={peft_cfg.get('peft_type')!r}; only LORA adapters are read")
+    for field, ok in (("use_dora", False), ("use_rslora", False), ("fan_in_fan_out", False), ("bias", "none"),
+                      ("rank_pattern", {}), ("alpha_pattern", {}), ("layers_to_transform", None)):
+        value = peft_cfg.get(field)
+        if not (value is None or value == ok or (isinstance(ok, dict) and not value)):
+            raise CheckpointError(f"{cfg_path}: {field}={value!r} is not supported (expected {ok!r})")
+    rank, alpha = int(peft_cfg["r"]), float(peft_cfg["lora_alpha"])
+    tensors: dict[str, np.ndarray] = {}
+    with safe_open(weights_path, framework="numpy") as f:
+        for key in f.keys():
+            tensors[key.replace(".default.", ".")] = f.get_tensor(key)
+    keys = _adapter_keys(config)
+    targets = tuple(name for name, (hf_key, _) in keys.items()
+                    if _PEFT_PREFIX + hf_key.format(i=0).replace(".weight", ".lora_A.weight") in tensors)
+    if not targets:
+        raise CheckpointError(f"{weights_path}: no lora_A tensor of a {config.model_type} projection")
+    config = config.replace(lora_rank=rank, lora_alpha=alpha, lora_targets=targets)
+    try:
+        models.lora.check(config)
+    except ValueError as e:
+        raise CheckpointError(f"{cfg_path}: {e}") from None
+    params = models.lora.merge_adapters(config, params)  # an adapter already there is folded in first
+    used: set[str] = set()
+    model = dict(params["model"])
+    layers = dict(model["layers"])
+    for name in targets:
+        hf_key, n_in = keys[name]
+        group = models.lora.LORA_MODULES[name][0]
+        shape = models.lora.module_shape(config, name)
+        a_layers, b_layers = [], []
+        for i in range(config.num_hidden_layers):
+            base = _PEFT_PREFIX + hf_key.format(i=i)
+            a_key, b_key = base.replace(".weight", ".lora_A.weight"), base.replace(".weight", ".lora_B.weight")
+            for key, want in ((a_key, (rank, int(np.prod(shape[:n_in])))), (b_key, (int(np.prod(shape[n_in:])), rank))):
+                if key not in tensors:
+                    raise CheckpointError(f"{weights_path}: missing {key} (adapters on every layer are required)")
+                if tuple(tensors[key].shape) != want:
+                    raise CheckpointError(f"{weights_path}: {key} has shape {list(tensors[key].shape)}, expected "
+                                          f"{list(want)}")
+                used.add(key)
+            a_layers.append(tensors[a_key].T.reshape(shape[:n_in] + (rank,)))
+            b_layers.append(tensors[b_key].T.reshape((rank,) + shape[n_in:]))
+        grp = dict(layers[group])
+        grp[name] = dict(grp[name], lora_a=np.stack(a_layers).astype(np.float32),
+                         lora_b=np.stack(b_layers).astype(np.float32))
+        layers[group] = grp
+    model["layers"] = layers
+    params["model"] = model
+    score_key = _PEFT_PREFIX + "score.weight"
+    if score_key in tensors:
+        w = tensors[score_key]
+        if tuple(w.shape) != (1, config.hidden_size):
+            raise CheckpointError(f"{weights_path}: {score_key} has shape {list(w.shape)}, expected "
+                                  f"[1, {config.hidden_size}]")
+        params["score"] = {"kernel": w.T.astype(np.float32)}
+        used.add(score_key)
+    elif "score" in params:
+        params["score"] = {"kernel": np.asarray(sharding.to_host(params["score"]["kernel"]), np.float32)}
+    unexpected = sorted(set(tensors) - used)
+    if unexpected:
+        raise CheckpointError(f"{weights_path}: tensors apo_jax cannot place: {', '.join(unexpected[:5])}"
+                              + (f" and {len(unexpected) - 5} more" if len(unexpected) > 5 else ""))
+    return config, params
+
+
+def save_adapter(path: str, config: ModelConfig, params: Mapping[str, Any], *,
+                 base_model_name_or_path: str | None = None) -> str:
+    """Writes the LoRA adapters of `params` (and a reward head, in PEFT's `modules_to_save` form)
+    as a PEFT adapter directory that `peft.PeftModel.from_pretrained(base, path)` loads: the base
+    is the family's causal-LM class for a policy, its `*ForSequenceClassification(num_labels=1)`
+    for a reward model. Tensors are float32. Every process must call it; process 0 writes."""
+    if not models.lora.has_adapters(params):
+        raise CheckpointError(f"{path}: the params hold no LoRA adapters (lora.rank is 0?)")
+    keys = _adapter_keys(config)
+    tensors: dict[str, np.ndarray] = {}
+    targets, rank = [], None
+    for name, (hf_key, n_in) in keys.items():
+        group = models.lora.LORA_MODULES[name][0]
+        mod = _get_path(params, ("model", "layers", group, name))
+        if mod is None or "lora_a" not in mod:
+            continue
+        targets.append(name)
+        a = np.asarray(sharding.to_host(mod["lora_a"]), np.float32)
+        b = np.asarray(sharding.to_host(mod["lora_b"]), np.float32)
+        rank = a.shape[-1]
+        for i in range(config.num_hidden_layers):
+            base = _PEFT_PREFIX + hf_key.format(i=i)
+            tensors[base.replace(".weight", ".lora_A.weight")] = np.ascontiguousarray(a[i].reshape(-1, rank).T)
+            tensors[base.replace(".weight", ".lora_B.weight")] = np.ascontiguousarray(b[i].reshape(rank, -1).T)
+    is_rm = _get_path(params, ("score", "kernel")) is not None
+    if is_rm:
+        tensors[_PEFT_PREFIX + "score.weight"] = np.ascontiguousarray(
+            np.asarray(sharding.to_host(params["score"]["kernel"]), np.float32).T)
+    if jax.process_index() != 0:
+        return path
+    peft_cfg = {
+        "peft_type": "LORA", "task_type": "SEQ_CLS" if is_rm else "CAUSAL_LM", "r": int(rank),
+        "lora_alpha": config.lora_alpha, "lora_dropout": 0.0, "target_modules": sorted(targets), "bias": "none",
+        "fan_in_fan_out": False, "use_rslora": False, "use_dora": False, "init_lora_weights": True,
+        "modules_to_save": ["score"] if is_rm else None, "inference_mode": True,
+        "base_model_name_or_path": base_model_name_or_path, "rank_pattern": {}, "alpha_pattern": {},
+    }
+    out = fileio.path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="apo_jax-adapter-") as tmp:
+        save_file(tensors, os.path.join(tmp, ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})
+        (out / ADAPTER_WEIGHTS_NAME).write_bytes(open(os.path.join(tmp, ADAPTER_WEIGHTS_NAME), "rb").read())
+    (out / ADAPTER_CONFIG_NAME).write_text(json.dumps(peft_cfg, indent=2, sort_keys=True))
+    return path
+
+
 def _set_path(tree: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
     for key in path[:-1]:
         tree = tree.setdefault(key, {})
@@ -342,6 +521,8 @@ def save_pretrained(
     """
     if reward_position not in REWARD_POSITIONS:
         raise ValueError(f"reward_position: {reward_position!r}; expected one of {REWARD_POSITIONS}")
+    # LoRA adapters folded into their kernels, a quantized (QLoRA) base dequantized.
+    params = models.quant.dequantize_tree(models.lora.merge_adapters(config, params))
     is_rm = _get_path(params, ("score", "kernel")) is not None
     family = models.family_for(config.model_type)
     try:

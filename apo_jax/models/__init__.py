@@ -7,12 +7,13 @@ permutation. Layout by concern:
 - `config`: `ModelConfig`, the switches families differ by, and how to run a model;
 - `rope`, `layers` (norm, projections, MLP, embeddings), `attention` (the block and its kernels);
 - `decoder`: blocks, the layer stack (scanned or per layer), remat, KV cache, initialisation;
+- `lora`: LoRA adapters beside the kernels, the trainable/frozen split, merging;
 - `heads`: LM logits, rewards, the chunked log-probability heads;
 - `families/`: one file per family (`config.json` both ways, weight keys, partition rows) and the
   `FAMILIES` table keyed by HF `model_type`.
 """
 
-from apo_jax.models import attention, decoder, heads, layers, rope
+from apo_jax.models import attention, decoder, heads, layers, lora, rope
 from apo_jax.models.attention import (ATTENTION_BLOCK, attention_block, causal_length_attention, causal_slot_mask,
                                       layer_impls)
 from apo_jax.models.config import ACTIVATIONS, ATTENTION_IMPLS, LAYER_TYPES, REMAT_POLICIES, ROPE_TYPES, ModelConfig

@@ -12,7 +12,7 @@ from typing import Any, Mapping
 
 import jax.numpy as jnp
 
-from apo_jax.settings import ATTENTION_IMPLS, REMAT_POLICIES
+from apo_jax.settings import ATTENTION_IMPLS, QUANT_TYPES, REMAT_POLICIES
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
 ACTIVATIONS = ("silu", "gelu_pytorch_tanh", "gelu")
 LAYER_TYPES = ("full_attention", "sliding_attention")
@@ -99,6 +99,15 @@ class ModelConfig:
     attention_impl: str = "xla"
     """xla (portable einsum attention) or cudnn (`jax.nn.dot_product_attention`, GPU only; layers
     it cannot run, soft-capped ones, take the XLA path: `attention.layer_impls`)."""
+    lora_rank: int = 0
+    """LoRA rank r of the adapters on `lora_targets` (0: no adapters, every weight trains; see docs/lora.md)."""
+    lora_alpha: float = 16.0
+    """LoRA scale numerator: an adapter adds (alpha / r) * x A B (PEFT's convention)."""
+    lora_targets: tuple[str, ...] = ()
+    """The projections that carry adapters, by module name (`models.lora.LORA_MODULES`), in every layer."""
+    quantization: str = ""
+    """QLoRA: the frozen projection kernels stored quantized ("int8", "int4", "nf4"; `models.quant`);
+    "" keeps them dense. Needs lora_rank > 0 (a quantized kernel never trains)."""
 
     def __post_init__(self) -> None:
         if self.head_dim == 0:
@@ -112,6 +121,8 @@ class ModelConfig:
             object.__setattr__(self, "layer_types", (kind,) * self.num_hidden_layers)
         elif not isinstance(self.layer_types, tuple):
             object.__setattr__(self, "layer_types", tuple(self.layer_types))
+        if not isinstance(self.lora_targets, tuple):
+            object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
         problems = self._problems()
         if problems:
             raise ValueError("Invalid ModelConfig: " + "; ".join(problems))
@@ -146,6 +157,14 @@ class ModelConfig:
             value = getattr(self, name)
             if value is not None and value <= 0:
                 problems.append(f"{name}={value} must be positive (or None)")
+        if self.lora_rank < 0:
+            problems.append(f"lora_rank={self.lora_rank} must be >= 0")
+        if self.quantization and self.quantization not in QUANT_TYPES:
+            problems.append(f"quantization={self.quantization!r}; expected '' or one of {QUANT_TYPES}")
+        if self.quantization and not self.lora_rank:
+            problems.append(f"quantization={self.quantization!r} needs lora_rank > 0 (a quantized base is frozen)")
+        if self.lora_rank and not self.lora_targets:
+            problems.append(f"lora_rank={self.lora_rank} with no lora_targets")
         return problems
 
     # Derived views.
@@ -190,6 +209,7 @@ class ModelConfig:
         d = dataclasses.asdict(self)
         d["rope_scaling"] = [list(kv) for kv in self.rope_scaling] if self.rope_scaling else None
         d["layer_types"] = list(self.layer_types)
+        d["lora_targets"] = list(self.lora_targets)
         if isinstance(self.eos_token_id, tuple):
             d["eos_token_id"] = list(self.eos_token_id)
         return d
@@ -201,7 +221,7 @@ class ModelConfig:
         d = dict(d)
         if d.get("rope_scaling"):
             d["rope_scaling"] = tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in d["rope_scaling"])
-        for key in ("eos_token_id", "layer_types"):
+        for key in ("eos_token_id", "layer_types", "lora_targets"):
             if isinstance(d.get(key), list):
                 d[key] = tuple(d[key])
         return cls(**d)

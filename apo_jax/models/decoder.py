@@ -36,6 +36,7 @@ import jax.numpy as jnp
 
 from apo_jax import sharding
 from apo_jax.models.attention import FULL_WINDOW, Attention, Cache, Window, log_attention_plan
+from apo_jax.models import lora, quant
 from apo_jax.models.config import ModelConfig
 from apo_jax.models.layers import MLP, Embed, RMSNorm
 from apo_jax.models.rope import rope_tables
@@ -240,13 +241,16 @@ def init_params(
         params["lm_head"] = {"kernel": kernel.astype(config.weight_dtype)}
     if reward_head:
         params["score"] = {"kernel": new_reward_head(config, score_rng, reward_head_std)}
+    if config.quantization:
+        params = quant.quantize_base(config, params, config.quantization)
     return params
 
 
 def new_reward_head(config: ModelConfig, rng: jax.Array, std: float = 0.0) -> jax.Array:
     """A fresh [D, 1] score kernel: zeros (std=0) or normal(std)."""
     kernel = std * jax.random.normal(rng, (config.hidden_size, 1), jnp.float32)
-    return kernel.astype(config.weight_dtype)
+    # Under LoRA the head trains beside float32 adapters over a frozen (maybe bfloat16) base.
+    return kernel if config.lora_rank else kernel.astype(config.weight_dtype)
 
 
 def params_for_generation(config: ModelConfig, params: Params) -> Params:
@@ -263,7 +267,10 @@ def params_for_generation(config: ModelConfig, params: Params) -> Params:
     training weights while the phase runs. Shardings of the weights' own axes are kept; params
     already split are only cast.
     """
-    lm = {k: v for k, v in params.items() if k != "score"}
+    # LoRA adapters are folded into the kernels here, once per phase: this is already a copy of
+    # the block weights, so decode steps run the plain projections at no extra memory.
+    # A quantized (QLoRA) base stays quantized, its adapters applied unmerged.
+    lm = lora.merge_adapters(config, {k: v for k, v in params.items() if k != "score"}, keep_quantized=True)
     model = dict(lm["model"])
     layers = model.pop("layers", None)
     if layers is not None:

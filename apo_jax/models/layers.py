@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from apo_jax import sharding
+from apo_jax.models import quant
 from apo_jax.models.config import ModelConfig
 
 
@@ -52,11 +53,34 @@ class Linear(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         cfg = self.config
         w = self.param("kernel", nn.initializers.normal(stddev=0.02), self.shape, cfg.weight_dtype)
-        y = project(x, w.astype(cfg.compute_dtype), self.n_in)
+        # A QLoRA base kernel (`models.quant`) is dequantized here, this layer's only.
+        y = project(x, quant.dequantize(w, cfg.compute_dtype), self.n_in)
         if self.bias:
             b = self.param("bias", nn.initializers.zeros, self.shape[self.n_in:], cfg.weight_dtype)
             y = y + b.astype(cfg.compute_dtype)
+        # A LoRA adapter (`models.lora`): present in the params (a loaded, trained or fresh adapter),
+        # or created by `init_params` on a targeted projection. Merged params have none.
+        if self.has_variable("params", "lora_a") or (
+                self.is_initializing() and cfg.lora_rank and self.name in cfg.lora_targets):
+            y = y + lora_delta(self, x)
         return y
+
+
+def lora_delta(linear: "Linear", x: jax.Array) -> jax.Array:
+    """(alpha / r) * (x A) B: A [in..., r] (PEFT's kaiming-uniform init), B [r, out...] (zeros),
+    both float32 master weights cast to the compute dtype; r is read from A's shape."""
+    cfg = linear.config
+    rank = cfg.lora_rank
+    fan_in = math.prod(linear.shape[:linear.n_in])
+    bound = 1.0 / math.sqrt(fan_in)
+    a_init = lambda key, shape, dtype: jax.random.uniform(key, shape, dtype, -bound, bound)  # noqa: E731
+    a = linear.param("lora_a", a_init, linear.shape[:linear.n_in] + (rank,), jnp.float32)
+    b = linear.param("lora_b", nn.initializers.zeros, (a.shape[-1],) + linear.shape[linear.n_in:], jnp.float32)
+    scale = cfg.lora_alpha / a.shape[-1]
+    # x A [.., r] is named "proj" (kept by the remat policies: r values a token); (x A) B, as wide
+    # as the projection's own output, is not: keeping it would double what a layer saves.
+    xa = project(x, a.astype(cfg.compute_dtype), linear.n_in)
+    return (scale * _project(xa, b.astype(cfg.compute_dtype), 1, None)).astype(x.dtype)
 
 
 def project(x: jax.Array, w: jax.Array, n_in: int = 1, preferred_element_type: Any = None) -> jax.Array:

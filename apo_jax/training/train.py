@@ -110,9 +110,26 @@ def _hyper(cfg: OptimizerConfig) -> np.ndarray:
 
 @flax.struct.dataclass
 class TrainState:
+    """`params` are the trained parameters (all of them, or with LoRA the adapters and the reward
+    head), `opt_state` exists for them only; `frozen` (None without LoRA) holds the rest, passed to
+    the step undonated and never returned, saved or updated. `model_params(state)` is the model."""
+
     step: jax.Array
     params: Any
     opt_state: Any
+    frozen: Any = None
+
+
+def model_params(state: TrainState) -> Any:
+    """The whole model of a train state: its trained params with the frozen ones."""
+    return models.lora.combine(state.params, state.frozen)
+
+
+def trainable_params(config: models.ModelConfig, params: Any) -> tuple[Any, Any]:
+    """(trained, frozen) parts of a model's params (arrays or ShapeDtypeStructs) for `config`:
+    gradients and optimizer state exist for the first only; frozen is None without LoRA. Memory
+    estimates count 16 bytes per trained float32 parameter and the frozen ones at their dtype."""
+    return models.lora.split(config, params)
 
 
 def state_shardings(state: Any, mesh: jax.sharding.Mesh) -> Any:
@@ -121,15 +138,18 @@ def state_shardings(state: Any, mesh: jax.sharding.Mesh) -> Any:
 
 def init_state(config: models.ModelConfig, params: Any, opt_cfg: OptimizerConfig, mesh: jax.sharding.Mesh) -> TrainState:
     """A sharded train state: params placed by the rules table, Adam moments sharded like them."""
-    del config
     tx = make_optimizer(opt_cfg)
-    # A fresh copy: the step donates its state, which must never free the caller's params.
+    params, frozen = trainable_params(config, params)
+    # A fresh copy: the step donates its state, which must never free the caller's params. The
+    # frozen part is not donated, so it is placed, not copied.
     params = jax.jit(lambda p: jax.tree_util.tree_map(jnp.copy, p),
                      out_shardings=sharding.tree_shardings(params, mesh))(params)
+    if frozen is not None:
+        frozen = jax.device_put(frozen, sharding.tree_shardings(frozen, mesh))
     abstract = jax.eval_shape(tx.init, params)
     opt_state = jax.jit(tx.init, out_shardings=sharding.tree_shardings(abstract, mesh))(params)
     step = jax.device_put(jnp.zeros((), jnp.int32), NamedSharding(mesh, P()))
-    return TrainState(step=step, params=params, opt_state=opt_state)
+    return TrainState(step=step, params=params, opt_state=opt_state, frozen=frozen)
 
 
 def rm_params_from(config: models.ModelConfig, params: Any, rng: jax.Array, std: float = 0.0) -> dict[str, Any]:
@@ -203,11 +223,14 @@ class TrainStep:
         return view
 
     def jitted(self, state: TrainState, batch: dict[str, Any]) -> Callable:
-        """The jitted `(state, batch, hyper) -> (state, metrics)` (for `.lower(...)` in benchmarks)."""
+        """The jitted `(state, batch, hyper) -> (state, metrics)` (for `.lower(...)` in benchmarks);
+        for a state with frozen params (LoRA) `(state, batch, hyper, frozen)`, the state passed
+        with `frozen=None` (`lower_args` gives the arguments)."""
         owner = getattr(self, "_owner", self)
         if owner._jit is None:
             mesh = self._mesh
-            st_sh = state_shardings(state, mesh)
+            donated = state.replace(frozen=None)
+            st_sh = state_shardings(donated, mesh)
             b_sh = {k: sharding.batch_sharding(mesh, np.ndim(v)) for k, v in batch.items()}
             rep = NamedSharding(mesh, P())
 
@@ -215,16 +238,24 @@ class TrainStep:
                 owner.traces += 1  # runs at trace time only
                 return self._step(*args)
 
-            owner._jit = jax.jit(counted, in_shardings=(st_sh, b_sh, rep), out_shardings=(st_sh, rep),
-                                 donate_argnums=0)
+            in_sh = (st_sh, b_sh, rep)
+            if state.frozen is not None:
+                in_sh += (state_shardings(state.frozen, mesh),)
+            owner._jit = jax.jit(counted, in_shardings=in_sh, out_shardings=(st_sh, rep), donate_argnums=0)
         return owner._jit
+
+    def lower_args(self, state: TrainState, batch: dict[str, Any]) -> tuple:
+        """The arguments `jitted(state, batch)` takes for this state (its `.lower(*args)`)."""
+        args = (state.replace(frozen=None), batch, self._hyper)
+        return args if state.frozen is None else args + (state.frozen,)
 
     @property
     def compiles(self) -> int:
         return getattr(self, "_owner", self).traces
 
     def __call__(self, state: TrainState, batch: dict[str, Any]) -> tuple[TrainState, dict[str, jax.Array]]:
-        return self.jitted(state, batch)(state, batch, self._hyper)
+        new, metrics = self.jitted(state, batch)(*self.lower_args(state, batch))
+        return new.replace(frozen=state.frozen), metrics
 
 
 def _hyper_on(mesh: jax.sharding.Mesh, opt_cfg: OptimizerConfig) -> jax.Array:
@@ -251,10 +282,13 @@ def make_train_step(
     tx = make_optimizer(opt_cfg)
     schedule = opt_cfg.schedule
 
-    def stats_fn(params, batch):
-        return objective.stats(config, params, batch)
+    models.lora.check(config)
 
-    def step(state: TrainState, batch: dict[str, jax.Array], hyper: jax.Array):
+    def step(state: TrainState, batch: dict[str, jax.Array], hyper: jax.Array, frozen: Any = None):
+        # Gradients of the trained params only; the frozen ones (LoRA's base) are constants here.
+        def stats_fn(params, batch):
+            return objective.stats(config, models.lora.combine(params, frozen), batch)
+
         with sharding.activation_sharding(mesh):
             s, g_num = _accumulate(stats_fn, state.params, batch, grad_accum)
         den = jnp.maximum(s["loss_den"], 1e-12)
