@@ -57,7 +57,7 @@ class Ranking(Objective):
         i32, f32 = np.dtype(np.int32), np.dtype(np.float32)
         return {"chosen_ids": ((rows, length), i32), "chosen_mask": ((rows, length), i32),
                 "rejected_ids": ((rows, length), i32), "rejected_mask": ((rows, length), i32),
-                "weight": ((rows,), f32), "is_apo": ((rows,), i32)}
+                "weight": ((rows,), f32), "is_apo": ((rows,), i32), "margin": ((rows,), f32)}
 
     def stats(self, config: models.ModelConfig, params: Any, batch: Mapping[str, jax.Array]) -> Stats:
         # Chosen and rejected run through the model as one [2B, T] forward.
