@@ -401,16 +401,24 @@ def make_splits(train_pairs: Sequence[dict], test_pairs: Sequence[dict], *, n_rm
         raise SplitSizeError(
             f"data.n_dev: {n_dev} pairs requested but the {len(llm_ids)} HH_LLM prompts have only "
             f"{len(llm_pool)} pairs")
+    return _assemble(train_pairs, test_pairs, groups, rm_ids,
+                     [{"prompt_id": pid, "prompt": groups[pid][0]["prompt"]} for pid in llm_ids], llm_pool,
+                     n_dev=n_dev, n_test=n_test, seed=seed)
+
+
+def _assemble(train_pairs: Sequence[dict], test_pairs: Sequence[dict], groups: dict[str, list[dict]],
+              rm_ids: list[str], llm_prompts: list[dict], dev_pool: list[dict], *, n_dev: int, n_test: int,
+              seed: int) -> HHSplits:
+    """The splits from the chosen RM prompts, policy queries and dev pool (test carved here)."""
     if n_test > len(test_pairs):
         raise SplitSizeError(
             f"data.n_test: {n_test} pairs requested but the test data has only {len(test_pairs)} pairs")
-
     test = _shuffled_pairs(test_pairs, seed, "test")
     test = test[:n_test] if n_test else test
     return HHSplits(
         rm_pairs=_shuffled_pairs([p for pid in rm_ids for p in groups[pid]], seed, "rm"),
-        llm_prompts=[{"prompt_id": pid, "prompt": groups[pid][0]["prompt"]} for pid in llm_ids],
-        dev_pairs=_shuffled_pairs(llm_pool, seed, "dev")[:n_dev],
+        llm_prompts=llm_prompts,
+        dev_pairs=_shuffled_pairs(dev_pool, seed, "dev")[:n_dev],
         test_pairs=test,
         test_prompts=_distinct_prompts(test, with_chosen=True),
         all_train_pairs=list(train_pairs),
@@ -434,20 +442,10 @@ def _splits_with_prompts(train_pairs: Sequence[dict], test_pairs: Sequence[dict]
     if n_dev > len(dev_pool):
         raise SplitSizeError(f"data.n_dev: {n_dev} pairs requested but the train prompts outside HH_RM have only "
                              f"{len(dev_pool)} pairs")
-    if n_test > len(test_pairs):
-        raise SplitSizeError(
-            f"data.n_test: {n_test} pairs requested but the test data has only {len(test_pairs)} pairs")
-    test = _shuffled_pairs(test_pairs, seed, "test")
-    test = test[:n_test] if n_test else test
-    return HHSplits(
-        rm_pairs=_shuffled_pairs([p for pid in rm_ids for p in groups[pid]], seed, "rm"),
-        llm_prompts=[{"prompt_id": p["prompt_id"], "prompt": p["prompt"]} for p in
-                     (queries[:n_llm] if n_llm else queries)],
-        dev_pairs=_shuffled_pairs(dev_pool, seed, "dev")[:n_dev],
-        test_pairs=test,
-        test_prompts=_distinct_prompts(test, with_chosen=True),
-        all_train_pairs=list(train_pairs),
-    )
+    return _assemble(train_pairs, test_pairs, groups, rm_ids,
+                     [{"prompt_id": p["prompt_id"], "prompt": p["prompt"]}
+                      for p in (queries[:n_llm] if n_llm else queries)],
+                     dev_pool, n_dev=n_dev, n_test=n_test, seed=seed)
 
 
 # ----------------------------------------------------------------------------------------------
