@@ -31,7 +31,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from apo_jax import models  # noqa: E402
+from apo_jax import compiled, models  # noqa: E402
 from apo_jax.inference import sampler
 from benchmarks import common  # noqa: E402
 
@@ -87,24 +87,24 @@ def run_jax_sample(c: dict[str, Any]) -> dict[str, Any]:
 
     # Compile counts: three batches of one length bucket (prompts of different lengths) through
     # `sample_dataset` must compile prefill and decode once each.
-    before = dict(sampler.COMPILES)
+    before = dict(compiled.TRACES)
     rng = np.random.RandomState(c["seed"] + 7)
     lengths = rng.randint(max(1, c["prompt_len"] // 2), c["prompt_len"] + 1, size=3 * c["batch"])
     prompts = [list(common.random_ids(int(i), 1, int(n), cfg.vocab_size)[0]) for i, n in enumerate(lengths)]
     sampler.sample_dataset(cfg, params, prompts, key, batch_size=c["batch"], buckets=(c["prompt_len"],),
                            progress=False, **kw)
-    three_batches = {k: sampler.COMPILES[k] - before[k] for k in ("prefill", "decode")}
+    three_batches = {k: compiled.TRACES[k] - before[k] for k in ("prefill", "decode")}
 
     ids, mask = jax.device_put(ids_np), jax.device_put(mask_np)
     keys = list(jax.random.split(key, c["warmup"] + c["iters"] + 4))
-    before = dict(sampler.COMPILES)
+    before = dict(compiled.TRACES)
     c_start = common.backend_compiles()
 
     def call():
         return sampler.generate(cfg, params, ids, mask, keys.pop(), **kw).tokens
 
     timing = common.time_calls(call, common.jax_sync, warmup=c["warmup"], iters=c["iters"])
-    timed = {k: sampler.COMPILES[k] - before[k] for k in ("prefill", "decode")}
+    timed = {k: compiled.TRACES[k] - before[k] for k in ("prefill", "decode")}
     timed["backend"] = common.backend_compiles() - c_start
 
     transfers = common.guarded_transfers(call)
@@ -121,10 +121,10 @@ def run_jax_sample(c: dict[str, Any]) -> dict[str, Any]:
     decode = sampler._decode_fn(cfg, c["new_tokens"], float(c["temperature"]), int(c["top_k"]),
                                 float(c["top_p"]), (), (), int(cfg.pad_token_id or 0), None)
     c_lower = common.backend_compiles()
-    compiled = decode.lower(params, cache_abs, logits_abs, kv_abs, jax.ShapeDtypeStruct((rows,), jnp.int32),
-                            key).compile()
+    executable = decode.lower(params, cache_abs, logits_abs, kv_abs, jax.ShapeDtypeStruct((rows,), jnp.int32),
+                              key).compile()
     cached = common.backend_compiles() == c_lower
-    mem = common.compiled_memory(compiled)
+    mem = common.compiled_memory(executable)
     profile = common.profile_top_ops(call, common.jax_sync) if c["profile"] else None
     peak = common.device_peak_bytes()
     return {
@@ -215,8 +215,8 @@ def run_jax_score(c: dict[str, Any]) -> dict[str, Any]:
     timing = common.time_calls(lambda: score(params, ids, mask), common.jax_sync, warmup=c["warmup"],
                                iters=c["iters"])
     compiles = common.backend_compiles() - c_start
-    compiled = score.lower(params, ids, mask).compile()
-    mem = common.compiled_memory(compiled)
+    executable = score.lower(params, ids, mask).compile()
+    mem = common.compiled_memory(executable)
     profile = common.profile_top_ops(lambda: score(params, ids, mask), common.jax_sync) if c["profile"] else None
     peak = common.device_peak_bytes()
     tokens = c["batch"] * c["seq"]

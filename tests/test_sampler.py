@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from apo_jax import models, sharding
+from apo_jax import compiled, models, sharding
 from apo_jax.inference import sampler
 from apo_jax.io import hf
 from apo_jax.data import tokenize
@@ -69,9 +69,9 @@ def test_decode_updates_the_kv_cache_in_place():
     ids, mask = jnp.ones((b, p), jnp.int32), jnp.ones((b, p), jnp.int32)
     cache, logits, kv_mask = sampler._prefill_fn(cfg, s, n, None)(params, ids, mask)
     decode = sampler._decode_fn(cfg, n, 1.0, 0, 1.0, (), (), 0, None)
-    compiled = decode.lower(params, cache, logits, kv_mask, jnp.full((b * s,), p, jnp.int32),
-                            jax.random.PRNGKey(0)).compile()
-    memory = compiled.memory_analysis()
+    executable = decode.lower(params, cache, logits, kv_mask, jnp.full((b * s,), p, jnp.int32),
+                              jax.random.PRNGKey(0)).compile()
+    memory = executable.memory_analysis()
     cache_bytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(cache))
     assert memory.alias_size_in_bytes >= cache_bytes  # the donated cache is the output's buffer
     assert memory.temp_size_in_bytes < 0.5 * cache_bytes, (memory.temp_size_in_bytes, cache_bytes)
@@ -241,10 +241,10 @@ def test_sample_dataset_buckets_and_keeps_order(lm):
     _, config, params = lm
     rng = np.random.RandomState(12)
     prompts = [list(rng.randint(3, config.vocab_size, rng.randint(2, 15))) for _ in range(11)]
-    before = dict(sampler.COMPILES)
+    before = dict(compiled.TRACES)
     res = sampler.sample_dataset(config, params, prompts, jax.random.PRNGKey(7), batch_size=4, buckets=(8, 16),
                                  num_samples=2, max_new_tokens=4, temperature=0.0, progress=False)
-    compiles = {k: sampler.COMPILES[k] - before[k] for k in before}
+    compiles = {k: compiled.TRACES[k] - before[k] for k in before}
     assert compiles["prefill"] <= 2 and compiles["decode"] <= 2
     for p, (toks, _) in zip(prompts, res):
         nxt = np.argmax(np.asarray(models.lm_logits(config, params, np.asarray([p]), np.ones((1, len(p)))))[0, -1])

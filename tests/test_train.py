@@ -195,24 +195,23 @@ def test_rm_step_equals_optax_adamw_on_the_bt_loss():
     _assert_trees_close(jax.device_get(state.params), ref, atol=2e-6)
 
 
-def test_phases_with_different_learning_rates_share_one_compiled_step(tmp_path):
-    from apo_jax.game.store import RunStore
+def test_phases_with_different_learning_rates_share_one_compiled_step():
+    from apo_jax import compiled
 
+    compiled.clear()  # a fresh cache: `a` is built (and traced) here
     mesh = _single_mesh()
     batch = _rm_batch(np.random.RandomState(5))
-    store = RunStore(str(tmp_path / "run"), mesh)
     rm = Ranking(0.1, 1.0)
-    a = store.train_step(CFG, rm, train.OptimizerConfig(lr=1e-3, total_steps=10), 1)
-    b = store.train_step(CFG, rm, train.OptimizerConfig(lr=5e-5, warmup_steps=3, total_steps=99), 1)
+    a = train.train_step(CFG, rm, train.OptimizerConfig(lr=1e-3, total_steps=10), mesh, 1)
+    b = train.train_step(CFG, rm, train.OptimizerConfig(lr=5e-5, warmup_steps=3, total_steps=99), mesh, 1)
     state = train.init_state(CFG, _rm_params(), train.OptimizerConfig(), mesh)
     assert a.jitted(state, batch) is b.jitted(state, batch)
-    c = store.train_step(CFG, rm, train.OptimizerConfig(lr=1e-3, total_steps=10, b2=0.999), 1)
+    c = train.train_step(CFG, rm, train.OptimizerConfig(lr=1e-3, total_steps=10, b2=0.999), mesh, 1)
     assert c.jitted(state, batch) is not a.jitted(state, batch)  # a static optimizer field differs
-    d = store.train_step(CFG, Ranking(0.2, 1.0), train.OptimizerConfig(lr=1e-3, total_steps=10), 1)
+    d = train.train_step(CFG, Ranking(0.2, 1.0), train.OptimizerConfig(lr=1e-3, total_steps=10), mesh, 1)
     assert d.jitted(state, batch) is not a.jitted(state, batch)  # the objective's settings differ
     # Both bound schedules really are used: one step of each from the same state differs.
     s1, m1 = a(train.init_state(CFG, _rm_params(), train.OptimizerConfig(), mesh), batch)
     s2, m2 = b(train.init_state(CFG, _rm_params(), train.OptimizerConfig(), mesh), batch)
     assert float(m1["lr"]) == pytest.approx(1e-3) and float(m2["lr"]) == pytest.approx(0.0)  # b: warmup from 0
     assert a.compiles == 1
-    store.close()

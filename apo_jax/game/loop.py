@@ -19,10 +19,9 @@ from typing import Any
 import ml_collections
 
 from apo_jax import config as config_lib
-from apo_jax import models, sharding
+from apo_jax import compiled, models, sharding
 from apo_jax.evaluation import metrics, reporting
 from apo_jax.game import phases, schedules
-from apo_jax.inference import sampler
 from apo_jax.io import fileio, hf
 from apo_jax.training import objectives, train
 from apo_jax.data import pipeline
@@ -321,8 +320,9 @@ class Game:
         lines.append(f"  {'samples':16s} {fileio.join(store.run_dir, 'samples')}")
         lines.append(f"  {'best-of-S':16s} {fileio.join(store.run_dir, 'best')}")
         lines.append(f"  {'HF exports':16s} {fileio.join(store.run_dir, 'export')} ({len(exports)} models)")
-        lines.append(f"Compiled programs this process: {store.compiled_train_programs} train steps, "
-                     f"{sampler.COMPILES['prefill']} prefill, {sampler.COMPILES['decode']} decode "
+        t = compiled.TRACES
+        lines.append(f"Compiled programs this process: {t['train']} train steps, {t['prefill']} prefill, "
+                     f"{t['decode']} decode, {t['score']} scoring "
                      "(one per model shape, length bucket and sampling setting).")
         return "\n".join(lines)
 

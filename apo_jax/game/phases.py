@@ -143,7 +143,7 @@ def train_params(ctx: Context, phase: str, config: models.ModelConfig, params: A
     examples = objective.prepare(examples, config, params, store.mesh, st.eval_batch_size)
     opt = opt_settings.sized(len(examples))
     state = train.init_state(config, params, opt, store.mesh)
-    step_fn = store.train_step(config, objective, opt, opt_settings.grad_accum)
+    step_fn = train.train_step(config, objective, opt, store.mesh, opt_settings.grad_accum)
     ckpt = checkpointing.TrainCheckpointer(store.checkpoint_dir(phase), save_every=st.save_every_steps,
                                            max_to_keep=st.keep_checkpoints, async_save=st.async_save,
                                            preemption_check_every=st.log_every_steps)

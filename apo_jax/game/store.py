@@ -5,8 +5,8 @@ evaluation). `RunStore.once(key, fn)` runs `fn` unless the run dir records `key`
 records its (small, JSON) result in `loop_state.json`: a restarted run skips finished work and
 resumes unfinished work from its own checkpoints. Finished models are Orbax checkpoints under
 `models/<name>/`, cached in memory once read. The store also owns the run's paths, the
-metrics writer, the multi-host barrier and the compiled train steps (one per model, objective
-and static optimizer settings, shared by every phase that needs the same program).
+metrics writer and the multi-host barrier. (Compiled programs are not the run's: they live in
+the process's one cache, `apo_jax.compiled`.)
 """
 
 from __future__ import annotations
@@ -21,9 +21,7 @@ from tqdm.auto import tqdm
 
 from apo_jax import models, sharding
 from apo_jax.io import checkpointing, fileio
-from apo_jax.training import train
 from apo_jax.evaluation.metrics import MetricsWriter
-from apo_jax.training.objectives import Objective
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,7 +108,6 @@ class RunStore:
         self._orbax = checkpointing.ModelStore(fileio.join(run_dir, "models"))
         self.metrics = MetricsWriter(run_dir, trackers)  # trackers: see MetricsWriter (default TensorBoard)
         self._models: dict[str, ModelSlot] = {}
-        self._steps: dict[tuple, train.TrainStep] = {}
 
     # ------------------------------------------------------------------ memo
 
@@ -198,21 +195,6 @@ class RunStore:
         ckpt_dir = fileio.path(self.checkpoint_dir(phase))
         if self.is_main and ckpt_dir.exists():
             ckpt_dir.rmtree()
-
-    # ------------------------------------------------------------------ compiled steps
-
-    def train_step(self, config: models.ModelConfig, objective: Objective, opt: train.OptimizerConfig,
-                   grad_accum: int) -> train.TrainStep:
-        """The compiled step for (model, objective, static optimizer settings), bound to `opt`'s
-        schedule: phases that differ only in lr / warmup / length share one program."""
-        key = train.step_key(config, objective, opt, self.mesh, grad_accum)
-        if key not in self._steps:
-            self._steps[key] = train.make_train_step(config, objective, opt, self.mesh, grad_accum=grad_accum)
-        return self._steps[key].with_schedule(opt)
-
-    @property
-    def compiled_train_programs(self) -> int:
-        return sum(s.compiles for s in self._steps.values())
 
     def close(self) -> None:
         self.metrics.close()

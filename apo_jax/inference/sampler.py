@@ -16,7 +16,6 @@ own token ids decode back to it is also matched on device at every step (the fas
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Iterator, NamedTuple, Sequence
 
 import jax
@@ -25,12 +24,8 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
-from apo_jax import models, sharding
+from apo_jax import compiled, models, sharding
 from apo_jax.data.tokenize import bucket_length, pad_left
-
-COMPILES = {"prefill": 0, "decode": 0, "score": 0}
-"""Trace counts of the jitted programs (a trace happens once per compiled shape)."""
-
 
 class SampleOutput(NamedTuple):
     tokens: jax.Array  # int32 [B, S, N]; pad (0) after each row's end
@@ -104,10 +99,10 @@ def sample_token(
 # Prefill and decode.
 
 
-@functools.lru_cache(maxsize=64)
+@compiled.cached("prefill")
 def _prefill_fn(config: models.ModelConfig, num_samples: int, max_new_tokens: int, mesh: Any):
     def prefill(params, prompt_ids_bp, prompt_mask_bp):
-        COMPILES["prefill"] += 1
+        compiled.count("prefill")
         with sharding.activation_sharding(mesh):
             b, p = prompt_ids_bp.shape
             s_max = p + max_new_tokens
@@ -212,7 +207,7 @@ _initial_state_jit = jax.jit(_initial_state, static_argnums=(2, 3))
 _finish_with_cuts_jit = jax.jit(_finish_with_cuts, static_argnums=(2,))
 
 
-@functools.lru_cache(maxsize=64)
+@compiled.cached("decode")
 def _decode_fn(
     config: models.ModelConfig,
     max_new_tokens: int,
@@ -229,7 +224,7 @@ def _decode_fn(
     steps = _decode_steps(config, n, temperature, top_k, top_p, eos_ids, stop_sequences, pad_id, mesh)
 
     def decode(params, cache, logits_rv, kv_mask_rs, prompt_len_r, rng):
-        COMPILES["decode"] += 1
+        compiled.count("decode")
         state, cache = steps(params, cache, _initial_state(logits_rv, rng, n, pad_id), kv_mask_rs, prompt_len_r, n)
         # The cache is returned so its donated buffer is updated in place by the loop.
         return (*_finish(state, pad_id), cache)
@@ -237,7 +232,7 @@ def _decode_fn(
     return jax.jit(decode, donate_argnums=(1,))
 
 
-@functools.lru_cache(maxsize=64)
+@compiled.cached("decode")
 def _decode_chunk_fn(
     config: models.ModelConfig,
     max_new_tokens: int,
@@ -256,7 +251,7 @@ def _decode_chunk_fn(
     steps = _decode_steps(config, n, temperature, top_k, top_p, eos_ids, stop_sequences, pad_id, mesh)
 
     def chunk(params, cache, state: _DecodeState, kv_mask_rs, prompt_len_r, end, cut_r):
-        COMPILES["decode"] += 1
+        compiled.count("decode")
         cut = cut_r >= 0
         state = state._replace(done=state.done | cut, lengths=jnp.where(cut, cut_r, state.lengths))
         state, cache = steps(params, cache, state, kv_mask_rs, prompt_len_r, end)

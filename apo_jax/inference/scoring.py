@@ -7,21 +7,21 @@ everywhere it is used.
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Sequence
 
 import jax
 import numpy as np
 
-from apo_jax import models, sharding
+from apo_jax import compiled, models, sharding
 
 
-@functools.lru_cache(maxsize=32)
+@compiled.cached("score")
 def make_reward_fn(config: models.ModelConfig, mesh: jax.sharding.Mesh):
     """Jitted `(params, ids, mask) -> rewards [B]` on the mesh (one per model config and mesh, so
     every RM of a run shares its compiled programs)."""
 
     def score(params, ids, mask):
+        compiled.count("score")
         with sharding.activation_sharding(mesh):
             return models.rewards(config, params, ids, mask)
 

@@ -21,7 +21,7 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from apo_jax import models, sharding
+from apo_jax import compiled, models, sharding
 from apo_jax.settings import LR_SCHEDULES
 from apo_jax.training.objectives import Objective
 
@@ -236,6 +236,7 @@ class TrainStep:
 
             def counted(*args):
                 owner.traces += 1  # runs at trace time only
+                compiled.count("train")
                 return self._step(*args)
 
             in_sh = (st_sh, b_sh, rep)
@@ -267,6 +268,17 @@ def step_key(config: models.ModelConfig, objective: Objective, opt_cfg: Optimize
              mesh: jax.sharding.Mesh, grad_accum: int) -> tuple:
     """What a compiled step depends on: steps with equal keys can share one `TrainStep`."""
     return (config, objective, _static_opt(opt_cfg), mesh, int(grad_accum))
+
+
+def train_step(config: models.ModelConfig, objective: Objective, opt_cfg: OptimizerConfig,
+               mesh: jax.sharding.Mesh, grad_accum: int = 1) -> TrainStep:
+    """The compiled step for (model, objective, static optimizer settings, mesh, accumulation) from
+    the process's one program cache (`apo_jax.compiled`), bound to `opt_cfg`'s schedule: phases
+    (and runs) that differ only in lr / warmup / length share one program."""
+    key = step_key(config, objective, opt_cfg, mesh, grad_accum)
+    shared = compiled.program("train", key, lambda: make_train_step(config, objective, opt_cfg, mesh,
+                                                                     grad_accum=grad_accum))
+    return shared.with_schedule(opt_cfg)
 
 
 def make_train_step(

@@ -10,14 +10,13 @@ never holds a second copy of the policy.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from apo_jax import models, sharding
+from apo_jax import compiled, models, sharding
 from apo_jax.training import losses
 from apo_jax.training.objectives.base import Objective, Stats, register
 
@@ -94,12 +93,13 @@ class DPO(Objective):
         return losses.dpo_metrics(stats)
 
 
-@functools.lru_cache(maxsize=32)
+@compiled.cached("logprobs")
 def _sequence_logprobs_fn(config: models.ModelConfig, mesh: jax.sharding.Mesh):
     """Jitted `(params, ids, mask, response_mask) -> log pi(y|x) [B]` on the mesh (one per model
     config and mesh, as `scoring.make_reward_fn`)."""
 
     def fn(params, ids, mask, resp):
+        compiled.count("logprobs")
         with sharding.activation_sharding(mesh):
             return models.sequence_logprobs(config, params, ids, mask, resp)
 
