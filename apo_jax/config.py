@@ -197,10 +197,10 @@ def validate(c: ml_collections.ConfigDict, num_devices: int,
     # Mesh.
 
     try:
-        data, fsdp, tensor = settings.MeshConfig(c.mesh.data, c.mesh.fsdp, c.mesh.tensor).resolve(num_devices)
+        data, fsdp, _ = settings.MeshConfig(c.mesh.data, c.mesh.fsdp, c.mesh.tensor).resolve(num_devices)
     except ValueError as e:
         err("mesh", str(e))
-        data, fsdp, tensor = 1, num_devices, 1
+        data, fsdp = 1, num_devices
     batch_shards = data * fsdp
 
     # Where the run writes.

@@ -6,7 +6,6 @@ import json
 import struct
 
 import numpy as np
-import pytest
 
 from apo_jax.evaluation import metrics, reporting
 

@@ -25,7 +25,7 @@ def llama_like_tokenizer(vocab_size: int = 300) -> transformers.PreTrainedTokeni
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"],
                                   initial_alphabet=alphabet + ["\u2581"], show_progress=False)
     tok.train_from_iterator(CORPUS, trainer)
-    bos, eos = tok.token_to_id("<s>"), tok.token_to_id("</s>")
+    bos = tok.token_to_id("<s>")
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bos)])
     return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
                                                 unk_token="<unk>", pad_token="<unk>")

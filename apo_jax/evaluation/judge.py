@@ -41,9 +41,9 @@ from apo_jax.evaluation.llm_client import (
     drain,
     endpoint_config_from_args,
     hh_to_messages,
-    read_jsonl,
     write_atomic,
 )
+from apo_jax.io.fileio import read_jsonl
 
 log = logging.getLogger(__name__)
 

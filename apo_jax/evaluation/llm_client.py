@@ -39,7 +39,6 @@ import urllib.parse
 import urllib.request
 from typing import Any, Callable, Iterable, Iterator, Mapping, NoReturn, Sequence, TypeVar
 
-from apo_jax.io.fileio import read_jsonl  # noqa: F401  (re-exported: the one JSONL reader)
 from apo_jax.io.fileio import write_text as write_atomic  # the one atomic writer
 
 log = logging.getLogger(__name__)

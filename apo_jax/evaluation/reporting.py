@@ -78,7 +78,6 @@ def table3(policy_records: Sequence[dict[str, Any]], scorer: str = "RM_Test") ->
     schedules = sorted({r["schedule"] for r in policy_records if r["schedule"] != "base"}, key=_order)
     rounds = sorted({r["round"] for r in policy_records})
     by_key = {(r["schedule"], r["round"]): r for r in policy_records}
-    has_true = any("true_reward" in r for r in policy_records)
     out = [f"## Table 3: policies' average score on HH_Test queries ({scorer})\n\n"]
     header = ["Round"] + [_label(s) for s in schedules]
     rows = []

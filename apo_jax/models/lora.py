@@ -17,8 +17,7 @@ and holds (`training.train`), `merge_adapters` folds them into the kernels (expo
 from __future__ import annotations
 
 import math
-import re
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
