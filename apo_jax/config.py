@@ -16,9 +16,6 @@ import ml_collections
 from apo_jax import settings
 from apo_jax.io import fileio
 
-SCHEDULES = ("rjs", "apo", "apo_seq", "ablation")  # the paper's rows of `apo_jax.game.schedules`
-
-
 def lookup(c: ml_collections.ConfigDict, dotted: str) -> Any:
     """The field or section at a dotted path ("rm.apo", "policy.checkpoint"); KeyError if absent."""
     node = c
@@ -56,6 +53,8 @@ def _sampling(temperature: float, top_p: float, top_k: int, max_new_tokens: int)
 
 
 def base_config() -> ml_collections.ConfigDict:
+    from apo_jax.game import schedules as schedule_table  # jax-free: the arm table
+
     c = ml_collections.ConfigDict()
     c.run_dir = "runs/apo"
     c.seed = 0
@@ -146,7 +145,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.apo = ml_collections.ConfigDict()
     c.apo.rounds = 3
     c.apo.num_samples = 4
-    c.apo.schedules = SCHEDULES
+    c.apo.schedules = tuple(row.name for row in schedule_table.PAPER)  # rjs, apo, apo_seq, ablation
 
     c.sampling = ml_collections.ConfigDict()
     c.sampling.train = _sampling(1.2, 1.0, 0, 256)
