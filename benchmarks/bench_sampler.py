@@ -87,7 +87,7 @@ def run_jax_sample(c: dict[str, Any]) -> dict[str, Any]:
 
     # Compile counts: three batches of one length bucket (prompts of different lengths) through
     # `sample_dataset` must compile prefill and decode once each.
-    before = dict(compiled.TRACES)
+    before = compiled.TRACES.copy()
     rng = np.random.RandomState(c["seed"] + 7)
     lengths = rng.randint(max(1, c["prompt_len"] // 2), c["prompt_len"] + 1, size=3 * c["batch"])
     prompts = [list(common.random_ids(int(i), 1, int(n), cfg.vocab_size)[0]) for i, n in enumerate(lengths)]
@@ -97,7 +97,7 @@ def run_jax_sample(c: dict[str, Any]) -> dict[str, Any]:
 
     ids, mask = jax.device_put(ids_np), jax.device_put(mask_np)
     keys = list(jax.random.split(key, c["warmup"] + c["iters"] + 4))
-    before = dict(compiled.TRACES)
+    before = compiled.TRACES.copy()
     c_start = common.backend_compiles()
 
     def call():
