@@ -276,10 +276,7 @@ def test_a_key_pasted_as_the_variable_name_is_not_echoed():
 def test_concurrency_limit_caps_requests_in_flight():
     # Each request is held until a second one is in flight (or all six have arrived), so the cap is
     # reached however slowly the threads run, and a client that let more through would pile them up.
-    endpoint: list[FakeEndpoint] = []
-
     def respond(req, h):
-        ep = endpoint[0]
         deadline = time.monotonic() + 10.0
         while time.monotonic() < deadline:
             with ep.lock:
@@ -288,8 +285,8 @@ def test_concurrency_limit_caps_requests_in_flight():
             time.sleep(0.005)
         return Reply(200, chat_body("x"), delay_s=0.05)
 
-    with FakeEndpoint(respond) as ep:
-        endpoint.append(ep)
+    ep = FakeEndpoint(respond)  # `respond` reads `ep` when a request arrives
+    with ep:
         client = make_client(ep.url, max_concurrency=2)
         results = list(lc.run_concurrently(lambda i: client.chat(MSGS).content, range(6), max_workers=6))
     assert [r for _, r, e in results] == ["x"] * 6 and all(e is None for _, _, e in results)
